@@ -1,0 +1,516 @@
+//! The `es-server` command line: `serve`, and the submitter/operator commands that talk to a
+//! running server (`submit`, `jobs`, `get`, `watch`, `cancel`, `agents`), each with human output
+//! and `--json`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use es_proto::v1::job_service_client::JobServiceClient;
+use es_proto::v1::*;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use crate::ServerConfig;
+
+/// EX_USAGE: bad command line or configuration, or input the server refused as invalid.
+pub const EXIT_USAGE: u8 = 64;
+/// EX_UNAVAILABLE: the server cannot be reached.
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+#[derive(Parser, Debug)]
+#[command(name = "es-server", version, about = "Job server for execution-server agents (es-shells, es-commands)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientOpts {
+    /// Server address.
+    #[arg(long, global = true, env = "ES_SERVER", default_value = "http://127.0.0.1:7700")]
+    pub server: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServerConfig),
+    /// Submit a job.
+    Submit {
+        #[command(flatten)]
+        job: SubmitArgs,
+        /// Watch the job until it finishes (exit status follows the job).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        /// Only these states (queued, running, succeeded, failed, cancelled, timed_out).
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        sandbox: Option<String>,
+        #[arg(long)]
+        selector: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Show one job.
+    Get {
+        job_id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Follow a job's events until it finishes (exit status follows the job).
+    Watch {
+        job_id: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Cancel a job (graceful, then forced after the server's cancel grace).
+    Cancel {
+        job_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Connected agents, their health and slots in use.
+    Agents {
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SubmitArgs {
+    /// Agent role: shells or commands.
+    #[arg(long)]
+    pub role: String,
+    /// Execution-server selector value (e.g. the region).
+    #[arg(long, default_value = "")]
+    pub selector: String,
+    #[arg(long, default_value = "")]
+    pub sandbox: String,
+    /// Idempotency key: submitting the same key again returns the same job.
+    #[arg(long, default_value = "")]
+    pub key: String,
+    /// Job timeout (e.g. 30s, 10m); server default when omitted.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    #[arg(long, default_value_t = 0)]
+    pub max_attempts: u32,
+    /// Diagnostic Echo job with this message.
+    #[arg(long, conflicts_with = "sleep")]
+    pub echo: Option<String>,
+    /// Diagnostic Sleep job of this duration (e.g. 2s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub sleep: Option<Duration>,
+    /// Progress events of a Sleep job.
+    #[arg(long, default_value_t = 0)]
+    pub steps: u32,
+    /// Make a Sleep job fail with this message.
+    #[arg(long, default_value = "")]
+    pub fail: String,
+    /// Make a Sleep job ignore cooperative cancellation.
+    #[arg(long)]
+    pub ignore_cancel: bool,
+}
+
+impl SubmitArgs {
+    /// The request, or an error naming the flag.
+    pub fn request(&self) -> Result<SubmitRequest, String> {
+        let role = es_proto::Role::parse(&self.role)
+            .ok_or_else(|| format!("--role {:?}: must be shells or commands", self.role))?;
+        let kind = match (&self.echo, self.sleep) {
+            (Some(m), _) => job_spec::Kind::Echo(EchoJob { message: m.clone() }),
+            (None, Some(d)) => job_spec::Kind::Sleep(SleepJob {
+                duration_ms: d.as_millis() as u64,
+                steps: self.steps,
+                fail_message: self.fail.clone(),
+                ignore_cancel: self.ignore_cancel,
+            }),
+            (None, None) => return Err("give a job kind: --echo MESSAGE or --sleep DURATION".into()),
+        };
+        Ok(SubmitRequest {
+            idempotency_key: self.key.clone(),
+            role: role as i32,
+            selector: self.selector.clone(),
+            sandbox_id: self.sandbox.clone(),
+            spec: Some(JobSpec { kind: Some(kind) }),
+            timeout_ms: self.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+            max_attempts: self.max_attempts,
+            submitted_by: std::env::var("USER").unwrap_or_default(),
+        })
+    }
+}
+
+/// Runs a client command; answers the process exit code.
+pub async fn run_client(cmd: Command) -> ExitCode {
+    match client_command(cmd).await {
+        Ok(code) => code,
+        Err(CliError { code, message }) => {
+            eprintln!("es-server: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+struct CliError {
+    code: u8,
+    message: String,
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> CliError {
+        let code = match s.code() {
+            tonic::Code::InvalidArgument => EXIT_USAGE,
+            tonic::Code::Unavailable => EXIT_UNAVAILABLE,
+            _ => 1,
+        };
+        CliError {
+            code,
+            message: format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
+fn usage(message: String) -> CliError {
+    CliError {
+        code: EXIT_USAGE,
+        message,
+    }
+}
+
+async fn connect(opts: &ClientOpts) -> Result<JobServiceClient<Channel>, CliError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(opts.server.clone())
+        .map_err(|e| usage(format!("--server {:?}: {e}", opts.server)))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| CliError {
+        code: EXIT_UNAVAILABLE,
+        message: format!("cannot reach {}: {e}", opts.server),
+    })?;
+    Ok(JobServiceClient::new(channel))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
+    match cmd {
+        Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Submit { job, wait, client } => {
+            let req = job.request().map_err(usage)?;
+            let mut c = connect(&client).await?;
+            let resp = c.submit(req).await?.into_inner();
+            let j = resp.job.unwrap_or_default();
+            if client.json && !wait {
+                print_json(&json!({"created": resp.created, "job": job_json(&j)}));
+            } else if !client.json {
+                let verb = if resp.created { "submitted" } else { "already submitted (same key)" };
+                println!("{verb} job {} ({} {})", j.id, role_name(j.role), kind_name(&j));
+            }
+            if wait {
+                return watch(&mut c, &j.id, client.json).await;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Jobs {
+            state,
+            role,
+            sandbox,
+            selector,
+            limit,
+            client,
+        } => {
+            let mut states = Vec::new();
+            for s in &state {
+                let st = es_proto::JobState::parse(s).ok_or_else(|| {
+                    usage(format!("--state {s:?}: use queued, running, succeeded, failed, cancelled or timed_out"))
+                })?;
+                states.push(st as i32);
+            }
+            let role = match role {
+                None => 0,
+                Some(r) => es_proto::Role::parse(&r)
+                    .ok_or_else(|| usage(format!("--role {r:?}: must be shells or commands")))?
+                    as i32,
+            };
+            let mut c = connect(&client).await?;
+            let jobs = c
+                .list(ListRequest {
+                    states,
+                    role,
+                    sandbox_id: sandbox.unwrap_or_default(),
+                    selector: selector.unwrap_or_default(),
+                    limit,
+                })
+                .await?
+                .into_inner()
+                .jobs;
+            if client.json {
+                print_json(&Value::Array(jobs.iter().map(job_json).collect()));
+            } else {
+                println!(
+                    "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  {}",
+                    "JOB", "STATE", "ROLE", "KIND", "ATTEMPT", "AGENT", "SANDBOX"
+                );
+                for j in &jobs {
+                    println!(
+                        "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  {}",
+                        j.id,
+                        state_name(j.state),
+                        role_name(j.role),
+                        kind_name(j),
+                        format!("{}/{}", j.attempt, j.max_attempts),
+                        j.agent,
+                        j.sandbox_id
+                    );
+                }
+                println!("{} jobs", jobs.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get { job_id, client } => {
+            let mut c = connect(&client).await?;
+            let j = c.get(GetRequest { job_id }).await?.into_inner();
+            if client.json {
+                print_json(&job_json(&j));
+            } else {
+                print_job(&j);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { job_id, client } => {
+            let mut c = connect(&client).await?;
+            watch(&mut c, &job_id, client.json).await
+        }
+        Command::Cancel {
+            job_id,
+            reason,
+            client,
+        } => {
+            let mut c = connect(&client).await?;
+            let j = c
+                .cancel(CancelRequest { job_id, reason })
+                .await?
+                .into_inner()
+                .job
+                .unwrap_or_default();
+            if client.json {
+                print_json(&job_json(&j));
+            } else if j.cancel_requested && j.state == JobState::Running as i32 {
+                println!("cancel requested for job {} (running on {})", j.id, j.agent);
+            } else {
+                println!("job {} is {}", j.id, state_name(j.state));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agents { client } => {
+            let mut c = connect(&client).await?;
+            let agents = c.agents(AgentsRequest {}).await?.into_inner().agents;
+            if client.json {
+                print_json(&Value::Array(agents.iter().map(agent_json).collect()));
+            } else {
+                println!(
+                    "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {}",
+                    "AGENT", "ROLE", "SELECTOR", "KIND", "HEALTH", "SLOTS", "DETAIL"
+                );
+                for a in &agents {
+                    let id = a.identity.clone().unwrap_or_default();
+                    let health = if a.draining {
+                        "draining"
+                    } else if a.healthy {
+                        "healthy"
+                    } else {
+                        "unhealthy"
+                    };
+                    println!(
+                        "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {}",
+                        id.name,
+                        role_name(id.role),
+                        id.selector,
+                        if id.fallback { "fallback" } else { "primary" },
+                        health,
+                        format!("{}/{}", a.slots_in_use, id.slots),
+                        a.health_detail
+                    );
+                }
+                println!("{} agents", agents.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn watch(
+    c: &mut JobServiceClient<Channel>,
+    job_id: &str,
+    as_json: bool,
+) -> Result<ExitCode, CliError> {
+    let mut stream = c
+        .watch(WatchRequest {
+            job_id: job_id.to_owned(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut final_state = JobState::Unspecified;
+    while let Some(ev) = stream.message().await? {
+        if as_json {
+            println!("{}", event_json(&ev));
+        } else {
+            println!("{}", event_line(&ev));
+        }
+        if let Some(job_event::Event::Result(r)) = &ev.event {
+            final_state = JobState::try_from(r.state).unwrap_or_default();
+        }
+    }
+    Ok(match final_state {
+        JobState::Succeeded => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
+}
+
+pub fn role_name(r: i32) -> &'static str {
+    Role::try_from(r).unwrap_or_default().name()
+}
+
+pub fn state_name(s: i32) -> &'static str {
+    JobState::try_from(s).unwrap_or_default().name()
+}
+
+pub fn kind_name(j: &Job) -> &'static str {
+    match j.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(job_spec::Kind::Sleep(_)) => "sleep",
+        Some(job_spec::Kind::Echo(_)) => "echo",
+        None => "-",
+    }
+}
+
+fn time(us: i64) -> Value {
+    if us == 0 {
+        Value::Null
+    } else {
+        Value::String(humantime::format_rfc3339_micros(
+            std::time::UNIX_EPOCH + Duration::from_micros(us as u64),
+        ).to_string())
+    }
+}
+
+fn result_json(r: &JobResult) -> Value {
+    json!({"state": state_name(r.state), "output": r.output, "error": r.error})
+}
+
+/// A job as JSON (stable field names for scripts).
+pub fn job_json(j: &Job) -> Value {
+    json!({
+        "id": j.id,
+        "idempotency_key": j.idempotency_key,
+        "role": role_name(j.role),
+        "selector": j.selector,
+        "sandbox_id": j.sandbox_id,
+        "kind": kind_name(j),
+        "state": state_name(j.state),
+        "attempt": j.attempt,
+        "max_attempts": j.max_attempts,
+        "epoch": j.epoch,
+        "agent": j.agent,
+        "timeout_ms": j.timeout_ms,
+        "cancel_requested": j.cancel_requested,
+        "result": j.result.as_ref().map(result_json),
+        "created_at": time(j.created_at_us),
+        "started_at": time(j.started_at_us),
+        "finished_at": time(j.finished_at_us),
+        "submitted_by": j.submitted_by,
+    })
+}
+
+pub fn agent_json(a: &AgentStatus) -> Value {
+    let id = a.identity.clone().unwrap_or_default();
+    json!({
+        "name": id.name,
+        "role": role_name(id.role),
+        "selector": id.selector,
+        "fallback": id.fallback,
+        "slots": id.slots,
+        "slots_in_use": a.slots_in_use,
+        "version": id.version,
+        "health_addr": id.health_addr,
+        "connected": a.connected,
+        "healthy": a.healthy,
+        "draining": a.draining,
+        "health_detail": a.health_detail,
+        "last_heartbeat": time(a.last_heartbeat_us),
+    })
+}
+
+fn event_json(ev: &JobEvent) -> Value {
+    let body = match &ev.event {
+        Some(job_event::Event::State(s)) => json!({"state": state_name(*s)}),
+        Some(job_event::Event::Progress(p)) => {
+            json!({"progress": {"done": p.done, "total": p.total, "message": p.message}})
+        }
+        Some(job_event::Event::Log(l)) => json!({"log": l}),
+        Some(job_event::Event::Result(r)) => json!({"result": result_json(r)}),
+        None => Value::Null,
+    };
+    json!({"job_id": ev.job_id, "seq": ev.seq, "at": time(ev.at_us), "attempt": ev.attempt, "agent": ev.agent, "event": body})
+}
+
+/// One event as a human-readable line.
+pub fn event_line(ev: &JobEvent) -> String {
+    let at = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_micros(ev.at_us.max(0) as u64));
+    let what = match &ev.event {
+        Some(job_event::Event::State(s)) => match JobState::try_from(*s).unwrap_or_default() {
+            JobState::Running => format!("running on {} (attempt {})", ev.agent, ev.attempt),
+            st => st.name().to_owned(),
+        },
+        Some(job_event::Event::Progress(p)) => format!("progress {}/{} {}", p.done, p.total, p.message),
+        Some(job_event::Event::Log(l)) => format!("log: {l}"),
+        Some(job_event::Event::Result(r)) => {
+            let mut s = state_name(r.state).to_owned();
+            if !r.output.is_empty() {
+                s.push_str(&format!(": {}", r.output));
+            }
+            if !r.error.is_empty() {
+                s.push_str(&format!(" (error: {})", r.error));
+            }
+            s
+        }
+        None => "?".into(),
+    };
+    format!("{at}  #{:<3} {what}", ev.seq)
+}
+
+fn print_job(j: &Job) {
+    println!("job        {}", j.id);
+    println!("state      {}{}", state_name(j.state), if j.cancel_requested { " (cancel requested)" } else { "" });
+    println!("kind       {} ({} / selector {:?})", kind_name(j), role_name(j.role), j.selector);
+    if !j.sandbox_id.is_empty() {
+        println!("sandbox    {}", j.sandbox_id);
+    }
+    println!("attempt    {}/{} (epoch {})", j.attempt, j.max_attempts, j.epoch);
+    if !j.agent.is_empty() {
+        println!("agent      {}", j.agent);
+    }
+    if let Some(r) = &j.result {
+        if !r.output.is_empty() {
+            println!("output     {}", r.output);
+        }
+        if !r.error.is_empty() {
+            println!("error      {}", r.error);
+        }
+    }
+}

@@ -1,0 +1,1281 @@
+//! The dispatch core: queues, offers, leases with fencing epochs, agents and their health.
+//!
+//! All live state sits in one `Core` behind a mutex; every operation is short and never awaits
+//! while holding it. A state change is queued to the store *while the lock is held* (so commits
+//! follow the order of changes) and awaited after the lock is released; callers are answered only
+//! once their change is committed.
+//!
+//! Lease rules (see ARCHITECTURE.md):
+//! - `Acquire` moves a queued job to RUNNING with `attempt + 1` and `epoch + 1`.
+//! - Every write from an agent (`Report`, `Complete`, renewals in `Heartbeat`) must carry the
+//!   current epoch and come from the holding agent, else it is refused (FAILED_PRECONDITION).
+//! - A lease not renewed within the TTL expires: the job is queued again (or fails once
+//!   `max_attempts` is spent). A hard cancel or timeout bumps the epoch, fencing the old holder.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use es_proto::v1::{
+    job_event, server_message, AgentEvent, AgentIdentity, AgentStatus, CancelJob, Drain, HeldLease,
+    Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
+};
+use tokio::sync::{broadcast, mpsc};
+
+use crate::selector::{self, Candidate};
+use crate::store::{Store, StoreError};
+
+/// Timing settings of the dispatch core.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How often agents heartbeat (and renew their leases).
+    pub heartbeat_interval: Duration,
+    /// A lease not renewed for this long expires.
+    pub lease_ttl: Duration,
+    /// An agent without a heartbeat for this long is unhealthy (gets no new work).
+    pub heartbeat_timeout: Duration,
+    /// Longest a long-poll is held open.
+    pub poll_wait: Duration,
+    /// An offer not acquired within this time goes to another agent.
+    pub offer_timeout: Duration,
+    /// After a cancel (or timeout) the agent has this long to stop before the job is fenced.
+    pub cancel_grace: Duration,
+    pub default_timeout: Duration,
+    pub default_max_attempts: u32,
+    /// Interval of the reaper (expiry, timeouts, offers).
+    pub tick: Duration,
+    /// Application keepalive on idle Listen streams.
+    pub stream_ping: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(4),
+            heartbeat_timeout: Duration::from_secs(3),
+            poll_wait: Duration::from_secs(20),
+            offer_timeout: Duration::from_secs(3),
+            cancel_grace: Duration::from_secs(10),
+            default_timeout: Duration::from_secs(3600),
+            default_max_attempts: 3,
+            tick: Duration::from_millis(100),
+            stream_ping: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a dispatch operation was refused. Mapped to gRPC codes in `service.rs`, and only there.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("unknown session {0:?}: register again")]
+    UnknownSession(String),
+    #[error("job {0} not found")]
+    JobNotFound(String),
+    #[error("job {job_id}: stale lease (epoch {got}, current {current}, holder {holder:?}): stop this job")]
+    StaleEpoch {
+        job_id: String,
+        got: u64,
+        current: u64,
+        holder: String,
+    },
+    #[error("job {job_id} is {state}; it cannot be acquired")]
+    NotAcquirable { job_id: String, state: &'static str },
+    #[error("job {job_id} is for role {job_role}, agent {agent} has role {agent_role}")]
+    WrongRole {
+        job_id: String,
+        job_role: &'static str,
+        agent: String,
+        agent_role: &'static str,
+    },
+    #[error("job {job_id} is offered to another agent")]
+    OfferedElsewhere { job_id: String },
+    #[error("agent {0} has no free slot or is draining")]
+    NoCapacity(String),
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Res<T> = Result<T, DispatchError>;
+
+/// Wall-clock microseconds since the Unix epoch.
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+type QueueKey = (i32, String);
+
+struct Active {
+    job: Job,
+    /// Offered to this agent until the deadline.
+    offered: Option<(String, Instant)>,
+    lease_expires: Option<Instant>,
+    /// Per-job timeout, counted from the start of the current attempt.
+    deadline: Option<Instant>,
+    /// When a requested cancel turns into a hard fence.
+    cancel_hard_at: Option<Instant>,
+    /// Final state once the cancel completes (CANCELLED, or TIMED_OUT for a timeout).
+    cancel_final: JobState,
+    cancel_reason: String,
+    /// Last event seq assigned (server side, per job).
+    next_seq: u64,
+    /// Highest agent seq accepted for the current epoch.
+    agent_seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Unknown,
+    Serving,
+    Failing,
+}
+
+struct AgentEntry {
+    identity: AgentIdentity,
+    session: String,
+    outbox: mpsc::UnboundedSender<ServerMessage>,
+    /// Receiver for long-poll mode (None while a Listen stream owns the channel).
+    poll_rx: Option<Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ServerMessage>>>>,
+    /// Generation of the current Listen stream; bumped by each Listen or Poll switch.
+    listen_gen: u64,
+    streaming: bool,
+    last_poll: Option<Instant>,
+    last_heartbeat: Instant,
+    last_heartbeat_us: i64,
+    probe: Probe,
+    probe_detail: String,
+    draining: bool,
+    gone: bool,
+    leased: HashSet<String>,
+    offered: HashSet<String>,
+    last_pick: u64,
+}
+
+impl AgentEntry {
+    fn connected(&self, s: &Settings, now: Instant) -> bool {
+        !self.gone
+            && (self.streaming
+                || self
+                    .last_poll
+                    .is_some_and(|t| now.duration_since(t) <= s.poll_wait * 2 + s.heartbeat_timeout))
+    }
+
+    fn health(&self, s: &Settings, now: Instant) -> Result<(), String> {
+        if self.gone {
+            return Err("went away".into());
+        }
+        if !self.connected(s, now) {
+            return Err("not connected".into());
+        }
+        let since = now.duration_since(self.last_heartbeat);
+        if since > s.heartbeat_timeout {
+            return Err(format!(
+                "no heartbeat for {} ms (limit {} ms)",
+                since.as_millis(),
+                s.heartbeat_timeout.as_millis()
+            ));
+        }
+        if self.probe == Probe::Failing {
+            return Err(format!("health probe failing: {}", self.probe_detail));
+        }
+        Ok(())
+    }
+
+    fn send(&self, msg: server_message::Msg) {
+        let _ = self.outbox.send(ServerMessage { msg: Some(msg) });
+    }
+}
+
+struct Core {
+    jobs: HashMap<String, Active>,
+    queues: HashMap<QueueKey, VecDeque<String>>,
+    agents: HashMap<String, AgentEntry>,
+    sessions: HashMap<String, String>,
+    /// Recently finished jobs: id -> final epoch, so a resent Complete is acknowledged.
+    finished: HashMap<String, (u64, Instant)>,
+    picks: u64,
+}
+
+/// A committed-later write plus the events to publish once it is committed.
+struct Pending {
+    commit: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>,
+    events: Vec<JobEvent>,
+}
+
+/// The dispatch core; cheap to share behind an `Arc`.
+pub struct Dispatcher {
+    core: Mutex<Core>,
+    store: Store,
+    pub settings: Settings,
+    events: broadcast::Sender<JobEvent>,
+}
+
+impl Dispatcher {
+    /// Builds the core and reloads every queued or running job from the store. Running jobs get
+    /// a fresh lease TTL so their agents can reconnect and renew.
+    pub async fn recover(store: Store, settings: Settings) -> Res<Arc<Dispatcher>> {
+        let active = store.load_active().await?;
+        let now = Instant::now();
+        let wall = now_us();
+        let mut core = Core {
+            jobs: HashMap::new(),
+            queues: HashMap::new(),
+            agents: HashMap::new(),
+            sessions: HashMap::new(),
+            finished: HashMap::new(),
+            picks: 0,
+        };
+        let (mut queued, mut running) = (0, 0);
+        for (job, seq) in active {
+            let state = JobState::try_from(job.state).unwrap_or(JobState::Queued);
+            let key = (job.role, job.selector.clone());
+            let mut a = Active {
+                offered: None,
+                lease_expires: None,
+                deadline: None,
+                cancel_hard_at: None,
+                cancel_final: JobState::Cancelled,
+                cancel_reason: String::new(),
+                next_seq: seq,
+                agent_seq: u64::MAX, // unknown after restart: accept only seq we have not stored
+                job,
+            };
+            if state == JobState::Running {
+                running += 1;
+                a.lease_expires = Some(now + settings.lease_ttl);
+                let elapsed_us = (wall - a.job.started_at_us).max(0) as u64;
+                let left = Duration::from_millis(a.job.timeout_ms)
+                    .saturating_sub(Duration::from_micros(elapsed_us));
+                a.deadline = Some(now + left);
+                if a.job.cancel_requested {
+                    a.cancel_hard_at = Some(now + settings.cancel_grace);
+                }
+            } else {
+                queued += 1;
+                core.queues.entry(key).or_default().push_back(a.job.id.clone());
+            }
+            // The agent seq is unknown after a restart; the agent resends from its own seq and
+            // duplicates are dropped by the (job, seq) key in the store.
+            a.agent_seq = 0;
+            core.jobs.insert(a.job.id.clone(), a);
+        }
+        if queued + running > 0 {
+            log::info!("recovered {queued} queued and {running} running jobs from {}", store.path().display());
+        }
+        let (events, _) = broadcast::channel(16 * 1024);
+        Ok(Arc::new(Dispatcher {
+            core: Mutex::new(core),
+            store,
+            settings,
+            events,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Live job events (after commit). Watchers filter by job id.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.events.subscribe()
+    }
+
+    async fn finish(&self, pending: Vec<Pending>) -> Res<()> {
+        let mut first_err = None;
+        let mut publish = Vec::new();
+        for p in pending {
+            match p.commit.await {
+                Ok(()) => publish.extend(p.events),
+                Err(e) => {
+                    log::error!("commit failed: {e}");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for ev in publish {
+            let _ = self.events.send(ev);
+        }
+        match first_err {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    // ------------------------------------------------------------------ submitters
+
+    /// Stores a new job (or returns the one with the same idempotency key) and dispatches it.
+    pub async fn submit(&self, mut job: Job) -> Res<(Job, bool)> {
+        if job.timeout_ms == 0 {
+            job.timeout_ms = self.settings.default_timeout.as_millis() as u64;
+        }
+        if job.max_attempts == 0 {
+            job.max_attempts = self.settings.default_max_attempts;
+        }
+        job.state = JobState::Queued as i32;
+        job.created_at_us = now_us();
+        let ev = JobEvent {
+            job_id: job.id.clone(),
+            seq: 1,
+            at_us: job.created_at_us,
+            event: Some(job_event::Event::State(JobState::Queued as i32)),
+            ..Default::default()
+        };
+        let (stored, created) = self.store.insert(job, vec![ev.clone()]).await?;
+        if created {
+            let mut core = self.lock();
+            let key = (stored.role, stored.selector.clone());
+            core.jobs.insert(
+                stored.id.clone(),
+                Active {
+                    job: stored.clone(),
+                    offered: None,
+                    lease_expires: None,
+                    deadline: None,
+                    cancel_hard_at: None,
+                    cancel_final: JobState::Cancelled,
+                    cancel_reason: String::new(),
+                    next_seq: 1,
+                    agent_seq: 0,
+                },
+            );
+            core.queues.entry(key.clone()).or_default().push_back(stored.id.clone());
+            core.dispatch(&self.settings, &key, Instant::now());
+            drop(core);
+            let _ = self.events.send(ev);
+        } else if let Some(a) = self.lock().jobs.get(&stored.id) {
+            return Ok((a.job.clone(), false));
+        }
+        Ok((stored, created))
+    }
+
+    /// The job as it is now.
+    pub async fn get(&self, id: &str) -> Res<Job> {
+        if let Some(a) = self.lock().jobs.get(id) {
+            return Ok(a.job.clone());
+        }
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| DispatchError::JobNotFound(id.to_owned()))
+    }
+
+    /// Cancels a job: a queued job at once; a running one cooperatively, fenced after the grace.
+    pub async fn cancel(&self, id: &str, reason: &str) -> Res<Job> {
+        let pending = {
+            let mut core = self.lock();
+            let now = Instant::now();
+            let reason = if reason.is_empty() { "cancelled by request" } else { reason };
+            match core.jobs.get(id).map(|a| JobState::try_from(a.job.state)) {
+                None => None,
+                Some(Ok(JobState::Running)) => Some(core.request_cancel(
+                    &self.store,
+                    &self.settings,
+                    id,
+                    JobState::Cancelled,
+                    reason,
+                    now,
+                )),
+                Some(_) => Some(core.terminate(
+                    &self.store,
+                    id,
+                    JobResult {
+                        state: JobState::Cancelled as i32,
+                        output: String::new(),
+                        error: reason.to_owned(),
+                    },
+                    false,
+                    now,
+                )),
+            }
+        };
+        if let Some(p) = pending {
+            self.finish(vec![p]).await?;
+        }
+        self.get(id).await
+    }
+
+    /// Connected agents (and recently seen ones) with their health.
+    pub fn agents(&self) -> Vec<AgentStatus> {
+        let core = self.lock();
+        let now = Instant::now();
+        let mut out: Vec<AgentStatus> = core
+            .agents
+            .values()
+            .map(|a| {
+                let health = a.health(&self.settings, now);
+                AgentStatus {
+                    identity: Some(a.identity.clone()),
+                    connected: a.connected(&self.settings, now),
+                    healthy: health.is_ok(),
+                    draining: a.draining,
+                    slots_in_use: a.leased.len() as u32,
+                    last_heartbeat_us: a.last_heartbeat_us,
+                    health_detail: health.err().unwrap_or_default(),
+                    session_id: a.session.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            let (x, y) = (a.identity.as_ref().unwrap(), b.identity.as_ref().unwrap());
+            (x.role, x.fallback, &x.name).cmp(&(y.role, y.fallback, &y.name))
+        });
+        out
+    }
+
+    // ------------------------------------------------------------------ agents
+
+    /// Registers (or re-registers) an agent. Answers its session and the held leases that the
+    /// server no longer recognises.
+    pub async fn register(
+        &self,
+        identity: AgentIdentity,
+        held: Vec<HeldLease>,
+    ) -> Res<(String, Vec<HeldLease>)> {
+        let session = uuid::Uuid::new_v4().to_string();
+        let (revoked, pending) = {
+            let mut core = self.lock();
+            let now = Instant::now();
+            let name = identity.name.clone();
+            let mut pending = Vec::new();
+            // Whatever the old session had offered goes back to the queue.
+            if let Some(old) = core.agents.remove(&name) {
+                core.sessions.remove(&old.session);
+                for id in old.offered {
+                    core.unoffer(&id);
+                }
+            }
+            let held_map: HashMap<&str, u64> =
+                held.iter().map(|h| (h.job_id.as_str(), h.epoch)).collect();
+            let mut kept = HashSet::new();
+            let mut revoked = Vec::new();
+            for h in &held {
+                match core.jobs.get(&h.job_id) {
+                    Some(a)
+                        if a.job.state == JobState::Running as i32
+                            && a.job.agent == name
+                            && a.job.epoch == h.epoch =>
+                    {
+                        kept.insert(h.job_id.clone());
+                    }
+                    _ => revoked.push(h.clone()),
+                }
+            }
+            for id in &kept {
+                if let Some(a) = core.jobs.get_mut(id) {
+                    a.lease_expires = Some(now + self.settings.lease_ttl);
+                }
+            }
+            // Leases recorded for this name but not claimed: the agent restarted and lost them.
+            let lost: Vec<String> = core
+                .jobs
+                .values()
+                .filter(|a| {
+                    a.job.state == JobState::Running as i32
+                        && a.job.agent == name
+                        && !held_map.contains_key(a.job.id.as_str())
+                })
+                .map(|a| a.job.id.clone())
+                .collect();
+            for id in lost {
+                pending.push(core.lease_lost(&self.store, &id, "agent restarted", now));
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            core.agents.insert(
+                name.clone(),
+                AgentEntry {
+                    identity: identity.clone(),
+                    session: session.clone(),
+                    outbox: tx,
+                    poll_rx: Some(Arc::new(tokio::sync::Mutex::new(rx))),
+                    listen_gen: 0,
+                    streaming: false,
+                    last_poll: None,
+                    last_heartbeat: now,
+                    last_heartbeat_us: now_us(),
+                    probe: Probe::Unknown,
+                    probe_detail: String::new(),
+                    draining: false,
+                    gone: false,
+                    leased: kept,
+                    offered: HashSet::new(),
+                    last_pick: 0,
+                },
+            );
+            core.sessions.insert(session.clone(), name.clone());
+            log::info!(
+                agent = name.as_str(),
+                role = identity_role(&identity),
+                fallback = identity.fallback;
+                "agent {name} registered (session {session}, {} slots, {} leases kept, {} revoked)",
+                identity.slots,
+                held.len() - revoked.len(),
+                revoked.len()
+            );
+            (revoked, pending)
+        };
+        self.finish(pending).await?;
+        Ok((session, revoked))
+    }
+
+    /// Opens the server-to-agent stream of a session: a fresh channel (replacing any older stream
+    /// or poll channel), with every outstanding offer sent again.
+    pub fn listen(
+        &self,
+        session: &str,
+    ) -> Res<(String, u64, mpsc::UnboundedReceiver<ServerMessage>)> {
+        let mut core = self.lock();
+        let name = core.session_agent(session)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let key;
+        let generation;
+        {
+            let entry = core.agents.get_mut(&name).expect("session maps to agent");
+            entry.outbox = tx;
+            entry.poll_rx = None;
+            entry.listen_gen += 1;
+            entry.streaming = true;
+            generation = entry.listen_gen;
+            for id in &entry.offered {
+                entry.send(server_message::Msg::Offer(Offer { job_id: id.clone() }));
+            }
+            key = (entry.identity.role, entry.identity.selector.clone());
+        }
+        core.dispatch(&self.settings, &key, Instant::now());
+        Ok((name, generation, rx))
+    }
+
+    /// The Listen stream of generation `generation` ended: withdraw its offers.
+    pub fn listen_closed(&self, name: &str, generation: u64) {
+        let mut core = self.lock();
+        let Some(entry) = core.agents.get_mut(name) else {
+            return;
+        };
+        if entry.listen_gen != generation {
+            return;
+        }
+        entry.streaming = false;
+        let offered: Vec<String> = entry.offered.drain().collect();
+        let key = (entry.identity.role, entry.identity.selector.clone());
+        log::info!(agent = name; "listen stream of {name} closed; {} offers withdrawn", offered.len());
+        for id in offered {
+            core.unoffer(&id);
+        }
+        core.dispatch(&self.settings, &key, Instant::now());
+    }
+
+    /// Long-poll: waits up to `wait` for messages for this session.
+    pub async fn poll(&self, session: &str, wait: Duration) -> Res<Vec<ServerMessage>> {
+        let rx = {
+            let mut core = self.lock();
+            let name = core.session_agent(session)?;
+            let now = Instant::now();
+            let entry = core.agents.get_mut(&name).expect("session maps to agent");
+            entry.last_poll = Some(now);
+            if entry.poll_rx.is_none() {
+                let (tx, rx) = mpsc::unbounded_channel();
+                entry.outbox = tx;
+                entry.listen_gen += 1;
+                entry.streaming = false;
+                entry.poll_rx = Some(Arc::new(tokio::sync::Mutex::new(rx)));
+                for id in &entry.offered {
+                    entry.send(server_message::Msg::Offer(Offer { job_id: id.clone() }));
+                }
+            }
+            let rx = entry.poll_rx.clone().expect("set above");
+            let key = (entry.identity.role, entry.identity.selector.clone());
+            core.dispatch(&self.settings, &key, now);
+            rx
+        };
+        let wait = wait.min(self.settings.poll_wait);
+        let mut rx = rx.lock().await;
+        let mut out = Vec::new();
+        if let Ok(Some(first)) = tokio::time::timeout(wait, rx.recv()).await {
+            out.push(first);
+            while let Ok(m) = rx.try_recv() {
+                out.push(m);
+                if out.len() >= 1024 {
+                    break;
+                }
+            }
+        }
+        drop(rx);
+        if let Some(e) = self.lock().sessions.get(session).cloned() {
+            if let Some(entry) = self.lock().agents.get_mut(&e) {
+                entry.last_poll = Some(Instant::now());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes a job: idempotent for the agent that already holds it.
+    pub async fn acquire(&self, session: &str, job_id: &str) -> Res<Lease> {
+        let (lease, pending) = {
+            let mut core = self.lock();
+            let now = Instant::now();
+            let name = core.session_agent(session)?;
+            core.acquire(&self.store, &self.settings, &name, job_id, now)?
+        };
+        if let Some(p) = pending {
+            self.finish(vec![p]).await?;
+        }
+        Ok(lease)
+    }
+
+    /// Records a heartbeat, renews the listed leases and answers the lost ones and the cancels.
+    pub fn heartbeat(
+        &self,
+        session: &str,
+        leases: &[HeldLease],
+        draining: bool,
+    ) -> Res<(Vec<HeldLease>, Vec<CancelJob>, bool)> {
+        let mut core = self.lock();
+        let now = Instant::now();
+        let name = core.session_agent(session)?;
+        let ttl = self.settings.lease_ttl;
+        let mut lost = Vec::new();
+        let mut cancels = Vec::new();
+        for h in leases {
+            match core.jobs.get_mut(&h.job_id) {
+                Some(a)
+                    if a.job.state == JobState::Running as i32
+                        && a.job.agent == name
+                        && a.job.epoch == h.epoch =>
+                {
+                    a.lease_expires = Some(now + ttl);
+                    if a.job.cancel_requested {
+                        cancels.push(CancelJob {
+                            job_id: h.job_id.clone(),
+                            epoch: h.epoch,
+                            grace_ms: a
+                                .cancel_hard_at
+                                .map(|t| t.saturating_duration_since(now).as_millis() as u64)
+                                .unwrap_or(0),
+                            reason: a.cancel_reason.clone(),
+                        });
+                    }
+                }
+                _ => lost.push(h.clone()),
+            }
+        }
+        let entry = core.agents.get_mut(&name).expect("session maps to agent");
+        let was_healthy = entry.health(&self.settings, now).is_ok();
+        entry.last_heartbeat = now;
+        entry.last_heartbeat_us = now_us();
+        let newly_draining = draining && !entry.draining;
+        entry.draining = draining;
+        let key = (entry.identity.role, entry.identity.selector.clone());
+        let mut withdrawn = Vec::new();
+        if newly_draining {
+            withdrawn = entry.offered.drain().collect();
+            log::info!(agent = name.as_str(); "agent {name} is draining");
+        }
+        for id in withdrawn {
+            core.unoffer(&id);
+        }
+        if !was_healthy || newly_draining {
+            core.dispatch(&self.settings, &key, now);
+        }
+        Ok((lost, cancels, false))
+    }
+
+    /// Stores progress/log events of a lease; resends (seq already stored) are dropped.
+    pub async fn report(
+        &self,
+        session: &str,
+        job_id: &str,
+        epoch: u64,
+        events: Vec<AgentEvent>,
+    ) -> Res<u64> {
+        let (acked, pending) = {
+            let mut core = self.lock();
+            let name = core.session_agent(session)?;
+            let a = core.fenced(job_id, epoch, &name)?;
+            let now = now_us();
+            let mut out = Vec::new();
+            for ev in events {
+                if ev.seq <= a.agent_seq {
+                    continue;
+                }
+                a.agent_seq = ev.seq;
+                let event = match ev.event {
+                    Some(es_proto::v1::agent_event::Event::Progress(p)) => {
+                        job_event::Event::Progress(p)
+                    }
+                    Some(es_proto::v1::agent_event::Event::Log(l)) => job_event::Event::Log(l),
+                    None => continue,
+                };
+                a.next_seq += 1;
+                out.push(JobEvent {
+                    job_id: job_id.to_owned(),
+                    seq: a.next_seq,
+                    at_us: now,
+                    event: Some(event),
+                    attempt: a.job.attempt,
+                    agent: name.clone(),
+                });
+            }
+            let acked = a.agent_seq;
+            let pending = (!out.is_empty()).then(|| Pending {
+                commit: Box::pin(self.store.events(out.clone())),
+                events: out,
+            });
+            (acked, pending)
+        };
+        if let Some(p) = pending {
+            self.finish(vec![p]).await?;
+        }
+        Ok(acked)
+    }
+
+    /// Stores the final result of a lease. A resend of an accepted result is acknowledged.
+    pub async fn complete(
+        &self,
+        session: &str,
+        job_id: &str,
+        epoch: u64,
+        mut result: JobResult,
+    ) -> Res<()> {
+        let pending = {
+            let mut core = self.lock();
+            let now = Instant::now();
+            let name = core.session_agent(session)?;
+            if let Some((final_epoch, _)) = core.finished.get(job_id) {
+                if *final_epoch == epoch {
+                    return Ok(());
+                }
+            }
+            let a = core.fenced(job_id, epoch, &name)?;
+            let state = JobState::try_from(result.state).unwrap_or(JobState::Unspecified);
+            if !state.is_terminal() {
+                return Err(DispatchError::Invalid {
+                    field: "result.state",
+                    reason: format!(
+                        "{} is not a final state; use succeeded, failed, cancelled or timed_out",
+                        state.name()
+                    ),
+                });
+            }
+            if a.job.cancel_requested && state == JobState::Cancelled {
+                result.state = a.cancel_final as i32;
+            }
+            core.terminate(&self.store, job_id, result, false, now)
+        };
+        self.finish(vec![pending]).await
+    }
+
+    /// The agent leaves: its offers and released jobs go back to the queue at once.
+    pub async fn going_away(&self, session: &str, released: &[HeldLease], reason: &str) -> Res<()> {
+        let pending = {
+            let mut core = self.lock();
+            let now = Instant::now();
+            let name = core.session_agent(session)?;
+            let entry = core.agents.get_mut(&name).expect("session maps to agent");
+            entry.gone = true;
+            entry.draining = true;
+            entry.streaming = false;
+            let offered: Vec<String> = entry.offered.drain().collect();
+            let key = (entry.identity.role, entry.identity.selector.clone());
+            for id in offered {
+                core.unoffer(&id);
+            }
+            let mut pending = Vec::new();
+            for h in released {
+                if core.fenced(&h.job_id, h.epoch, &name).is_ok() {
+                    pending.push(core.lease_lost(&self.store, &h.job_id, "released by agent going away", now));
+                }
+            }
+            core.sessions.remove(session);
+            log::info!(agent = name.as_str(); "agent {name} went away ({reason}); {} jobs released", released.len());
+            core.dispatch(&self.settings, &key, now);
+            pending
+        };
+        self.finish(pending).await
+    }
+
+    /// Records the outcome of a grpc.health.v1 probe of an agent.
+    pub fn set_probe(&self, name: &str, session: &str, result: Result<(), String>) {
+        let mut core = self.lock();
+        let now = Instant::now();
+        let Some(entry) = core.agents.get_mut(name) else { return };
+        if entry.session != session {
+            return;
+        }
+        let was = entry.probe;
+        match result {
+            Ok(()) => {
+                entry.probe = Probe::Serving;
+                entry.probe_detail.clear();
+            }
+            Err(e) => {
+                if was != Probe::Failing {
+                    log::warn!(agent = name; "health probe of {name} failed: {e}");
+                }
+                entry.probe = Probe::Failing;
+                entry.probe_detail = e;
+            }
+        }
+        if was == Probe::Failing && entry.probe == Probe::Serving {
+            let key = (entry.identity.role, entry.identity.selector.clone());
+            core.dispatch(&self.settings, &key, now);
+        }
+    }
+
+    /// Agents that publish a health address: (name, session, address).
+    pub fn probe_targets(&self) -> Vec<(String, String, String)> {
+        self.lock()
+            .agents
+            .values()
+            .filter(|a| !a.gone && !a.identity.health_addr.is_empty())
+            .map(|a| (a.identity.name.clone(), a.session.clone(), a.identity.health_addr.clone()))
+            .collect()
+    }
+
+    /// Sends an application ping on every Listen stream.
+    pub fn ping_streams(&self) {
+        let core = self.lock();
+        for a in core.agents.values().filter(|a| a.streaming) {
+            a.send(server_message::Msg::Ping(Ping { at_us: now_us() }));
+        }
+    }
+
+    /// Asks every agent to drain (used by tests and operators).
+    pub fn drain_all(&self, reason: &str) {
+        let core = self.lock();
+        for a in core.agents.values() {
+            a.send(server_message::Msg::Drain(Drain {
+                reason: reason.to_owned(),
+            }));
+        }
+    }
+
+    /// One pass of the reaper: expired offers and leases, timeouts, hard cancels.
+    pub async fn tick(&self) {
+        let pending = {
+            let mut core = self.lock();
+            core.tick(&self.store, &self.settings, Instant::now())
+        };
+        if let Err(e) = self.finish(pending).await {
+            log::error!("reaper: {e}");
+        }
+    }
+
+    /// Counts of live jobs (queued, running), for status output.
+    pub fn counts(&self) -> (usize, usize) {
+        let core = self.lock();
+        let running = core
+            .jobs
+            .values()
+            .filter(|a| a.job.state == JobState::Running as i32)
+            .count();
+        (core.jobs.len() - running, running)
+    }
+}
+
+fn identity_role(id: &AgentIdentity) -> &'static str {
+    es_proto::Role::try_from(id.role).unwrap_or_default().name()
+}
+
+fn event(a: &mut Active, ev: job_event::Event) -> JobEvent {
+    a.next_seq += 1;
+    JobEvent {
+        job_id: a.job.id.clone(),
+        seq: a.next_seq,
+        at_us: now_us(),
+        event: Some(ev),
+        attempt: a.job.attempt,
+        agent: a.job.agent.clone(),
+    }
+}
+
+impl Core {
+    fn session_agent(&self, session: &str) -> Res<String> {
+        self.sessions
+            .get(session)
+            .cloned()
+            .ok_or_else(|| DispatchError::UnknownSession(session.to_owned()))
+    }
+
+    /// The active job if `epoch` is its current lease and `agent` holds it.
+    fn fenced(&mut self, job_id: &str, epoch: u64, agent: &str) -> Res<&mut Active> {
+        let Some(a) = self.jobs.get_mut(job_id) else {
+            return Err(DispatchError::StaleEpoch {
+                job_id: job_id.to_owned(),
+                got: epoch,
+                current: self.finished.get(job_id).map(|f| f.0).unwrap_or(0),
+                holder: String::new(),
+            });
+        };
+        if a.job.state != JobState::Running as i32 || a.job.epoch != epoch || a.job.agent != agent {
+            return Err(DispatchError::StaleEpoch {
+                job_id: job_id.to_owned(),
+                got: epoch,
+                current: a.job.epoch,
+                holder: a.job.agent.clone(),
+            });
+        }
+        Ok(a)
+    }
+
+    /// Puts an offered job back at the head of its queue.
+    fn unoffer(&mut self, id: &str) {
+        if let Some(a) = self.jobs.get_mut(id) {
+            if let Some((agent, _)) = a.offered.take() {
+                if let Some(e) = self.agents.get_mut(&agent) {
+                    e.offered.remove(id);
+                }
+                if a.job.state == JobState::Queued as i32 {
+                    self.queues
+                        .entry((a.job.role, a.job.selector.clone()))
+                        .or_default()
+                        .push_front(id.to_owned());
+                }
+            }
+        }
+    }
+
+    /// Offers queued jobs of `key` to agents until the queue or the capacity runs out.
+    fn dispatch(&mut self, s: &Settings, key: &QueueKey, now: Instant) {
+        let Some(queue) = self.queues.get_mut(key) else { return };
+        if queue.is_empty() {
+            return;
+        }
+        let mut names: Vec<&String> = Vec::new();
+        let mut cands: Vec<Candidate> = Vec::new();
+        for (name, a) in &self.agents {
+            if a.identity.role == key.0 && a.identity.selector == key.1 {
+                names.push(name);
+                cands.push(Candidate {
+                    fallback: a.identity.fallback,
+                    available: !a.draining && a.health(s, now).is_ok(),
+                    slots: a.identity.slots,
+                    busy: (a.leased.len() + a.offered.len()) as u32,
+                    last_pick: a.last_pick,
+                });
+            }
+        }
+        let names: Vec<String> = names.into_iter().cloned().collect();
+        while let Some(i) = selector::choose(&cands) {
+            let Some(id) = queue.pop_front() else { break };
+            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            if job.job.state != JobState::Queued as i32 || job.offered.is_some() {
+                continue;
+            }
+            self.picks += 1;
+            cands[i].busy += 1;
+            cands[i].last_pick = self.picks;
+            let agent = self.agents.get_mut(&names[i]).expect("candidate exists");
+            agent.last_pick = self.picks;
+            agent.offered.insert(id.clone());
+            job.offered = Some((names[i].clone(), now + s.offer_timeout));
+            agent.send(server_message::Msg::Offer(Offer { job_id: id }));
+        }
+    }
+
+    fn dispatch_all(&mut self, s: &Settings, now: Instant) {
+        let keys: Vec<QueueKey> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.dispatch(s, &k, now);
+        }
+    }
+
+    fn acquire(
+        &mut self,
+        store: &Store,
+        s: &Settings,
+        name: &str,
+        job_id: &str,
+        now: Instant,
+    ) -> Res<(Lease, Option<Pending>)> {
+        let agent = self.agents.get(name).expect("session maps to agent");
+        let (agent_role, agent_sel) = (agent.identity.role, agent.identity.selector.clone());
+        let (slots, busy, draining) = (
+            agent.identity.slots as usize,
+            agent.leased.len(),
+            agent.draining || agent.gone,
+        );
+        let Some(a) = self.jobs.get_mut(job_id) else {
+            if let Some((epoch, _)) = self.finished.get(job_id) {
+                return Err(DispatchError::StaleEpoch {
+                    job_id: job_id.to_owned(),
+                    got: 0,
+                    current: *epoch,
+                    holder: String::new(),
+                });
+            }
+            return Err(DispatchError::JobNotFound(job_id.to_owned()));
+        };
+        let lease = |a: &Active| Lease {
+            job_id: job_id.to_owned(),
+            epoch: a.job.epoch,
+            attempt: a.job.attempt,
+            ttl_ms: s.lease_ttl.as_millis() as u64,
+            job: Some(a.job.clone()),
+        };
+        let state = JobState::try_from(a.job.state).unwrap_or_default();
+        if state == JobState::Running && a.job.agent == name {
+            // A retried Acquire whose first answer was lost.
+            return Ok((lease(a), None));
+        }
+        if state != JobState::Queued {
+            return Err(DispatchError::NotAcquirable {
+                job_id: job_id.to_owned(),
+                state: state.name(),
+            });
+        }
+        if a.job.role != agent_role {
+            return Err(DispatchError::WrongRole {
+                job_id: job_id.to_owned(),
+                job_role: es_proto::Role::try_from(a.job.role).unwrap_or_default().name(),
+                agent: name.to_owned(),
+                agent_role: es_proto::Role::try_from(agent_role).unwrap_or_default().name(),
+            });
+        }
+        if a.job.selector != agent_sel {
+            return Err(DispatchError::OfferedElsewhere {
+                job_id: job_id.to_owned(),
+            });
+        }
+        match &a.offered {
+            Some((to, _)) if to != name => {
+                return Err(DispatchError::OfferedElsewhere {
+                    job_id: job_id.to_owned(),
+                })
+            }
+            Some(_) => {}
+            None => {
+                // Not offered (e.g. a poll-mode agent racing the queue): allowed with room.
+                if draining || busy >= slots {
+                    return Err(DispatchError::NoCapacity(name.to_owned()));
+                }
+                if let Some(q) = self.queues.get_mut(&(a.job.role, a.job.selector.clone())) {
+                    q.retain(|x| x != job_id);
+                }
+            }
+        }
+        a.offered = None;
+        a.job.state = JobState::Running as i32;
+        a.job.attempt += 1;
+        a.job.epoch += 1;
+        a.job.agent = name.to_owned();
+        a.job.started_at_us = now_us();
+        a.lease_expires = Some(now + s.lease_ttl);
+        a.deadline = Some(now + Duration::from_millis(a.job.timeout_ms));
+        a.agent_seq = 0;
+        let ev = event(a, job_event::Event::State(JobState::Running as i32));
+        let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
+        let lease = lease(a);
+        let agent = self.agents.get_mut(name).expect("session maps to agent");
+        agent.offered.remove(job_id);
+        agent.leased.insert(job_id.to_owned());
+        Ok((
+            lease,
+            Some(Pending {
+                commit,
+                events: vec![ev],
+            }),
+        ))
+    }
+
+    /// Moves a job to a final state and forgets it. `fence` bumps the epoch so that the old
+    /// holder's late writes are refused.
+    fn terminate(
+        &mut self,
+        store: &Store,
+        id: &str,
+        result: JobResult,
+        fence: bool,
+        now: Instant,
+    ) -> Pending {
+        let mut a = self.jobs.remove(id).expect("terminate of an active job");
+        if let Some(q) = self.queues.get_mut(&(a.job.role, a.job.selector.clone())) {
+            if a.job.state == JobState::Queued as i32 {
+                q.retain(|x| x != id);
+            }
+        }
+        if let Some((agent, _)) = a.offered.take() {
+            if let Some(e) = self.agents.get_mut(&agent) {
+                e.offered.remove(id);
+            }
+        }
+        let holder = a.job.agent.clone();
+        if let Some(e) = self.agents.get_mut(&holder) {
+            e.leased.remove(id);
+        }
+        if fence {
+            a.job.epoch += 1;
+        }
+        a.job.state = result.state;
+        a.job.finished_at_us = now_us();
+        a.job.result = Some(result.clone());
+        let ev = event(&mut a, job_event::Event::Result(result));
+        let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
+        self.finished.insert(id.to_owned(), (a.job.epoch, now));
+        let st = JobState::try_from(a.job.state).unwrap_or_default();
+        log::info!(
+            job_id = id,
+            sandbox_id = a.job.sandbox_id.as_str(),
+            agent = holder.as_str();
+            "job {id} {} (attempt {}, agent {holder:?})",
+            st.name(),
+            a.job.attempt
+        );
+        Pending {
+            commit,
+            events: vec![ev],
+        }
+    }
+
+    /// A lease ended without a result: queue the job again, or fail it when attempts are spent.
+    fn lease_lost(&mut self, store: &Store, id: &str, why: &str, now: Instant) -> Pending {
+        let a = self.jobs.get_mut(id).expect("lease_lost of an active job");
+        let holder = a.job.agent.clone();
+        if let Some(e) = self.agents.get_mut(&holder) {
+            e.leased.remove(id);
+        }
+        let a = self.jobs.get_mut(id).expect("checked above");
+        if a.job.cancel_requested {
+            let result = JobResult {
+                state: a.cancel_final as i32,
+                output: String::new(),
+                error: format!("{}; lease of {holder} ended: {why}", a.cancel_reason),
+            };
+            return self.terminate(store, id, result, true, now);
+        }
+        if a.job.attempt >= a.job.max_attempts {
+            let result = JobResult {
+                state: JobState::Failed as i32,
+                output: String::new(),
+                error: format!(
+                    "lease lost on attempt {} of {} (agent {holder}: {why}); no attempts left",
+                    a.job.attempt, a.job.max_attempts
+                ),
+            };
+            return self.terminate(store, id, result, true, now);
+        }
+        log::warn!(job_id = id, agent = holder.as_str(); "lease of job {id} on {holder} lost ({why}); offering it again");
+        a.job.state = JobState::Queued as i32;
+        a.lease_expires = None;
+        a.deadline = None;
+        // The epoch is bumped by the next Acquire; bump it now too so the old holder is fenced
+        // even before anyone acquires.
+        a.job.epoch += 1;
+        let log_ev = event(a, job_event::Event::Log(format!("lease of {holder} lost: {why}")));
+        let st_ev = event(a, job_event::Event::State(JobState::Queued as i32));
+        let commit = Box::pin(store.update(&a.job, vec![log_ev.clone(), st_ev.clone()]));
+        self.queues
+            .entry((a.job.role, a.job.selector.clone()))
+            .or_default()
+            .push_front(id.to_owned());
+        Pending {
+            commit,
+            events: vec![log_ev, st_ev],
+        }
+    }
+
+    fn request_cancel(
+        &mut self,
+        store: &Store,
+        s: &Settings,
+        id: &str,
+        final_state: JobState,
+        reason: &str,
+        now: Instant,
+    ) -> Pending {
+        let a = self.jobs.get_mut(id).expect("cancel of an active job");
+        a.job.cancel_requested = true;
+        a.cancel_final = final_state;
+        a.cancel_reason = reason.to_owned();
+        a.cancel_hard_at = Some(now + s.cancel_grace);
+        let ev = event(a, job_event::Event::Log(format!("cancel requested: {reason}")));
+        let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
+        let msg = CancelJob {
+            job_id: id.to_owned(),
+            epoch: a.job.epoch,
+            grace_ms: s.cancel_grace.as_millis() as u64,
+            reason: reason.to_owned(),
+        };
+        if let Some(agent) = self.agents.get(&a.job.agent) {
+            agent.send(server_message::Msg::Cancel(msg));
+        }
+        Pending {
+            commit,
+            events: vec![ev],
+        }
+    }
+
+    fn tick(&mut self, store: &Store, s: &Settings, now: Instant) -> Vec<Pending> {
+        let mut expired_offers = Vec::new();
+        let mut lost = Vec::new();
+        let mut timed_out = Vec::new();
+        let mut hard = Vec::new();
+        for (id, a) in &self.jobs {
+            if let Some((_, until)) = &a.offered {
+                if *until <= now {
+                    expired_offers.push(id.clone());
+                }
+            }
+            if a.job.state != JobState::Running as i32 {
+                continue;
+            }
+            if a.cancel_hard_at.is_some_and(|t| t <= now) {
+                hard.push(id.clone());
+            } else if a.lease_expires.is_some_and(|t| t <= now) {
+                lost.push(id.clone());
+            } else if !a.job.cancel_requested && a.deadline.is_some_and(|t| t <= now) {
+                timed_out.push(id.clone());
+            }
+        }
+        for id in expired_offers {
+            self.unoffer(&id);
+        }
+        let mut pending = Vec::new();
+        for id in lost {
+            let holder = self.jobs[&id].job.agent.clone();
+            let why = format!("not renewed within {} ms", s.lease_ttl.as_millis());
+            log::warn!(job_id = id.as_str(), agent = holder.as_str(); "lease of job {id} expired");
+            pending.push(self.lease_lost(store, &id, &why, now));
+        }
+        for id in timed_out {
+            let ms = self.jobs[&id].job.timeout_ms;
+            pending.push(self.request_cancel(
+                store,
+                s,
+                &id,
+                JobState::TimedOut,
+                &format!("timed out after {ms} ms"),
+                now,
+            ));
+        }
+        for id in hard {
+            let a = &self.jobs[&id];
+            let result = JobResult {
+                state: a.cancel_final as i32,
+                output: String::new(),
+                error: format!(
+                    "{}; agent {} did not stop within the grace, job fenced",
+                    a.cancel_reason, a.job.agent
+                ),
+            };
+            pending.push(self.terminate(store, &id, result, true, now));
+        }
+        let keep = Duration::from_secs(120);
+        self.finished
+            .retain(|_, (_, at)| now.duration_since(*at) < keep);
+        self.dispatch_all(s, now);
+        pending
+    }
+}

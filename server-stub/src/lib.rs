@@ -1,0 +1,306 @@
+//! es-server: the reference server side of the execution-server agents.
+//!
+//! It stores jobs durably (SQLite), routes each job to a healthy agent of the right role and
+//! selector value (primaries before fallbacks), leases it with a fencing epoch, and serves
+//! submitters. Agents dial in; the server never needs a way out to them except the optional
+//! grpc.health.v1 probe of an agent's published health address.
+//!
+//! `main.rs` only parses the command line; [`run`] is what tests call in-process.
+
+pub mod cli;
+pub mod dispatch;
+pub mod logging;
+pub mod selector;
+pub mod service;
+pub mod store;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use es_proto::v1::agent_service_server::AgentServiceServer;
+use es_proto::v1::job_service_server::JobServiceServer;
+use tokio::net::TcpListener;
+
+pub use dispatch::{Dispatcher, Settings};
+
+/// Everything `es-server serve` can be told.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerConfig {
+    /// Address to listen on (use port 0 for any free port; the bound address is printed).
+    #[arg(long, env = "ES_SERVER_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// SQLite file of the job store (created if missing).
+    #[arg(long, env = "ES_SERVER_DB", default_value = "es-server.db")]
+    pub db: PathBuf,
+    /// `normal` survives a server crash; `full` also survives power loss (slower).
+    #[arg(long, env = "ES_SERVER_DB_SYNC", value_enum, default_value_t = store::Sync::Normal)]
+    pub db_sync: store::Sync,
+    /// How often agents heartbeat and renew leases.
+    #[arg(long, env = "ES_SERVER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// A lease not renewed for this long expires and the job is offered again.
+    #[arg(long, env = "ES_SERVER_LEASE_TTL", default_value = "4s", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Duration,
+    /// An agent without heartbeats for this long gets no new work.
+    #[arg(long, env = "ES_SERVER_HEARTBEAT_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
+    /// An offer not acquired within this time goes to another agent.
+    #[arg(long, env = "ES_SERVER_OFFER_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub offer_timeout: Duration,
+    /// Time a cancelled or timed-out job has to stop before it is fenced.
+    #[arg(long, env = "ES_SERVER_CANCEL_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub cancel_grace: Duration,
+    /// Longest a long-poll is held open.
+    #[arg(long, env = "ES_SERVER_POLL_WAIT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub poll_wait: Duration,
+    /// Job timeout when the submitter gives none.
+    #[arg(long, env = "ES_SERVER_DEFAULT_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub default_timeout: Duration,
+    /// Attempts when the submitter gives none.
+    #[arg(long, env = "ES_SERVER_DEFAULT_MAX_ATTEMPTS", default_value_t = 3)]
+    pub default_max_attempts: u32,
+    /// Finished jobs older than this are deleted.
+    #[arg(long, env = "ES_SERVER_RETENTION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// How often agents' health addresses are probed (grpc.health.v1).
+    #[arg(long, env = "ES_SERVER_PROBE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub probe_interval: Duration,
+    /// Application keepalive on idle agent streams (below a load balancer's idle cut, 350 s on AWS).
+    #[arg(long, env = "ES_SERVER_STREAM_PING", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stream_ping: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults of every setting, listening on `listen` with the store at `db`.
+    pub fn new(listen: SocketAddr, db: PathBuf) -> ServerConfig {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            c: ServerConfig,
+        }
+        let mut c = P::try_parse_from(["es-server"]).expect("defaults parse").c;
+        c.listen = listen;
+        c.db = db;
+        c
+    }
+
+    /// Checks that the timings fit together; the error names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let ms = |d: Duration| d.as_millis();
+        if self.heartbeat_interval.is_zero() {
+            return Err("--heartbeat-interval must be above 0".into());
+        }
+        if self.lease_ttl < self.heartbeat_interval * 2 {
+            return Err(format!(
+                "--lease-ttl ({} ms) must be at least twice --heartbeat-interval ({} ms), or busy agents lose leases",
+                ms(self.lease_ttl),
+                ms(self.heartbeat_interval)
+            ));
+        }
+        if self.heartbeat_timeout < self.heartbeat_interval {
+            return Err(format!(
+                "--heartbeat-timeout ({} ms) must be at least --heartbeat-interval ({} ms)",
+                ms(self.heartbeat_timeout),
+                ms(self.heartbeat_interval)
+            ));
+        }
+        if self.default_max_attempts == 0 || self.default_max_attempts > 100 {
+            return Err("--default-max-attempts must be between 1 and 100".into());
+        }
+        if self.offer_timeout.is_zero() || self.poll_wait.is_zero() || self.stream_ping.is_zero() {
+            return Err("--offer-timeout, --poll-wait and --stream-ping must be above 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            heartbeat_interval: self.heartbeat_interval,
+            lease_ttl: self.lease_ttl,
+            heartbeat_timeout: self.heartbeat_timeout,
+            poll_wait: self.poll_wait,
+            offer_timeout: self.offer_timeout,
+            cancel_grace: self.cancel_grace,
+            default_timeout: self.default_timeout,
+            default_max_attempts: self.default_max_attempts,
+            tick: (self.heartbeat_interval / 10).clamp(Duration::from_millis(20), Duration::from_millis(250)),
+            stream_ping: self.stream_ping,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Dispatch(#[from] dispatch::DispatchError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// A running server: its bound address and the dispatcher (for in-process tests).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub dispatcher: Arc<Dispatcher>,
+    pub task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+/// Binds, recovers the store and serves until `shutdown` resolves.
+pub async fn start(
+    config: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Running, ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    let store = store::Store::open(&config.db, config.db_sync)?;
+    let dispatcher = Dispatcher::recover(store, config.settings()).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<service::AgentApi>>()
+        .await;
+    health_reporter
+        .set_serving::<JobServiceServer<service::JobApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(es_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    spawn_background(dispatcher.clone(), &config, stop.clone());
+
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AgentServiceServer::new(service::AgentApi {
+            d: dispatcher.clone(),
+        }))
+        .add_service(JobServiceServer::new(service::JobApi {
+            d: dispatcher.clone(),
+        }));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    log::info!("es-server listening on {addr}, store {}", config.db.display());
+    let task = tokio::spawn(async move {
+        let res = router
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                health_reporter
+                    .set_not_serving::<AgentServiceServer<service::AgentApi>>()
+                    .await;
+            })
+            .await;
+        stop.cancel();
+        res.map_err(ServerError::from)
+    });
+    Ok(Running {
+        addr,
+        dispatcher,
+        task,
+    })
+}
+
+fn spawn_background(d: Arc<Dispatcher>, config: &ServerConfig, stop: tokio_util::sync::CancellationToken) {
+    let tick = d.settings.tick;
+    let ping = d.settings.stream_ping;
+    let (probe_every, retention) = (config.probe_interval, config.retention);
+    let reaper = {
+        let d = d.clone();
+        let stop = stop.clone();
+        async move {
+            let mut every = tokio::time::interval(tick);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut pings = tokio::time::interval(ping);
+            let mut purge = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => d.tick().await,
+                    _ = pings.tick() => d.ping_streams(),
+                    _ = purge.tick() => {
+                        let before = dispatch::now_us() - retention.as_micros() as i64;
+                        match d.store().purge(before).await {
+                            Ok(0) => {}
+                            Ok(n) => log::info!("retention: deleted {n} finished jobs"),
+                            Err(e) => log::error!("retention: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+    };
+    tokio::spawn(reaper);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(probe_every);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let timeout = probe_every.min(Duration::from_secs(2));
+            let probes = d.probe_targets().into_iter().map(|(name, session, addr)| {
+                let d = d.clone();
+                async move {
+                    let res = probe(&addr, timeout).await;
+                    d.set_probe(&name, &session, res);
+                }
+            });
+            for p in probes {
+                tokio::spawn(p);
+            }
+        }
+    });
+}
+
+/// One grpc.health.v1 check of `addr` (overall server health, service "").
+pub async fn probe(addr: &str, timeout: Duration) -> Result<(), String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| format!("connect to {addr} timed out"))?
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .map_err(|s| format!("{addr}: {}", s.message()))?;
+    match resp.into_inner().status() {
+        ServingStatus::Serving => Ok(()),
+        other => Err(format!("{addr} reports {}", other.as_str_name())),
+    }
+}

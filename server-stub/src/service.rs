@@ -1,0 +1,344 @@
+//! gRPC services: `AgentService` (for agents) and `JobService` (for submitters).
+//! Domain errors become `tonic::Status` here and nowhere else.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use es_proto::v1::agent_service_server::AgentService;
+use es_proto::v1::job_service_server::JobService;
+use es_proto::v1::*;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use crate::dispatch::{DispatchError, Dispatcher};
+use crate::store::ListFilter;
+use crate::validate::{self, FieldError};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The one place where domain errors become gRPC codes (the retry table in ARCHITECTURE.md).
+impl From<DispatchError> for Status {
+    fn from(e: DispatchError) -> Status {
+        let msg = e.to_string();
+        match e {
+            DispatchError::UnknownSession(_) => Status::unauthenticated(msg),
+            DispatchError::JobNotFound(_) => Status::not_found(msg),
+            DispatchError::StaleEpoch { .. } | DispatchError::NotAcquirable { .. } => {
+                Status::failed_precondition(msg)
+            }
+            DispatchError::WrongRole { .. } => Status::permission_denied(msg),
+            DispatchError::OfferedElsewhere { .. } | DispatchError::NoCapacity(_) => {
+                Status::aborted(msg)
+            }
+            DispatchError::Invalid { .. } => Status::invalid_argument(msg),
+            DispatchError::Store(_) => Status::unavailable(msg),
+        }
+    }
+}
+
+fn invalid(e: FieldError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn require(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        Err(Status::invalid_argument(format!("invalid `{field}`: is empty")))
+    } else {
+        Ok(())
+    }
+}
+
+pub struct AgentApi {
+    pub d: Arc<Dispatcher>,
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let req = req.into_inner();
+        let identity = validate::identity(req.identity.as_ref()).map_err(invalid)?.clone();
+        let (session_id, revoked) = self.d.register(identity, req.held).await?;
+        let s = &self.d.settings;
+        Ok(Response::new(RegisterResponse {
+            session_id,
+            heartbeat_interval_ms: s.heartbeat_interval.as_millis() as u64,
+            lease_ttl_ms: s.lease_ttl.as_millis() as u64,
+            poll_wait_ms: s.poll_wait.as_millis() as u64,
+            revoked,
+        }))
+    }
+
+    type ListenStream = BoxStream<ServerMessage>;
+
+    async fn listen(
+        &self,
+        req: Request<ListenRequest>,
+    ) -> Result<Response<Self::ListenStream>, Status> {
+        let session = req.into_inner().session_id;
+        require("session_id", &session)?;
+        let (name, generation, rx) = self.d.listen(&session)?;
+        // Withdraws the stream's offers when the agent goes (the stream is dropped).
+        struct Closed {
+            d: Arc<Dispatcher>,
+            name: String,
+            generation: u64,
+        }
+        impl Drop for Closed {
+            fn drop(&mut self) {
+                self.d.listen_closed(&self.name, self.generation);
+            }
+        }
+        let guard = Closed {
+            d: self.d.clone(),
+            name,
+            generation,
+        };
+        let stream = UnboundedReceiverStream::new(rx).map(move |m| {
+            let _keep = &guard;
+            Ok(m)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn poll(&self, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
+        let req = req.into_inner();
+        require("session_id", &req.session_id)?;
+        let messages = self
+            .d
+            .poll(&req.session_id, Duration::from_millis(req.wait_ms))
+            .await?;
+        Ok(Response::new(PollResponse { messages }))
+    }
+
+    async fn acquire(
+        &self,
+        req: Request<AcquireRequest>,
+    ) -> Result<Response<AcquireResponse>, Status> {
+        let req = req.into_inner();
+        require("session_id", &req.session_id)?;
+        require("job_id", &req.job_id)?;
+        let lease = self.d.acquire(&req.session_id, &req.job_id).await?;
+        Ok(Response::new(AcquireResponse { lease: Some(lease) }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        require("session_id", &req.session_id)?;
+        let (lost, cancel, drain) = self.d.heartbeat(&req.session_id, &req.leases, req.draining)?;
+        Ok(Response::new(HeartbeatResponse {
+            lost,
+            cancel,
+            drain,
+        }))
+    }
+
+    async fn report(
+        &self,
+        req: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let req = req.into_inner();
+        require("session_id", &req.session_id)?;
+        require("job_id", &req.job_id)?;
+        let acked_seq = self
+            .d
+            .report(&req.session_id, &req.job_id, req.epoch, req.events)
+            .await?;
+        Ok(Response::new(ReportResponse { acked_seq }))
+    }
+
+    async fn complete(
+        &self,
+        req: Request<CompleteRequest>,
+    ) -> Result<Response<CompleteResponse>, Status> {
+        let req = req.into_inner();
+        require("session_id", &req.session_id)?;
+        require("job_id", &req.job_id)?;
+        let result = req
+            .result
+            .ok_or_else(|| Status::invalid_argument("invalid `result`: missing"))?;
+        self.d
+            .complete(&req.session_id, &req.job_id, req.epoch, result)
+            .await?;
+        Ok(Response::new(CompleteResponse {}))
+    }
+
+    async fn going_away(
+        &self,
+        req: Request<GoingAwayRequest>,
+    ) -> Result<Response<GoingAwayResponse>, Status> {
+        let req = req.into_inner();
+        require("session_id", &req.session_id)?;
+        self.d
+            .going_away(&req.session_id, &req.released, &req.reason)
+            .await?;
+        Ok(Response::new(GoingAwayResponse {}))
+    }
+}
+
+pub struct JobApi {
+    pub d: Arc<Dispatcher>,
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit(
+        &self,
+        req: Request<SubmitRequest>,
+    ) -> Result<Response<SubmitResponse>, Status> {
+        let req = req.into_inner();
+        validate::submit(&req).map_err(invalid)?;
+        let job = Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            idempotency_key: req.idempotency_key,
+            role: req.role,
+            selector: req.selector,
+            sandbox_id: req.sandbox_id,
+            spec: req.spec,
+            timeout_ms: req.timeout_ms,
+            max_attempts: req.max_attempts,
+            submitted_by: req.submitted_by,
+            ..Default::default()
+        };
+        let (job, created) = self.d.submit(job).await?;
+        Ok(Response::new(SubmitResponse {
+            job: Some(job),
+            created,
+        }))
+    }
+
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<Job>, Status> {
+        let id = req.into_inner().job_id;
+        require("job_id", &id)?;
+        Ok(Response::new(self.d.get(&id).await?))
+    }
+
+    type WatchStream = BoxStream<JobEvent>;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        require("job_id", &req.job_id)?;
+        // Subscribe first, then read history: nothing falls between the two.
+        let mut live = self.d.subscribe();
+        self.d.get(&req.job_id).await?;
+        let d = self.d.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let id = req.job_id;
+            let mut last = req.after_seq;
+            let mut done = false;
+            // History (and again after a lag).
+            loop {
+                match d.store().events_after(&id, last).await {
+                    Ok(events) => {
+                        for ev in events {
+                            last = ev.seq;
+                            done |= matches!(ev.event, Some(job_event::Event::Result(_)));
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
+                loop {
+                    match live.recv().await {
+                        Ok(ev) if ev.job_id == id && ev.seq > last => {
+                            if ev.seq > last + 1 {
+                                // Published out of order: read the gap from the store.
+                                break;
+                            }
+                            last = ev.seq;
+                            let end = matches!(ev.event, Some(job_event::Event::Result(_)));
+                            if tx.send(Ok(ev)).await.is_err() || end {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let req = req.into_inner();
+        require("job_id", &req.job_id)?;
+        let job = self.d.cancel(&req.job_id, &req.reason).await?;
+        Ok(Response::new(CancelResponse { job: Some(job) }))
+    }
+
+    async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let req = req.into_inner();
+        let mut states = Vec::new();
+        for s in &req.states {
+            match JobState::try_from(*s) {
+                Ok(st) if st != JobState::Unspecified => states.push(st),
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid `states`: unknown state {s}"
+                    )))
+                }
+            }
+        }
+        let role = match Role::try_from(req.role) {
+            Ok(Role::Unspecified) => None,
+            Ok(r) => Some(r),
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid `role`: unknown role {}; must be shells or commands",
+                    req.role
+                )))
+            }
+        };
+        if req.limit > 10_000 {
+            return Err(Status::invalid_argument(
+                "invalid `limit`: at most 10000",
+            ));
+        }
+        let filter = ListFilter {
+            states,
+            role,
+            sandbox_id: (!req.sandbox_id.is_empty()).then_some(req.sandbox_id),
+            selector: (!req.selector.is_empty()).then_some(req.selector),
+            limit: if req.limit == 0 { 100 } else { req.limit },
+        };
+        let jobs = self
+            .d
+            .store()
+            .list(filter)
+            .await
+            .map_err(DispatchError::from)?;
+        Ok(Response::new(ListResponse { jobs }))
+    }
+
+    async fn agents(
+        &self,
+        _req: Request<AgentsRequest>,
+    ) -> Result<Response<AgentsResponse>, Status> {
+        Ok(Response::new(AgentsResponse {
+            agents: self.d.agents(),
+        }))
+    }
+}
