@@ -514,3 +514,60 @@ fn print_job(j: &Job) {
         }
     }
 }
+
+
+
+/// Entry point of the `es-server` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("es-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Serve(config) => {
+            crate::logging::init("es-server");
+            rt.block_on(serve(config))
+        }
+        other => rt.block_on(run_client(other)),
+    }
+}
+
+async fn serve(config: crate::ServerConfig) -> ExitCode {
+    if let Err(e) = config.validate() {
+        eprintln!("es-server: invalid configuration: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        log::info!("shutting down");
+    };
+    let running = match crate::start(config, shutdown).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("es-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Tests and scripts read the bound address from this line (useful with port 0).
+    println!("es-server listening on {}", running.addr);
+    match running.task.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("es-server: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("es-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

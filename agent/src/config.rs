@@ -1,0 +1,248 @@
+//! Agent configuration: a TOML file plus `ES_AGENT_*` environment overrides (the `config`
+//! crate), unknown keys rejected, every value checked at start. Errors name the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use es_proto::Role;
+use serde::{Deserialize, Deserializer};
+
+/// How the agent receives offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// One long-lived server stream (default).
+    Stream,
+    /// Repeated long-polls, for networks that cut long streams.
+    Poll,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 5m: {e}")))
+}
+
+fn default_slots() -> u32 {
+    8
+}
+fn default_transport() -> Transport {
+    Transport::Stream
+}
+fn default_drain_grace() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_cancel_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_backoff_base() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_backoff_cap() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Every key of the agent's configuration (see packaging/es-agent.toml for the reference).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Unique agent name, e.g. `es-shells-us-east-1` (fallbacks end in `-b` by convention).
+    pub name: String,
+    /// `shells` or `commands`.
+    pub role: String,
+    /// Server URL, e.g. `http://10.0.0.10:7700`.
+    pub server: String,
+    /// Jobs run at once (1..=1024).
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Execution-server selector value this agent serves.
+    #[serde(default)]
+    pub selector: String,
+    /// A fallback replica: gets work only when no healthy primary has room.
+    #[serde(default)]
+    pub fallback: bool,
+    /// Where to serve grpc.health.v1 (host:port; port 0 picks one). Unset: no health server.
+    #[serde(default)]
+    pub health_addr: Option<String>,
+    /// The address the server should probe, when it differs from `health_addr` (e.g. NAT).
+    #[serde(default)]
+    pub advertise_health_addr: Option<String>,
+    #[serde(default = "default_transport")]
+    pub transport: Transport,
+    /// SIGTERM: time in-flight jobs get to finish before they are cancelled.
+    #[serde(default = "default_drain_grace", deserialize_with = "duration")]
+    pub drain_grace: Duration,
+    /// Time a job gets to stop cooperatively before it is forced.
+    #[serde(default = "default_cancel_grace", deserialize_with = "duration")]
+    pub cancel_grace: Duration,
+    /// First reconnect delay ceiling; doubles per failure, with full jitter.
+    #[serde(default = "default_backoff_base", deserialize_with = "duration")]
+    pub backoff_base: Duration,
+    /// Largest reconnect delay ceiling.
+    #[serde(default = "default_backoff_cap", deserialize_with = "duration")]
+    pub backoff_cap: Duration,
+}
+
+/// A configuration error naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("invalid configuration key `{key}`: {why}"))
+}
+
+impl AgentConfig {
+    /// Loads `file` (if given) and then the `ES_AGENT_<KEY>` environment variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let mut b = config::Config::builder();
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError(format!(
+                    "configuration file {} does not exist",
+                    f.display()
+                )));
+            }
+            b = b.add_source(config::File::from(f).format(config::FileFormat::Toml));
+        }
+        let vars: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ES_AGENT_") && k != "ES_AGENT_CONFIG")
+            .collect();
+        b = b.add_source(
+            config::Environment::with_prefix("ES_AGENT")
+                .prefix_separator("_")
+                .try_parsing(true)
+                .source(Some(vars)),
+        );
+        let cfg: AgentConfig = b
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(format!("invalid configuration: {e}")))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; the error names the key and the fix.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(bad("name", "is empty; set e.g. name = \"es-shells-us-east-1\""));
+        }
+        if let Some(c) = self
+            .name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(bad("name", format!("contains {c:?}; use letters, digits, - _ .")));
+        }
+        if Role::parse(&self.role).is_none() {
+            return Err(bad("role", format!("{:?} is not a role; use \"shells\" or \"commands\"", self.role)));
+        }
+        if self.slots == 0 || self.slots > 1024 {
+            return Err(bad("slots", format!("is {}; must be between 1 and 1024", self.slots)));
+        }
+        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
+            return Err(bad("server", format!("{:?} must be a URL like http://10.0.0.10:7700", self.server)));
+        }
+        if tonic::transport::Endpoint::from_shared(self.server.clone()).is_err() {
+            return Err(bad("server", format!("{:?} is not a valid URL", self.server)));
+        }
+        for (key, v) in [
+            ("health_addr", &self.health_addr),
+            ("advertise_health_addr", &self.advertise_health_addr),
+        ] {
+            if let Some(a) = v {
+                if a.parse::<SocketAddr>().is_err() {
+                    return Err(bad(key, format!("{a:?} is not host:port, e.g. 0.0.0.0:7701")));
+                }
+            }
+        }
+        if self.backoff_base.is_zero() || self.backoff_base > self.backoff_cap {
+            return Err(bad("backoff_base", "must be above 0 and not above backoff_cap"));
+        }
+        if self.backoff_cap > Duration::from_secs(600) {
+            return Err(bad("backoff_cap", "at most 10m; agents must come back soon after an outage"));
+        }
+        Ok(())
+    }
+
+    pub fn role(&self) -> Role {
+        Role::parse(&self.role).expect("validated")
+    }
+
+    /// The effective configuration as TOML-like lines (for `check-config`). Nothing here is
+    /// secret yet; secrets added later must be masked here.
+    pub fn describe(&self) -> String {
+        let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
+        format!(
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\n",
+            self.name,
+            self.role().name(),
+            self.server,
+            self.slots,
+            self.selector,
+            self.fallback,
+            opt(&self.health_addr),
+            opt(&self.advertise_health_addr),
+            format!("{:?}", self.transport).to_lowercase(),
+            humantime::format_duration(self.drain_grace).to_string(),
+            humantime::format_duration(self.cancel_grace).to_string(),
+            humantime::format_duration(self.backoff_base).to_string(),
+            humantime::format_duration(self.backoff_cap).to_string(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn file_then_environment_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.toml");
+        std::fs::write(
+            &f,
+            "name = \"es-shells-1\"\nrole = \"shells\"\nserver = \"http://127.0.0.1:7700\"\nslots = 4\ndrain_grace = \"5s\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(Some(&f), env(&[("ES_AGENT_SLOTS", "16"), ("ES_AGENT_FALLBACK", "true"), ("ES_AGENT_CONFIG", "ignored"), ("OTHER", "x")])).unwrap();
+        assert_eq!(c.slots, 16);
+        assert!(c.fallback);
+        assert_eq!(c.drain_grace, Duration::from_secs(5));
+        assert_eq!(c.cancel_grace, Duration::from_secs(10));
+        assert_eq!(c.transport, Transport::Stream);
+        assert!(c.describe().contains("slots = 16"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = [("ES_AGENT_NAME", "a"), ("ES_AGENT_ROLE", "shells"), ("ES_AGENT_SERVER", "http://127.0.0.1:1")];
+        let cases: Vec<(&str, &str, &str)> = vec![
+            ("ES_AGENT_SLOTS", "0", "`slots`"),
+            ("ES_AGENT_ROLE", "shell", "`role`"),
+            ("ES_AGENT_NAME", "", "`name`"),
+            ("ES_AGENT_SERVER", "127.0.0.1:7700", "`server`"),
+            ("ES_AGENT_HEALTH_ADDR", "nope", "`health_addr`"),
+            ("ES_AGENT_DRAIN_GRACE", "soon", "drain_grace"),
+            ("ES_AGENT_COLOUR", "blue", "colour"),
+        ];
+        for (k, v, want) in cases {
+            let mut e = env(&base);
+            e.retain(|(key, _)| key != k);
+            e.push((k.to_string(), v.to_string()));
+            let err = AgentConfig::load(None, e).unwrap_err().to_string();
+            assert!(err.contains(want), "{k}={v}: {err}");
+        }
+        let err = AgentConfig::load(Some(Path::new("/nonexistent.toml")), vec![]).unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+}
