@@ -15,7 +15,10 @@ pub struct Backoff {
 impl Backoff {
     /// `base` must be above zero and not above `cap` (checked by the config validation).
     pub fn new(base: Duration, cap: Duration) -> Backoff {
-        assert!(!base.is_zero() && base <= cap, "backoff base must be in (0, cap]");
+        assert!(
+            !base.is_zero() && base <= cap,
+            "backoff base must be in (0, cap]"
+        );
         Backoff {
             base,
             cap,
@@ -69,8 +72,9 @@ mod tests {
         assert_eq!(b.ceiling(), Duration::from_millis(100));
         // Jitter: many draws at the cap are spread, not one fixed value.
         let mut b = Backoff::new(Duration::from_secs(60), Duration::from_secs(60));
-        let draws: std::collections::HashSet<u64> =
-            (0..20).map(|_| b.next_with(&mut rng).as_millis() as u64).collect();
+        let draws: std::collections::HashSet<u64> = (0..20)
+            .map(|_| b.next_with(&mut rng).as_millis() as u64)
+            .collect();
         assert!(draws.len() > 15);
     }
 }

@@ -5,13 +5,17 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
 use crate::{AgentConfig, Signals};
+use clap::{Parser, Subcommand};
 
 const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "es-agent", version, about = "Execution-server agent (es-shells / es-commands)")]
+#[command(
+    name = "es-agent",
+    version,
+    about = "Execution-server agent (es-shells / es-commands)"
+)]
 struct Cli {
     /// Configuration file (TOML). ES_AGENT_<KEY> variables override its keys.
     #[arg(long, short, global = true, env = "ES_AGENT_CONFIG")]
@@ -58,7 +62,10 @@ pub fn main() -> ExitCode {
         let s = signals.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 log::error!("cannot install signal handlers");
                 return;
             };
@@ -70,7 +77,9 @@ pub fn main() -> ExitCode {
                 }
                 count += 1;
                 if count == 1 {
-                    log::info!("signal received: draining (send it again to cancel in-flight jobs)");
+                    log::info!(
+                        "signal received: draining (send it again to cancel in-flight jobs)"
+                    );
                     s.drain.cancel();
                 } else {
                     s.force.cancel();

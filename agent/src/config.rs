@@ -20,8 +20,9 @@ pub enum Transport {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
-    humantime::parse_duration(&s)
-        .map_err(|e| serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 5m: {e}")))
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is not a duration like 30s or 5m: {e}"))
+    })
 }
 
 fn default_slots() -> u32 {
@@ -130,26 +131,47 @@ impl AgentConfig {
     /// Checks every value; the error names the key and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.name.is_empty() {
-            return Err(bad("name", "is empty; set e.g. name = \"es-shells-us-east-1\""));
+            return Err(bad(
+                "name",
+                "is empty; set e.g. name = \"es-shells-us-east-1\"",
+            ));
         }
         if let Some(c) = self
             .name
             .chars()
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
         {
-            return Err(bad("name", format!("contains {c:?}; use letters, digits, - _ .")));
+            return Err(bad(
+                "name",
+                format!("contains {c:?}; use letters, digits, - _ ."),
+            ));
         }
         if Role::parse(&self.role).is_none() {
-            return Err(bad("role", format!("{:?} is not a role; use \"shells\" or \"commands\"", self.role)));
+            return Err(bad(
+                "role",
+                format!(
+                    "{:?} is not a role; use \"shells\" or \"commands\"",
+                    self.role
+                ),
+            ));
         }
         if self.slots == 0 || self.slots > 1024 {
-            return Err(bad("slots", format!("is {}; must be between 1 and 1024", self.slots)));
+            return Err(bad(
+                "slots",
+                format!("is {}; must be between 1 and 1024", self.slots),
+            ));
         }
         if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
-            return Err(bad("server", format!("{:?} must be a URL like http://10.0.0.10:7700", self.server)));
+            return Err(bad(
+                "server",
+                format!("{:?} must be a URL like http://10.0.0.10:7700", self.server),
+            ));
         }
         if tonic::transport::Endpoint::from_shared(self.server.clone()).is_err() {
-            return Err(bad("server", format!("{:?} is not a valid URL", self.server)));
+            return Err(bad(
+                "server",
+                format!("{:?} is not a valid URL", self.server),
+            ));
         }
         for (key, v) in [
             ("health_addr", &self.health_addr),
@@ -157,15 +179,24 @@ impl AgentConfig {
         ] {
             if let Some(a) = v {
                 if a.parse::<SocketAddr>().is_err() {
-                    return Err(bad(key, format!("{a:?} is not host:port, e.g. 0.0.0.0:7701")));
+                    return Err(bad(
+                        key,
+                        format!("{a:?} is not host:port, e.g. 0.0.0.0:7701"),
+                    ));
                 }
             }
         }
         if self.backoff_base.is_zero() || self.backoff_base > self.backoff_cap {
-            return Err(bad("backoff_base", "must be above 0 and not above backoff_cap"));
+            return Err(bad(
+                "backoff_base",
+                "must be above 0 and not above backoff_cap",
+            ));
         }
         if self.backoff_cap > Duration::from_secs(600) {
-            return Err(bad("backoff_cap", "at most 10m; agents must come back soon after an outage"));
+            return Err(bad(
+                "backoff_cap",
+                "at most 10m; agents must come back soon after an outage",
+            ));
         }
         Ok(())
     }
@@ -202,7 +233,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -214,7 +248,16 @@ mod tests {
             "name = \"es-shells-1\"\nrole = \"shells\"\nserver = \"http://127.0.0.1:7700\"\nslots = 4\ndrain_grace = \"5s\"\n",
         )
         .unwrap();
-        let c = AgentConfig::load(Some(&f), env(&[("ES_AGENT_SLOTS", "16"), ("ES_AGENT_FALLBACK", "true"), ("ES_AGENT_CONFIG", "ignored"), ("OTHER", "x")])).unwrap();
+        let c = AgentConfig::load(
+            Some(&f),
+            env(&[
+                ("ES_AGENT_SLOTS", "16"),
+                ("ES_AGENT_FALLBACK", "true"),
+                ("ES_AGENT_CONFIG", "ignored"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(c.slots, 16);
         assert!(c.fallback);
         assert_eq!(c.drain_grace, Duration::from_secs(5));
@@ -225,7 +268,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let base = [("ES_AGENT_NAME", "a"), ("ES_AGENT_ROLE", "shells"), ("ES_AGENT_SERVER", "http://127.0.0.1:1")];
+        let base = [
+            ("ES_AGENT_NAME", "a"),
+            ("ES_AGENT_ROLE", "shells"),
+            ("ES_AGENT_SERVER", "http://127.0.0.1:1"),
+        ];
         let cases: Vec<(&str, &str, &str)> = vec![
             ("ES_AGENT_SLOTS", "0", "`slots`"),
             ("ES_AGENT_ROLE", "shell", "`role`"),

@@ -77,7 +77,11 @@ async fn sleep(s: &SleepJob, ctx: JobCtx) -> JobResult {
         }
     }
     if s.fail_message.is_empty() {
-        result(JobState::Succeeded, format!("slept {} ms", total.as_millis()), "")
+        result(
+            JobState::Succeeded,
+            format!("slept {} ms", total.as_millis()),
+            "",
+        )
     } else {
         result(JobState::Failed, "", s.fail_message.clone())
     }
@@ -109,7 +113,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn sleep_reports_progress_and_honours_cancel() {
         let (c, mut rx) = ctx();
-        let j = job(job_spec::Kind::Sleep(SleepJob { duration_ms: 1000, steps: 4, ..Default::default() }));
+        let j = job(job_spec::Kind::Sleep(SleepJob {
+            duration_ms: 1000,
+            steps: 4,
+            ..Default::default()
+        }));
         let r = execute(&j, c).await;
         assert_eq!(r.state, JobState::Succeeded as i32);
         let mut n = 0;
@@ -122,7 +130,11 @@ mod tests {
 
         let (c, _rx) = ctx();
         let cancel = c.cancel.clone();
-        let j = job(job_spec::Kind::Sleep(SleepJob { duration_ms: 10_000, steps: 10, ..Default::default() }));
+        let j = job(job_spec::Kind::Sleep(SleepJob {
+            duration_ms: 10_000,
+            steps: 10,
+            ..Default::default()
+        }));
         let h = tokio::spawn(async move { execute(&j, c).await });
         tokio::time::sleep(Duration::from_millis(2500)).await;
         cancel.cancel();
@@ -134,11 +146,26 @@ mod tests {
     #[tokio::test]
     async fn echo_and_failure() {
         let (c, _rx) = ctx();
-        let r = execute(&job(job_spec::Kind::Echo(EchoJob { message: "hello".into() })), c.clone()).await;
-        assert_eq!((r.state, r.output.as_str()), (JobState::Succeeded as i32, "hello"));
-        let j = job(job_spec::Kind::Sleep(SleepJob { fail_message: "boom".into(), ..Default::default() }));
+        let r = execute(
+            &job(job_spec::Kind::Echo(EchoJob {
+                message: "hello".into(),
+            })),
+            c.clone(),
+        )
+        .await;
+        assert_eq!(
+            (r.state, r.output.as_str()),
+            (JobState::Succeeded as i32, "hello")
+        );
+        let j = job(job_spec::Kind::Sleep(SleepJob {
+            fail_message: "boom".into(),
+            ..Default::default()
+        }));
         let r = execute(&j, c.clone()).await;
-        assert_eq!((r.state, r.error.as_str()), (JobState::Failed as i32, "boom"));
+        assert_eq!(
+            (r.state, r.error.as_str()),
+            (JobState::Failed as i32, "boom")
+        );
         let r = execute(&Job::default(), c).await;
         assert_eq!(r.state, JobState::Failed as i32);
     }

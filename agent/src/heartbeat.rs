@@ -51,7 +51,9 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
             _ = tokio::time::sleep(interval) => {}
             _ = stop.cancelled() => return,
         }
-        let Some(session) = shared.session() else { continue };
+        let Some(session) = shared.session() else {
+            continue;
+        };
         let req = HeartbeatRequest {
             session_id: session.id.clone(),
             leases: shared.held(),
@@ -91,7 +93,9 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
             }
         }
         let silent = shared.last_renew().elapsed();
-        let limit = session.lease_ttl.saturating_sub(session.heartbeat_interval / 2);
+        let limit = session
+            .lease_ttl
+            .saturating_sub(session.heartbeat_interval / 2);
         if silent > limit && !fenced_for_silence && shared.in_flight() > 0 {
             fenced_for_silence = true;
             shared.fence_all(&format!(

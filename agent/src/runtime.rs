@@ -143,7 +143,9 @@ impl Shared {
     /// Cooperative cancel now, forced (task aborted) after `grace`.
     pub fn cancel(self: &Arc<Self>, job_id: &str, epoch: u64, grace: Duration, reason: &str) {
         let mut jobs = self.jobs();
-        let Some(j) = jobs.get_mut(job_id) else { return };
+        let Some(j) = jobs.get_mut(job_id) else {
+            return;
+        };
         if j.epoch != epoch || j.cancel_started {
             return;
         }
@@ -278,7 +280,11 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
             poll_wait: Duration::from_millis(reg.poll_wait_ms.max(100)),
         };
         for r in &reg.revoked {
-            shared.fence(&r.job_id, r.epoch, "the server revoked this lease while we were away");
+            shared.fence(
+                &r.job_id,
+                r.epoch,
+                "the server revoked this lease while we were away",
+            );
         }
         shared.renewed(Instant::now());
         shared.session.send_replace(Some(session.clone()));
@@ -402,7 +408,9 @@ async fn job_task(
     _permit: OwnedSemaphorePermit,
 ) {
     let agent = shared.cfg.name.clone();
-    let Some(session) = shared.session() else { return };
+    let Some(session) = shared.session() else {
+        return;
+    };
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
     let lease = loop {
         let req = AcquireRequest {
@@ -414,8 +422,11 @@ async fn job_task(
                 Some(l) => break l,
                 None => return,
             },
-            Err(s) if matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled)
-                && backoff.ceiling() < Duration::from_secs(2) =>
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+                ) && backoff.ceiling() < Duration::from_secs(2) =>
             {
                 tokio::time::sleep(backoff.next_delay()).await;
             }
@@ -681,8 +692,12 @@ async fn drain_and_leave(
             reason: "drained".into(),
         };
         match client.going_away(call(req)).await {
-            Ok(_) => log::info!(agent = cfg.name.as_str(); "told the server we are leaving ({} jobs released)", released.len()),
-            Err(e) => log::warn!(agent = cfg.name.as_str(); "could not tell the server we are leaving: {}", e.message()),
+            Ok(_) => {
+                log::info!(agent = cfg.name.as_str(); "told the server we are leaving ({} jobs released)", released.len())
+            }
+            Err(e) => {
+                log::warn!(agent = cfg.name.as_str(); "could not tell the server we are leaving: {}", e.message())
+            }
         }
     }
     shared.session.send_replace(None);

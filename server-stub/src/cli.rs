@@ -19,7 +19,11 @@ pub const EXIT_USAGE: u8 = 64;
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser, Debug)]
-#[command(name = "es-server", version, about = "Job server for execution-server agents (es-shells, es-commands)")]
+#[command(
+    name = "es-server",
+    version,
+    about = "Job server for execution-server agents (es-shells, es-commands)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -28,7 +32,12 @@ pub struct Cli {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientOpts {
     /// Server address.
-    #[arg(long, global = true, env = "ES_SERVER", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "ES_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub server: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
@@ -140,7 +149,9 @@ impl SubmitArgs {
                 fail_message: self.fail.clone(),
                 ignore_cancel: self.ignore_cancel,
             }),
-            (None, None) => return Err("give a job kind: --echo MESSAGE or --sleep DURATION".into()),
+            (None, None) => {
+                return Err("give a job kind: --echo MESSAGE or --sleep DURATION".into())
+            }
         };
         Ok(SubmitRequest {
             idempotency_key: self.key.clone(),
@@ -218,8 +229,17 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
             if client.json && !wait {
                 print_json(&json!({"created": resp.created, "job": job_json(&j)}));
             } else if !client.json {
-                let verb = if resp.created { "submitted" } else { "already submitted (same key)" };
-                println!("{verb} job {} ({} {})", j.id, role_name(j.role), kind_name(&j));
+                let verb = if resp.created {
+                    "submitted"
+                } else {
+                    "already submitted (same key)"
+                };
+                println!(
+                    "{verb} job {} ({} {})",
+                    j.id,
+                    role_name(j.role),
+                    kind_name(&j)
+                );
             }
             if wait {
                 return watch(&mut c, &j.id, client.json).await;
@@ -403,9 +423,12 @@ fn time(us: i64) -> Value {
     if us == 0 {
         Value::Null
     } else {
-        Value::String(humantime::format_rfc3339_micros(
-            std::time::UNIX_EPOCH + Duration::from_micros(us as u64),
-        ).to_string())
+        Value::String(
+            humantime::format_rfc3339_micros(
+                std::time::UNIX_EPOCH + Duration::from_micros(us as u64),
+            )
+            .to_string(),
+        )
     }
 }
 
@@ -471,13 +494,17 @@ fn event_json(ev: &JobEvent) -> Value {
 
 /// One event as a human-readable line.
 pub fn event_line(ev: &JobEvent) -> String {
-    let at = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_micros(ev.at_us.max(0) as u64));
+    let at = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_micros(ev.at_us.max(0) as u64),
+    );
     let what = match &ev.event {
         Some(job_event::Event::State(s)) => match JobState::try_from(*s).unwrap_or_default() {
             JobState::Running => format!("running on {} (attempt {})", ev.agent, ev.attempt),
             st => st.name().to_owned(),
         },
-        Some(job_event::Event::Progress(p)) => format!("progress {}/{} {}", p.done, p.total, p.message),
+        Some(job_event::Event::Progress(p)) => {
+            format!("progress {}/{} {}", p.done, p.total, p.message)
+        }
         Some(job_event::Event::Log(l)) => format!("log: {l}"),
         Some(job_event::Event::Result(r)) => {
             let mut s = state_name(r.state).to_owned();
@@ -496,12 +523,28 @@ pub fn event_line(ev: &JobEvent) -> String {
 
 fn print_job(j: &Job) {
     println!("job        {}", j.id);
-    println!("state      {}{}", state_name(j.state), if j.cancel_requested { " (cancel requested)" } else { "" });
-    println!("kind       {} ({} / selector {:?})", kind_name(j), role_name(j.role), j.selector);
+    println!(
+        "state      {}{}",
+        state_name(j.state),
+        if j.cancel_requested {
+            " (cancel requested)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "kind       {} ({} / selector {:?})",
+        kind_name(j),
+        role_name(j.role),
+        j.selector
+    );
     if !j.sandbox_id.is_empty() {
         println!("sandbox    {}", j.sandbox_id);
     }
-    println!("attempt    {}/{} (epoch {})", j.attempt, j.max_attempts, j.epoch);
+    println!(
+        "attempt    {}/{} (epoch {})",
+        j.attempt, j.max_attempts, j.epoch
+    );
     if !j.agent.is_empty() {
         println!("agent      {}", j.agent);
     }
@@ -515,12 +558,13 @@ fn print_job(j: &Job) {
     }
 }
 
-
-
 /// Entry point of the `es-server` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("es-server: cannot start the runtime: {e}");

@@ -160,9 +160,9 @@ impl AgentEntry {
     fn connected(&self, s: &Settings, now: Instant) -> bool {
         !self.gone
             && (self.streaming
-                || self
-                    .last_poll
-                    .is_some_and(|t| now.duration_since(t) <= s.poll_wait * 2 + s.heartbeat_timeout))
+                || self.last_poll.is_some_and(|t| {
+                    now.duration_since(t) <= s.poll_wait * 2 + s.heartbeat_timeout
+                }))
     }
 
     fn health(&self, s: &Settings, now: Instant) -> Result<(), String> {
@@ -253,11 +253,14 @@ impl Dispatcher {
                     .saturating_sub(Duration::from_micros(elapsed_us));
                 a.deadline = Some(now + left);
                 if a.job.cancel_requested {
-                    a.cancel_hard_at = Some(now + settings.cancel_grace);
+                    a.cancel_hard_at = Some(now + settings.cancel_grace + settings.lease_ttl);
                 }
             } else {
                 queued += 1;
-                core.queues.entry(key).or_default().push_back(a.job.id.clone());
+                core.queues
+                    .entry(key)
+                    .or_default()
+                    .push_back(a.job.id.clone());
             }
             // The agent seq is unknown after a restart; the agent resends from its own seq and
             // duplicates are dropped by the (job, seq) key in the store.
@@ -265,7 +268,10 @@ impl Dispatcher {
             core.jobs.insert(a.job.id.clone(), a);
         }
         if queued + running > 0 {
-            log::info!("recovered {queued} queued and {running} running jobs from {}", store.path().display());
+            log::info!(
+                "recovered {queued} queued and {running} running jobs from {}",
+                store.path().display()
+            );
         }
         let (events, _) = broadcast::channel(16 * 1024);
         Ok(Arc::new(Dispatcher {
@@ -347,7 +353,10 @@ impl Dispatcher {
                     agent_seq: 0,
                 },
             );
-            core.queues.entry(key.clone()).or_default().push_back(stored.id.clone());
+            core.queues
+                .entry(key.clone())
+                .or_default()
+                .push_back(stored.id.clone());
             core.dispatch(&self.settings, &key, Instant::now());
             drop(core);
             let _ = self.events.send(ev);
@@ -373,7 +382,11 @@ impl Dispatcher {
         let pending = {
             let mut core = self.lock();
             let now = Instant::now();
-            let reason = if reason.is_empty() { "cancelled by request" } else { reason };
+            let reason = if reason.is_empty() {
+                "cancelled by request"
+            } else {
+                reason
+            };
             match core.jobs.get(id).map(|a| JobState::try_from(a.job.state)) {
                 None => None,
                 Some(Ok(JobState::Running)) => Some(core.request_cancel(
@@ -608,8 +621,9 @@ impl Dispatcher {
             }
         }
         drop(rx);
-        if let Some(e) = self.lock().sessions.get(session).cloned() {
-            if let Some(entry) = self.lock().agents.get_mut(&e) {
+        let mut core = self.lock();
+        if let Some(name) = core.sessions.get(session).cloned() {
+            if let Some(entry) = core.agents.get_mut(&name) {
                 entry.last_poll = Some(Instant::now());
             }
         }
@@ -657,7 +671,11 @@ impl Dispatcher {
                             epoch: h.epoch,
                             grace_ms: a
                                 .cancel_hard_at
-                                .map(|t| t.saturating_duration_since(now).as_millis() as u64)
+                                .map(|t| {
+                                    t.saturating_duration_since(now)
+                                        .saturating_sub(ttl)
+                                        .as_millis() as u64
+                                })
                                 .unwrap_or(0),
                             reason: a.cancel_reason.clone(),
                         });
@@ -766,6 +784,11 @@ impl Dispatcher {
             }
             if a.job.cancel_requested && state == JobState::Cancelled {
                 result.state = a.cancel_final as i32;
+                result.error = if result.error.is_empty() {
+                    a.cancel_reason.clone()
+                } else {
+                    format!("{} ({})", a.cancel_reason, result.error)
+                };
             }
             core.terminate(&self.store, job_id, result, false, now)
         };
@@ -790,7 +813,12 @@ impl Dispatcher {
             let mut pending = Vec::new();
             for h in released {
                 if core.fenced(&h.job_id, h.epoch, &name).is_ok() {
-                    pending.push(core.lease_lost(&self.store, &h.job_id, "released by agent going away", now));
+                    pending.push(core.lease_lost(
+                        &self.store,
+                        &h.job_id,
+                        "released by agent going away",
+                        now,
+                    ));
                 }
             }
             core.sessions.remove(session);
@@ -805,7 +833,9 @@ impl Dispatcher {
     pub fn set_probe(&self, name: &str, session: &str, result: Result<(), String>) {
         let mut core = self.lock();
         let now = Instant::now();
-        let Some(entry) = core.agents.get_mut(name) else { return };
+        let Some(entry) = core.agents.get_mut(name) else {
+            return;
+        };
         if entry.session != session {
             return;
         }
@@ -835,7 +865,13 @@ impl Dispatcher {
             .agents
             .values()
             .filter(|a| !a.gone && !a.identity.health_addr.is_empty())
-            .map(|a| (a.identity.name.clone(), a.session.clone(), a.identity.health_addr.clone()))
+            .map(|a| {
+                (
+                    a.identity.name.clone(),
+                    a.session.clone(),
+                    a.identity.health_addr.clone(),
+                )
+            })
             .collect()
     }
 
@@ -944,7 +980,9 @@ impl Core {
 
     /// Offers queued jobs of `key` to agents until the queue or the capacity runs out.
     fn dispatch(&mut self, s: &Settings, key: &QueueKey, now: Instant) {
-        let Some(queue) = self.queues.get_mut(key) else { return };
+        let Some(queue) = self.queues.get_mut(key) else {
+            return;
+        };
         if queue.is_empty() {
             return;
         }
@@ -965,7 +1003,9 @@ impl Core {
         let names: Vec<String> = names.into_iter().cloned().collect();
         while let Some(i) = selector::choose(&cands) {
             let Some(id) = queue.pop_front() else { break };
-            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
             if job.job.state != JobState::Queued as i32 || job.offered.is_some() {
                 continue;
             }
@@ -1039,9 +1079,13 @@ impl Core {
         if a.job.role != agent_role {
             return Err(DispatchError::WrongRole {
                 job_id: job_id.to_owned(),
-                job_role: es_proto::Role::try_from(a.job.role).unwrap_or_default().name(),
+                job_role: es_proto::Role::try_from(a.job.role)
+                    .unwrap_or_default()
+                    .name(),
                 agent: name.to_owned(),
-                agent_role: es_proto::Role::try_from(agent_role).unwrap_or_default().name(),
+                agent_role: es_proto::Role::try_from(agent_role)
+                    .unwrap_or_default()
+                    .name(),
             });
         }
         if a.job.selector != agent_sel {
@@ -1173,7 +1217,10 @@ impl Core {
         // The epoch is bumped by the next Acquire; bump it now too so the old holder is fenced
         // even before anyone acquires.
         a.job.epoch += 1;
-        let log_ev = event(a, job_event::Event::Log(format!("lease of {holder} lost: {why}")));
+        let log_ev = event(
+            a,
+            job_event::Event::Log(format!("lease of {holder} lost: {why}")),
+        );
         let st_ev = event(a, job_event::Event::State(JobState::Queued as i32));
         let commit = Box::pin(store.update(&a.job, vec![log_ev.clone(), st_ev.clone()]));
         self.queues
@@ -1199,8 +1246,13 @@ impl Core {
         a.job.cancel_requested = true;
         a.cancel_final = final_state;
         a.cancel_reason = reason.to_owned();
-        a.cancel_hard_at = Some(now + s.cancel_grace);
-        let ev = event(a, job_event::Event::Log(format!("cancel requested: {reason}")));
+        // The agent forces the job after `cancel_grace`; the server fences it only a lease TTL
+        // later, so a live agent's own (forced) result arrives first.
+        a.cancel_hard_at = Some(now + s.cancel_grace + s.lease_ttl);
+        let ev = event(
+            a,
+            job_event::Event::Log(format!("cancel requested: {reason}")),
+        );
         let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
         let msg = CancelJob {
             job_id: id.to_owned(),

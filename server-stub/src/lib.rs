@@ -127,7 +127,8 @@ impl ServerConfig {
             cancel_grace: self.cancel_grace,
             default_timeout: self.default_timeout,
             default_max_attempts: self.default_max_attempts,
-            tick: (self.heartbeat_interval / 10).clamp(Duration::from_millis(20), Duration::from_millis(250)),
+            tick: (self.heartbeat_interval / 10)
+                .clamp(Duration::from_millis(20), Duration::from_millis(250)),
             stream_ping: self.stream_ping,
         }
     }
@@ -208,7 +209,10 @@ pub async fn start(
             d: dispatcher.clone(),
         }));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    log::info!("es-server listening on {addr}, store {}", config.db.display());
+    log::info!(
+        "es-server listening on {addr}, store {}",
+        config.db.display()
+    );
     let task = tokio::spawn(async move {
         let res = router
             .serve_with_incoming_shutdown(incoming, async move {
@@ -228,7 +232,11 @@ pub async fn start(
     })
 }
 
-fn spawn_background(d: Arc<Dispatcher>, config: &ServerConfig, stop: tokio_util::sync::CancellationToken) {
+fn spawn_background(
+    d: Arc<Dispatcher>,
+    config: &ServerConfig,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let tick = d.settings.tick;
     let ping = d.settings.stream_ping;
     let (probe_every, retention) = (config.probe_interval, config.retention);

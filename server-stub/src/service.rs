@@ -44,7 +44,9 @@ fn invalid(e: FieldError) -> Status {
 
 fn require(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
-        Err(Status::invalid_argument(format!("invalid `{field}`: is empty")))
+        Err(Status::invalid_argument(format!(
+            "invalid `{field}`: is empty"
+        )))
     } else {
         Ok(())
     }
@@ -61,7 +63,9 @@ impl AgentService for AgentApi {
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let req = req.into_inner();
-        let identity = validate::identity(req.identity.as_ref()).map_err(invalid)?.clone();
+        let identity = validate::identity(req.identity.as_ref())
+            .map_err(invalid)?
+            .clone();
         let (session_id, revoked) = self.d.register(identity, req.held).await?;
         let s = &self.d.settings;
         Ok(Response::new(RegisterResponse {
@@ -132,7 +136,9 @@ impl AgentService for AgentApi {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let req = req.into_inner();
         require("session_id", &req.session_id)?;
-        let (lost, cancel, drain) = self.d.heartbeat(&req.session_id, &req.leases, req.draining)?;
+        let (lost, cancel, drain) = self
+            .d
+            .heartbeat(&req.session_id, &req.leases, req.draining)?;
         Ok(Response::new(HeartbeatResponse {
             lost,
             cancel,
@@ -222,7 +228,10 @@ impl JobService for JobApi {
 
     type WatchStream = BoxStream<JobEvent>;
 
-    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let req = req.into_inner();
         require("job_id", &req.job_id)?;
         // Subscribe first, then read history: nothing falls between the two.
@@ -313,9 +322,7 @@ impl JobService for JobApi {
             }
         };
         if req.limit > 10_000 {
-            return Err(Status::invalid_argument(
-                "invalid `limit`: at most 10000",
-            ));
+            return Err(Status::invalid_argument("invalid `limit`: at most 10000"));
         }
         let filter = ListFilter {
             states,

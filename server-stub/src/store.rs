@@ -50,7 +50,11 @@ pub enum Sync {
 
 enum Op {
     /// Insert unless the idempotency key exists; answers the stored job and whether it is new.
-    Insert(Box<Job>, Vec<JobEvent>, oneshot::Sender<Result<(Job, bool)>>),
+    Insert(
+        Box<Job>,
+        Vec<JobEvent>,
+        oneshot::Sender<Result<(Job, bool)>>,
+    ),
     /// Overwrite the mutable columns of a job and append events.
     Update(Box<Job>, Vec<JobEvent>, oneshot::Sender<Result<()>>),
     /// Append events only.
@@ -75,13 +79,15 @@ fn open(path: &Path, sync: Sync) -> Result<Connection> {
     let conn = Connection::open(path).map_err(err)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))
         .map_err(err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
     let sync = match sync {
         Sync::Normal => "NORMAL",
         Sync::Full => "FULL",
     };
     conn.pragma_update(None, "synchronous", sync).map_err(err)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(err)?;
     Ok(conn)
 }
 
@@ -148,9 +154,7 @@ impl Store {
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .map_err(|_| StoreError::WriterGone)?;
+        self.tx.send(make(tx)).map_err(|_| StoreError::WriterGone)?;
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
@@ -177,9 +181,7 @@ impl Store {
         events: Vec<JobEvent>,
     ) -> impl std::future::Future<Output = Result<()>> + 'static {
         let (tx, rx) = oneshot::channel();
-        let sent = self
-            .tx
-            .send(Op::Update(Box::new(job.clone()), events, tx));
+        let sent = self.tx.send(Op::Update(Box::new(job.clone()), events, tx));
         async move {
             sent.map_err(|_| StoreError::WriterGone)?;
             rx.await.map_err(|_| StoreError::WriterGone)?
@@ -397,7 +399,11 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op>, path: Pa
         }
         let outcome = apply_batch(&mut conn, &mut batch);
         if let Err(e) = &outcome {
-            log::error!("job store {}: group commit of {} writes failed: {e}", path.display(), batch.len());
+            log::error!(
+                "job store {}: group commit of {} writes failed: {e}",
+                path.display(),
+                batch.len()
+            );
         }
         for (op, res) in batch.drain(..).zip(outcome_per_op(outcome, &path)) {
             answer(op, res);
@@ -475,13 +481,17 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
                     let raw = c
                         .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
                         .query_row([&id], row_to_raw)?;
-                    let job = raw.decode().map_err(|e| {
-                        rusqlite::Error::ToSqlConversionFailure(Box::new(e))
-                    })?;
+                    let job = raw
+                        .decode()
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                     return Ok(OpAnswer::Inserted(job, false));
                 }
             }
-            let spec = job.spec.as_ref().map(|s| s.encode_to_vec()).unwrap_or_default();
+            let spec = job
+                .spec
+                .as_ref()
+                .map(|s| s.encode_to_vec())
+                .unwrap_or_default();
             c.prepare_cached(
                 "INSERT INTO jobs (id, idempotency_key, role, selector, sandbox_id, spec, state, attempt,
                   max_attempts, epoch, agent, timeout_ms, cancel_requested, result, created_at_us,
@@ -553,7 +563,12 @@ fn insert_events(c: &rusqlite::Transaction<'_>, events: &[JobEvent]) -> rusqlite
         "INSERT OR IGNORE INTO events (job_id, seq, at_us, body) VALUES (?1, ?2, ?3, ?4)",
     )?;
     for ev in events {
-        st.execute(params![ev.job_id, ev.seq as i64, ev.at_us, ev.encode_to_vec()])?;
+        st.execute(params![
+            ev.job_id,
+            ev.seq as i64,
+            ev.at_us,
+            ev.encode_to_vec()
+        ])?;
     }
     Ok(())
 }

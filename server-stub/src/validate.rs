@@ -30,13 +30,19 @@ fn bad(field: &str, reason: impl Into<String>) -> FieldError {
 fn check_name(field: &str, value: &str, required: bool) -> Result<(), FieldError> {
     if value.is_empty() {
         return if required {
-            Err(bad(field, "is empty; give a name such as `es-shells-us-east-1`"))
+            Err(bad(
+                field,
+                "is empty; give a name such as `es-shells-us-east-1`",
+            ))
         } else {
             Ok(())
         };
     }
     if value.len() > MAX_NAME {
-        return Err(bad(field, format!("is {} bytes long; at most {MAX_NAME}", value.len())));
+        return Err(bad(
+            field,
+            format!("is {} bytes long; at most {MAX_NAME}", value.len()),
+        ));
     }
     if let Some(ch) = value
         .chars()

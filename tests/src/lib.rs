@@ -1,1 +1,454 @@
+//! Test kit for the end-to-end tests and the benchmark: starts real `es-server` and `es-agent`
+//! processes on loopback (port 0), talks to them over gRPC, and kills them when dropped so a
+//! failed test leaves nothing running. On a panic, the tail of each process's log is printed.
 
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use es_proto::v1::job_service_client::JobServiceClient;
+use es_proto::v1::*;
+use tonic::transport::Channel;
+
+/// Paths of the binaries under test.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub server: PathBuf,
+    pub agent: PathBuf,
+}
+
+/// A child process that is killed (SIGCONT + SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        if self.exited.is_none() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe { libc::kill(self.pid(), sig) };
+        }
+    }
+
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM)
+    }
+    pub fn sigstop(&self) {
+        self.signal(libc::SIGSTOP)
+    }
+    pub fn sigcont(&self) {
+        self.signal(libc::SIGCONT)
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGCONT);
+        self.signal(libc::SIGKILL);
+        if self.exited.is_none() {
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + timeout;
+        while self.exited.is_none() && Instant::now() < until {
+            self.exited = self.child.try_wait().ok().flatten();
+            if self.exited.is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.exited
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident memory in KiB (Linux /proc).
+    pub fn rss_kib(&self) -> Option<u64> {
+        rss_kib(self.pid())
+    }
+}
+
+/// VmRSS of a process, in KiB.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn hwm_kib(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "----- last lines of {} ({}) -----",
+                self.name,
+                self.log.display()
+            );
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// A running es-server process.
+pub struct Server {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub db: PathBuf,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> JobServiceClient<Channel> {
+        connect(&self.url()).await
+    }
+}
+
+/// Connects a submitter client, retrying briefly while the server starts.
+pub async fn connect(url: &str) -> JobServiceClient<Channel> {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Channel::from_shared(url.to_owned())
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(ch) => return JobServiceClient::new(ch),
+            Err(e) if Instant::now() > until => panic!("cannot connect to {url}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Test timings: short enough for quick tests, long enough for a loaded 2-core machine.
+pub const FAST: &[&str] = &[
+    "--heartbeat-interval",
+    "250ms",
+    "--lease-ttl",
+    "1500ms",
+    "--heartbeat-timeout",
+    "1s",
+    "--offer-timeout",
+    "1s",
+    "--cancel-grace",
+    "1s",
+    "--probe-interval",
+    "250ms",
+];
+
+/// Starts `es-server serve` on `listen` (e.g. `127.0.0.1:0`) with the store at `db`.
+pub fn start_server(bins: &Bins, dir: &Path, db: &Path, listen: &str, args: &[&str]) -> Server {
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let log = dir.join(format!("server-{n}.log"));
+    let mut child = Command::new(&bins.server)
+        .arg("serve")
+        .arg("--listen")
+        .arg(listen)
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("server log"))
+        .spawn()
+        .expect("spawn es-server");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let mut proc = Proc {
+        name: "es-server".into(),
+        child,
+        log,
+        exited: None,
+    };
+    let line = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(l) => l,
+        Err(_) => {
+            let status = proc.wait_exit(Duration::from_millis(100));
+            panic!("es-server did not start ({status:?}): {}", proc.log());
+        }
+    };
+    let addr = line
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line from es-server: {line:?}"));
+    Server {
+        proc,
+        addr,
+        db: db.to_owned(),
+    }
+}
+
+/// What an agent process is started with.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    pub role: &'static str,
+    pub selector: String,
+    pub slots: u32,
+    pub fallback: bool,
+    pub health: bool,
+    pub transport: &'static str,
+    pub env: Vec<(String, String)>,
+}
+
+impl AgentSpec {
+    pub fn new(name: &str, role: &'static str) -> AgentSpec {
+        AgentSpec {
+            name: name.into(),
+            role,
+            selector: String::new(),
+            slots: 4,
+            fallback: false,
+            health: false,
+            transport: "stream",
+            env: vec![],
+        }
+    }
+    pub fn slots(mut self, n: u32) -> Self {
+        self.slots = n;
+        self
+    }
+    pub fn fallback(mut self) -> Self {
+        self.fallback = true;
+        self
+    }
+    pub fn health(mut self) -> Self {
+        self.health = true;
+        self
+    }
+    pub fn poll(mut self) -> Self {
+        self.transport = "poll";
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+/// Starts an es-agent process configured through its environment.
+pub fn start_agent(bins: &Bins, dir: &Path, server_url: &str, spec: &AgentSpec) -> Proc {
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let log = dir.join(format!("{}-{n}.log", spec.name));
+    let file = std::fs::File::create(&log).expect("agent log");
+    let mut cmd = Command::new(&bins.agent);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("ES_AGENT_NAME", &spec.name)
+        .env("ES_AGENT_ROLE", spec.role)
+        .env("ES_AGENT_SERVER", server_url)
+        .env("ES_AGENT_SLOTS", spec.slots.to_string())
+        .env("ES_AGENT_SELECTOR", &spec.selector)
+        .env("ES_AGENT_FALLBACK", spec.fallback.to_string())
+        .env("ES_AGENT_TRANSPORT", spec.transport)
+        .env("ES_AGENT_BACKOFF_BASE", "50ms")
+        .env("ES_AGENT_BACKOFF_CAP", "1s");
+    if spec.health {
+        cmd.env("ES_AGENT_HEALTH_ADDR", "127.0.0.1:0");
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdout(file.try_clone().expect("log"))
+        .stderr(file)
+        .spawn()
+        .expect("spawn es-agent");
+    Proc {
+        name: spec.name.clone(),
+        child,
+        log,
+        exited: None,
+    }
+}
+
+/// Polls `check` every 25 ms until it is true; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > until {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub fn role(r: &str) -> i32 {
+    es_proto::Role::parse(r).expect("role") as i32
+}
+
+pub fn echo(message: &str) -> JobSpec {
+    JobSpec {
+        kind: Some(job_spec::Kind::Echo(EchoJob {
+            message: message.into(),
+        })),
+    }
+}
+
+pub fn sleep(ms: u64) -> JobSpec {
+    JobSpec {
+        kind: Some(job_spec::Kind::Sleep(SleepJob {
+            duration_ms: ms,
+            steps: 0,
+            ..Default::default()
+        })),
+    }
+}
+
+/// A submission of `spec` for role `r` (empty selector).
+pub fn submission(r: &str, spec: JobSpec) -> SubmitRequest {
+    SubmitRequest {
+        role: role(r),
+        spec: Some(spec),
+        ..Default::default()
+    }
+}
+
+pub async fn submit(c: &mut JobServiceClient<Channel>, req: SubmitRequest) -> Job {
+    c.submit(req)
+        .await
+        .expect("submit")
+        .into_inner()
+        .job
+        .expect("job")
+}
+
+pub async fn get(c: &mut JobServiceClient<Channel>, id: &str) -> Job {
+    c.get(GetRequest { job_id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// Waits until the job is in `state`; answers it.
+pub async fn wait_state(
+    c: &mut JobServiceClient<Channel>,
+    id: &str,
+    state: JobState,
+    timeout: Duration,
+) -> Job {
+    let until = Instant::now() + timeout;
+    loop {
+        let j = get(c, id).await;
+        if j.state == state as i32 {
+            return j;
+        }
+        if Instant::now() > until {
+            panic!(
+                "job {id} is {:?}, not {state:?}, after {timeout:?}: {j:?}",
+                JobState::try_from(j.state)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until the job is finished; answers it.
+pub async fn wait_done(c: &mut JobServiceClient<Channel>, id: &str, timeout: Duration) -> Job {
+    let until = Instant::now() + timeout;
+    loop {
+        let j = get(c, id).await;
+        if JobState::try_from(j.state)
+            .unwrap_or_default()
+            .is_terminal()
+        {
+            return j;
+        }
+        if Instant::now() > until {
+            panic!("job {id} not finished after {timeout:?}: {j:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+pub async fn agents(c: &mut JobServiceClient<Channel>) -> Vec<AgentStatus> {
+    c.agents(AgentsRequest {})
+        .await
+        .expect("agents")
+        .into_inner()
+        .agents
+}
+
+/// Waits until the named agents are all registered and healthy.
+pub async fn wait_healthy(c: &mut JobServiceClient<Channel>, names: &[&str]) {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let c2 = c.clone();
+    wait_until(
+        &format!("agents {names:?} healthy"),
+        Duration::from_secs(30),
+        move || {
+            let mut c = c2.clone();
+            let names = names.clone();
+            async move {
+                let list = agents(&mut c).await;
+                names.iter().all(|n| {
+                    list.iter().any(|a| {
+                        a.healthy
+                            && !a.draining
+                            && a.identity.as_ref().is_some_and(|i| &i.name == n)
+                    })
+                })
+            }
+        },
+    )
+    .await;
+}
+
+/// Percentile (0..=100) of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}

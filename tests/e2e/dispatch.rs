@@ -1,0 +1,367 @@
+//! Dispatch: a job reaches an agent and its result comes back; work is spread; both transports;
+//! idempotent submit; health and reflection; the CLI.
+
+use std::time::Duration;
+
+use es_proto::v1::*;
+use es_tests::*;
+
+use crate::{bins, Env, LONG};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_job_runs_and_its_events_can_be_watched() {
+    let env = Env::start(&[]);
+    let _a = env.agent(&AgentSpec::new("es-shells-1", "shells").health());
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-1"]).await;
+
+    let mut req = submission("shells", echo("hello sandbox"));
+    req.sandbox_id = "sb-1".into();
+    let job = submit(&mut c, req).await;
+    assert_eq!(job.state, JobState::Queued as i32);
+
+    let mut events = c
+        .watch(WatchRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(ev) = tokio::time::timeout(LONG, events.message())
+        .await
+        .expect("watch stalled")
+        .unwrap()
+    {
+        seen.push(ev);
+    }
+    let seqs: Vec<u64> = seen.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seen.len() as u64).collect::<Vec<_>>(),
+        "gap-free seqs"
+    );
+    assert!(
+        matches!(seen[0].event, Some(job_event::Event::State(s)) if s == JobState::Queued as i32)
+    );
+    assert!(seen.iter().any(
+        |e| matches!(e.event, Some(job_event::Event::State(s)) if s == JobState::Running as i32)
+            && e.agent == "es-shells-1"
+    ));
+    match &seen.last().unwrap().event {
+        Some(job_event::Event::Result(r)) => {
+            assert_eq!(r.state, JobState::Succeeded as i32);
+            assert_eq!(r.output, "hello sandbox");
+        }
+        other => panic!("last event is not the result: {other:?}"),
+    }
+
+    let done = get(&mut c, &job.id).await;
+    assert_eq!(done.state, JobState::Succeeded as i32);
+    assert_eq!(
+        (done.attempt, done.epoch, done.agent.as_str()),
+        (1, 1, "es-shells-1")
+    );
+    assert!(done.started_at_us >= done.created_at_us && done.finished_at_us >= done.started_at_us);
+
+    // List filters.
+    let list = |states: Vec<i32>, sandbox: &str, role: i32| ListRequest {
+        states,
+        role,
+        sandbox_id: sandbox.into(),
+        ..Default::default()
+    };
+    let got = c
+        .list(list(
+            vec![JobState::Succeeded as i32],
+            "sb-1",
+            role("shells"),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, job.id);
+    assert!(c
+        .list(list(vec![], "sb-2", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .is_empty());
+    assert!(c
+        .list(list(vec![JobState::Failed as i32], "", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .is_empty());
+    assert!(c
+        .list(list(vec![], "", role("commands")))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .is_empty());
+
+    // A watch that starts after the end replays everything and ends.
+    let mut replay = c
+        .watch(WatchRequest {
+            job_id: job.id.clone(),
+            after_seq: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(ev) = replay.message().await.unwrap() {
+        assert!(ev.seq > 1);
+        n += 1;
+    }
+    assert_eq!(n, seen.len() - 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_is_spread_over_agents_and_slots_bound_concurrency() {
+    let env = Env::start(&[]);
+    let _a = env.agent(&AgentSpec::new("es-commands-1", "commands").slots(3));
+    let _b = env.agent(&AgentSpec::new("es-commands-2", "commands").slots(3));
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-commands-1", "es-commands-2"]).await;
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        ids.push(submit(&mut c, submission("commands", sleep(1500))).await.id);
+    }
+    // Six slots in all: six run, two wait, and no agent runs more than its three.
+    let cc = c.clone();
+    wait_until("six jobs running", LONG, move || {
+        let mut c = cc.clone();
+        async move {
+            let a = agents(&mut c).await;
+            a.iter().map(|a| a.slots_in_use).sum::<u32>() == 6
+        }
+    })
+    .await;
+    for a in agents(&mut c).await {
+        assert_eq!(a.slots_in_use, 3, "{a:?}");
+    }
+    let mut per_agent = std::collections::HashMap::new();
+    for id in &ids {
+        let j = wait_done(&mut c, id, LONG).await;
+        assert_eq!(j.state, JobState::Succeeded as i32);
+        *per_agent.entry(j.agent).or_insert(0) += 1;
+    }
+    assert_eq!(per_agent.len(), 2, "both agents got work: {per_agent:?}");
+    assert!(per_agent.values().all(|n| *n >= 3), "{per_agent:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_transport_runs_jobs() {
+    let env = Env::start(&["--poll-wait", "2s"]);
+    let _a = env.agent(&AgentSpec::new("es-shells-poll", "shells").poll());
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-poll"]).await;
+    for i in 0..3 {
+        let job = submit(&mut c, submission("shells", echo(&format!("poll {i}")))).await;
+        let done = wait_done(&mut c, &job.id, LONG).await;
+        assert_eq!(done.state, JobState::Succeeded as i32);
+        assert_eq!(done.result.unwrap().output, format!("poll {i}"));
+        assert_eq!(done.agent, "es-shells-poll");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_with_the_same_idempotency_key_returns_the_same_job() {
+    let env = Env::start(&[]);
+    let mut c = env.server.client().await;
+    let mut req = submission("shells", echo("first"));
+    req.idempotency_key = "sandbox-7/prepare".into();
+    let first = c.submit(req.clone()).await.unwrap().into_inner();
+    assert!(first.created);
+    req.spec = Some(echo("second"));
+    let again = c.submit(req).await.unwrap().into_inner();
+    assert!(!again.created);
+    let (a, b) = (first.job.unwrap(), again.job.unwrap());
+    assert_eq!(a.id, b.id);
+    assert_eq!(b.spec, Some(echo("first")), "the first submission wins");
+    let all = c
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(all.len(), 1);
+    // Concurrent submissions with one key still make one job.
+    let mut handles = Vec::new();
+    for _ in 0..16 {
+        let mut c = c.clone();
+        handles.push(tokio::spawn(async move {
+            let mut r = submission("shells", echo("race"));
+            r.idempotency_key = "race".into();
+            c.submit(r).await.unwrap().into_inner()
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut created = 0;
+    for h in handles {
+        let r = h.await.unwrap();
+        created += r.created as u32;
+        ids.insert(r.job.unwrap().id);
+    }
+    assert_eq!((ids.len(), created), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_answers_health_and_reflection() {
+    let env = Env::start(&[]);
+    let ch = tonic::transport::Channel::from_shared(env.server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    for service in ["", "es.v1.JobService", "es.v1.AgentService"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+            "{service:?}"
+        );
+    }
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("{msg:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "es.v1.JobService",
+        "es.v1.AgentService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+fn cli(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bins().server)
+        .args(args)
+        .env("ES_SERVER", url)
+        .output()
+        .expect("run es-server CLI")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_submits_lists_watches_and_cancels_with_json() {
+    let env = Env::start(&[]);
+    let _a = env.agent(&AgentSpec::new("es-shells-cli", "shells"));
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-cli"]).await;
+    let url = env.server.url();
+
+    let out = cli(
+        &url,
+        &[
+            "submit",
+            "--role",
+            "shells",
+            "--echo",
+            "from the cli",
+            "--sandbox",
+            "sb-cli",
+            "--wait",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("submitted job") && text.contains("succeeded: from the cli"),
+        "{text}"
+    );
+
+    let out = cli(&url, &["jobs", "--sandbox", "sb-cli", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(jobs[0]["state"], "succeeded");
+    assert_eq!(jobs[0]["agent"], "es-shells-cli");
+    assert_eq!(jobs[0]["result"]["output"], "from the cli");
+    let id = jobs[0]["id"].as_str().unwrap().to_owned();
+
+    let out = cli(&url, &["get", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("state      succeeded"),
+        "{out:?}"
+    );
+
+    let out = cli(&url, &["agents", "--json"]);
+    let agents: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(agents[0]["name"], "es-shells-cli");
+    assert_eq!(agents[0]["healthy"], true);
+
+    // A failing job makes `submit --wait` exit non-zero.
+    let out = cli(
+        &url,
+        &[
+            "submit",
+            "--role",
+            "shells",
+            "--sleep",
+            "10ms",
+            "--fail",
+            "broken on purpose",
+            "--wait",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("broken on purpose"));
+
+    // Cancel of a long job through the CLI.
+    let out = cli(
+        &url,
+        &[
+            "submit", "--role", "shells", "--sleep", "60s", "--steps", "60", "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let long = v["job"]["id"].as_str().unwrap().to_owned();
+    wait_state(&mut c, &long, JobState::Running, LONG).await;
+    let out = cli(&url, &["cancel", &long, "--reason", "operator said so"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli(&url, &["watch", &long]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cancelled"),
+        "{out:?}"
+    );
+
+    // Unreachable server: exit 69 and a message naming it.
+    let out = cli("http://127.0.0.1:1", &["jobs"]);
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach http://127.0.0.1:1"));
+    let _ = Duration::ZERO;
+}
