@@ -292,4 +292,22 @@ mod tests {
         let err = AgentConfig::load(Some(Path::new("/nonexistent.toml")), vec![]).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
     }
+
+    #[test]
+    fn reference_config_is_valid_and_documents_every_key() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/es-agent.toml"
+        ));
+        let c = AgentConfig::load(Some(path), vec![]).unwrap();
+        let text = std::fs::read_to_string(path).unwrap();
+        for line in c.describe().lines() {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                text.contains(&format!("{key} = ")),
+                "{key} is not documented in {}",
+                path.display()
+            );
+        }
+    }
 }

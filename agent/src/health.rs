@@ -40,7 +40,7 @@ pub async fn start(cfg: &AgentConfig) -> Result<Option<Health>, AgentError> {
     reporter
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(async move {
         if let Err(e) = tonic::transport::Server::builder()
             .add_service(service)

@@ -405,7 +405,7 @@ async fn job_task(
     shared: Arc<Shared>,
     mut client: AgentServiceClient<Channel>,
     job_id: String,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let agent = shared.cfg.name.clone();
     let Some(session) = shared.session() else {
@@ -494,6 +494,9 @@ async fn job_task(
             }
         }
     };
+    // The work is done: free the slot now. The server frees it when it stores the result and
+    // may offer the next job at once; that offer must find the slot free here.
+    drop(permit);
     while let Ok(ev) = ev_rx.try_recv() {
         reporter.push(ev);
     }

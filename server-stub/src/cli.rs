@@ -283,8 +283,8 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                 print_json(&Value::Array(jobs.iter().map(job_json).collect()));
             } else {
                 println!(
-                    "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  {}",
-                    "JOB", "STATE", "ROLE", "KIND", "ATTEMPT", "AGENT", "SANDBOX"
+                    "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  SANDBOX",
+                    "JOB", "STATE", "ROLE", "KIND", "ATTEMPT", "AGENT"
                 );
                 for j in &jobs {
                     println!(
@@ -344,8 +344,8 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                 print_json(&Value::Array(agents.iter().map(agent_json).collect()));
             } else {
                 println!(
-                    "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {}",
-                    "AGENT", "ROLE", "SELECTOR", "KIND", "HEALTH", "SLOTS", "DETAIL"
+                    "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  DETAIL",
+                    "AGENT", "ROLE", "SELECTOR", "KIND", "HEALTH", "SLOTS"
                 );
                 for a in &agents {
                     let id = a.identity.clone().unwrap_or_default();

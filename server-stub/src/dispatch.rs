@@ -790,7 +790,11 @@ impl Dispatcher {
                     format!("{} ({})", a.cancel_reason, result.error)
                 };
             }
-            core.terminate(&self.store, job_id, result, false, now)
+            let key = (a.job.role, a.job.selector.clone());
+            let pending = core.terminate(&self.store, job_id, result, false, now);
+            // A slot is free: hand out the next queued job now, not at the next tick.
+            core.dispatch(&self.settings, &key, now);
+            pending
         };
         self.finish(vec![pending]).await
     }

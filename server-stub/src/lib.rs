@@ -208,7 +208,11 @@ pub async fn start(
         .add_service(JobServiceServer::new(service::JobApi {
             d: dispatcher.clone(),
         }));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
+    // small stream messages (offers) wait for delayed ACKs (~40 ms).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     log::info!(
         "es-server listening on {addr}, store {}",
         config.db.display()

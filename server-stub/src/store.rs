@@ -88,6 +88,12 @@ fn open(path: &Path, sync: Sync) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", sync).map_err(err)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(err)?;
+    // 64 MiB page cache; checkpoints run on their own thread (see `checkpointer`), so the
+    // writer never stalls copying the WAL back into the database.
+    conn.pragma_update(None, "cache_size", -65536)
+        .map_err(err)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(err)?;
     Ok(conn)
 }
 
@@ -135,6 +141,12 @@ impl Store {
                 source,
             })?;
         let reader = open(path, sync)?;
+        let checkpoints = open(path, sync)?;
+        let cpath = path.to_owned();
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpointer(checkpoints, cpath))
+            .expect("spawn store checkpoint thread");
         let (tx, rx) = std::sync::mpsc::channel();
         let wpath = path.to_owned();
         std::thread::Builder::new()
@@ -387,6 +399,28 @@ impl RawJob {
     }
 }
 
+/// Copies the WAL back into the database every 200 ms without blocking the writer (PASSIVE),
+/// and truncates the WAL file once it has grown past 64 MiB and is fully copied. Ends when the
+/// database file goes away (tests) or the process exits.
+fn checkpointer(conn: Connection, path: PathBuf) {
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if !path.exists() {
+            return;
+        }
+        let res = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        });
+        match res {
+            Ok((wal_pages, done)) if wal_pages == done && wal_pages > 16 * 1024 => {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("job store {}: checkpoint failed: {e}", path.display()),
+        }
+    }
+}
+
 fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op>, path: PathBuf) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
@@ -415,7 +449,7 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op>, path: Pa
 type BatchOutcome = rusqlite::Result<Vec<OpAnswer>>;
 
 enum OpAnswer {
-    Inserted(Job, bool),
+    Inserted(Box<Job>, bool),
     Done,
     Purged(u64),
 }
@@ -441,8 +475,8 @@ fn outcome_per_op(
 fn answer(op: Op, res: Result<OpAnswer>) {
     match op {
         Op::Insert(_, _, tx) => {
-            let _ = tx.send(res.and_then(|a| match a {
-                OpAnswer::Inserted(job, created) => Ok((job, created)),
+            let _ = tx.send(res.map(|a| match a {
+                OpAnswer::Inserted(job, created) => (*job, created),
                 _ => unreachable!("insert answered with another kind"),
             }));
         }
@@ -484,7 +518,7 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
                     let job = raw
                         .decode()
                         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                    return Ok(OpAnswer::Inserted(job, false));
+                    return Ok(OpAnswer::Inserted(Box::new(job), false));
                 }
             }
             let spec = job
@@ -518,7 +552,7 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
                 job.submitted_by,
             ])?;
             insert_events(c, events)?;
-            Ok(OpAnswer::Inserted((**job).clone(), true))
+            Ok(OpAnswer::Inserted(job.clone(), true))
         }
         Op::Update(job, events, _) => {
             let result = job.result.as_ref().map(|r| r.encode_to_vec());

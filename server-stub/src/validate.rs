@@ -155,6 +155,8 @@ mod tests {
     use super::*;
     use es_proto::v1::{EchoJob, SleepJob};
 
+    type Case<T> = (fn(&mut T), &'static str);
+
     fn ident() -> AgentIdentity {
         AgentIdentity {
             name: "es-shells-a".into(),
@@ -167,7 +169,7 @@ mod tests {
 
     #[test]
     fn identity_errors_name_the_field() {
-        let cases: Vec<(fn(&mut AgentIdentity), &str)> = vec![
+        let cases: Vec<Case<AgentIdentity>> = vec![
             (|i| i.name.clear(), "identity.name"),
             (|i| i.name = "bad name".into(), "identity.name"),
             (|i| i.role = 0, "identity.role"),
@@ -197,7 +199,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(submit(&good), Ok(Role::Commands));
-        let cases: Vec<(fn(&mut SubmitRequest), &str)> = vec![
+        let cases: Vec<Case<SubmitRequest>> = vec![
             (|r| r.role = 0, "role"),
             (|r| r.spec = None, "spec"),
             (|r| r.spec = Some(JobSpec { kind: None }), "spec.kind"),
