@@ -251,7 +251,9 @@ fn spawn_background(
             let mut every = tokio::time::interval(tick);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut pings = tokio::time::interval(ping);
-            let mut purge = tokio::time::interval(Duration::from_secs(60));
+            let mut purge = tokio::time::interval(
+                (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            );
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,

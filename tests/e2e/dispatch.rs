@@ -365,3 +365,31 @@ async fn cli_submits_lists_watches_and_cancels_with_json() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach http://127.0.0.1:1"));
     let _ = Duration::ZERO;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_deleted_after_the_retention() {
+    let env = Env::start(&["--retention", "2s"]);
+    let _a = env.agent(&AgentSpec::new("es-shells-r", "shells"));
+    let mut c = env.server.client().await;
+    let old = submit(&mut c, submission("shells", echo("old"))).await;
+    wait_done(&mut c, &old.id, LONG).await;
+    let queued = submit(
+        &mut c,
+        SubmitRequest {
+            selector: "nobody-serves-this".into(),
+            ..submission("shells", echo("waiting"))
+        },
+    )
+    .await;
+    let cc = c.clone();
+    let id = old.id.clone();
+    wait_until("the finished job to be purged", LONG, move || {
+        let (mut c, id) = (cc.clone(), id.clone());
+        async move {
+            matches!(c.get(GetRequest { job_id: id }).await, Err(s) if s.code() == tonic::Code::NotFound)
+        }
+    })
+    .await;
+    // Unfinished jobs are never purged.
+    assert_eq!(get(&mut c, &queued.id).await.state, JobState::Queued as i32);
+}
