@@ -899,9 +899,14 @@ impl Dispatcher {
 
     /// One pass of the reaper: expired offers and leases, timeouts, hard cancels.
     pub async fn tick(&self) {
+        self.tick_at(Instant::now()).await
+    }
+
+    /// The reaper pass as of `now` (tests pass a time in the future instead of waiting).
+    pub async fn tick_at(&self, now: Instant) {
         let pending = {
             let mut core = self.lock();
-            core.tick(&self.store, &self.settings, Instant::now())
+            core.tick(&self.store, &self.settings, now)
         };
         if let Err(e) = self.finish(pending).await {
             log::error!("reaper: {e}");
@@ -1333,5 +1338,152 @@ impl Core {
             .retain(|_, (_, at)| now.duration_since(*at) < keep);
         self.dispatch_all(s, now);
         pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The lease state machine with injected time: expiry, fencing, attempts, cancel, selector
+    //! wiring. The end-to-end tests cover the same rules through real processes.
+    use super::*;
+    use crate::store::Sync;
+    use es_proto::v1::{job_spec, EchoJob, JobSpec, Role};
+
+    async fn setup() -> (tempfile::TempDir, Arc<Dispatcher>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("es.db"), Sync::Normal).unwrap();
+        (
+            dir,
+            Dispatcher::recover(store, Settings::default())
+                .await
+                .unwrap(),
+        )
+    }
+
+    fn job(id: &str, max_attempts: u32) -> Job {
+        Job {
+            id: id.into(),
+            role: Role::Shells as i32,
+            selector: "r".into(),
+            spec: Some(JobSpec {
+                kind: Some(job_spec::Kind::Echo(EchoJob {
+                    message: "m".into(),
+                })),
+            }),
+            max_attempts,
+            ..Default::default()
+        }
+    }
+
+    async fn agent(d: &Dispatcher, name: &str, fallback: bool, slots: u32) -> String {
+        let id = AgentIdentity {
+            name: name.into(),
+            role: Role::Shells as i32,
+            selector: "r".into(),
+            slots,
+            fallback,
+            ..Default::default()
+        };
+        let (session, _) = d.register(id, vec![]).await.unwrap();
+        // Marks the agent as streaming; offers sent to the dropped receiver are simply lost,
+        // which the tests do not need.
+        d.listen(&session).unwrap();
+        session
+    }
+
+    fn ok() -> JobResult {
+        JobResult {
+            state: JobState::Succeeded as i32,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn expired_lease_requeues_with_a_new_epoch_and_fences_the_old_holder() {
+        let (_dir, d) = setup().await;
+        let a = agent(&d, "a", false, 1).await;
+        d.submit(job("j", 3)).await.unwrap();
+        let lease = d.acquire(&a, "j").await.unwrap();
+        assert_eq!((lease.epoch, lease.attempt), (1, 1));
+        // Renewed within the TTL: still held.
+        d.tick_at(Instant::now() + d.settings.lease_ttl / 2).await;
+        assert_eq!(d.get("j").await.unwrap().state, JobState::Running as i32);
+        // Past the TTL without renewal: queued again, epoch bumped.
+        d.tick_at(Instant::now() + d.settings.lease_ttl * 2).await;
+        let j = d.get("j").await.unwrap();
+        assert_eq!(j.state, JobState::Queued as i32);
+        assert!(j.epoch > lease.epoch);
+        let err = d.complete(&a, "j", lease.epoch, ok()).await.unwrap_err();
+        assert!(matches!(err, DispatchError::StaleEpoch { .. }), "{err}");
+        let (lost, _, _) = d
+            .heartbeat(
+                &a,
+                &[HeldLease {
+                    job_id: "j".into(),
+                    epoch: lease.epoch,
+                }],
+                false,
+            )
+            .unwrap();
+        assert_eq!(lost.len(), 1);
+        // The next lease is attempt 2 with a higher epoch still.
+        let again = d.acquire(&a, "j").await.unwrap();
+        assert_eq!(again.attempt, 2);
+        assert!(again.epoch > j.epoch);
+        d.complete(&a, "j", again.epoch, ok()).await.unwrap();
+        d.complete(&a, "j", again.epoch, ok()).await.unwrap(); // resend: acknowledged
+        assert_eq!(d.get("j").await.unwrap().state, JobState::Succeeded as i32);
+    }
+
+    #[tokio::test]
+    async fn spent_attempts_fail_the_job_and_hard_cancel_fences_it() {
+        let (_dir, d) = setup().await;
+        let a = agent(&d, "a", false, 2).await;
+        d.submit(job("once", 1)).await.unwrap();
+        d.acquire(&a, "once").await.unwrap();
+        d.tick_at(Instant::now() + d.settings.lease_ttl * 2).await;
+        let j = d.get("once").await.unwrap();
+        assert_eq!(j.state, JobState::Failed as i32);
+        assert!(j.result.unwrap().error.contains("attempt 1 of 1"));
+
+        d.submit(job("c", 3)).await.unwrap();
+        let lease = d.acquire(&a, "c").await.unwrap();
+        d.cancel("c", "stop").await.unwrap();
+        // The agent keeps renewing but never stops: fenced after grace + TTL.
+        let later = Instant::now() + d.settings.cancel_grace + d.settings.lease_ttl * 2;
+        d.heartbeat(
+            &a,
+            &[HeldLease {
+                job_id: "c".into(),
+                epoch: lease.epoch,
+            }],
+            false,
+        )
+        .unwrap();
+        d.tick_at(later).await;
+        let j = d.get("c").await.unwrap();
+        assert_eq!(j.state, JobState::Cancelled as i32);
+        assert!(j.epoch > lease.epoch);
+        assert!(d.complete(&a, "c", lease.epoch, ok()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn offers_go_to_primaries_first_and_expire_to_the_fallback() {
+        let (_dir, d) = setup().await;
+        let _fb = agent(&d, "fb", true, 4).await;
+        let p = agent(&d, "p", false, 1).await;
+        d.submit(job("j1", 3)).await.unwrap();
+        d.submit(job("j2", 3)).await.unwrap();
+        // j1 is offered to the primary (its one slot); j2 overflows to the fallback.
+        let err = d.acquire(&p, "j2").await.unwrap_err();
+        assert!(
+            matches!(err, DispatchError::OfferedElsewhere { .. }),
+            "{err}"
+        );
+        d.acquire(&p, "j1").await.unwrap();
+        // An offer that is never acquired goes back to the queue and out again.
+        d.tick_at(Instant::now() + d.settings.offer_timeout * 2)
+            .await;
+        assert_eq!(d.get("j2").await.unwrap().state, JobState::Queued as i32);
     }
 }
