@@ -83,6 +83,25 @@ pub struct AgentConfig {
     /// Largest reconnect delay ceiling.
     #[serde(default = "default_backoff_cap", deserialize_with = "duration")]
     pub backoff_cap: Duration,
+    /// AWS region (es-shells); empty = the standard chain (AWS_REGION, profile, instance metadata).
+    #[serde(default)]
+    pub aws_region: String,
+    /// EC2 endpoint override, for an emulator; empty = AWS.
+    #[serde(default)]
+    pub aws_endpoint_url: String,
+    /// Attempts per EC2 call on throttling and 5xx (backoff with jitter between them).
+    #[serde(default = "default_aws_max_attempts")]
+    pub aws_max_attempts: u32,
+    /// Concurrent EC2 calls of one job (e.g. RunInstances of a DeploySandbox).
+    #[serde(default = "default_aws_concurrency")]
+    pub aws_concurrency: u32,
+}
+
+fn default_aws_max_attempts() -> u32 {
+    8
+}
+fn default_aws_concurrency() -> u32 {
+    16
 }
 
 /// A configuration error naming the key.
@@ -192,6 +211,28 @@ impl AgentConfig {
                 "must be above 0 and not above backoff_cap",
             ));
         }
+        if self.aws_max_attempts == 0 || self.aws_max_attempts > 20 {
+            return Err(bad(
+                "aws_max_attempts",
+                format!("is {}; must be between 1 and 20", self.aws_max_attempts),
+            ));
+        }
+        if self.aws_concurrency == 0 || self.aws_concurrency > 256 {
+            return Err(bad(
+                "aws_concurrency",
+                format!("is {}; must be between 1 and 256", self.aws_concurrency),
+            ));
+        }
+        let url = &self.aws_endpoint_url;
+        if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(bad(
+                "aws_endpoint_url",
+                format!(
+                    "{:?} must be a URL like http://127.0.0.1:5000",
+                    self.aws_endpoint_url
+                ),
+            ));
+        }
         if self.backoff_cap > Duration::from_secs(600) {
             return Err(bad(
                 "backoff_cap",
@@ -199,6 +240,15 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+
+    pub fn aws_settings(&self) -> crate::shells::AwsSettings {
+        crate::shells::AwsSettings {
+            region: self.aws_region.clone(),
+            endpoint_url: self.aws_endpoint_url.clone(),
+            max_attempts: self.aws_max_attempts,
+            concurrency: self.aws_concurrency as usize,
+        }
     }
 
     pub fn role(&self) -> Role {
@@ -210,7 +260,7 @@ impl AgentConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_concurrency = {}\n",
             self.name,
             self.role().name(),
             self.server,
@@ -224,6 +274,10 @@ impl AgentConfig {
             humantime::format_duration(self.cancel_grace).to_string(),
             humantime::format_duration(self.backoff_base).to_string(),
             humantime::format_duration(self.backoff_cap).to_string(),
+            self.aws_region,
+            self.aws_endpoint_url,
+            self.aws_max_attempts,
+            self.aws_concurrency,
         )
     }
 }

@@ -41,20 +41,49 @@ pub fn result(state: JobState, output: impl Into<String>, error: impl Into<Strin
         state: state as i32,
         output: output.into(),
         error: error.into(),
+        shells: None,
     }
 }
 
-/// Runs `job` to its result.
-pub async fn execute(job: &Job, ctx: JobCtx) -> JobResult {
-    match job.spec.as_ref().and_then(|s| s.kind.as_ref()) {
-        Some(job_spec::Kind::Echo(e)) => result(JobState::Succeeded, e.message.clone(), ""),
-        Some(job_spec::Kind::Sleep(s)) => sleep(s, ctx).await,
-        None => result(
-            JobState::Failed,
-            "",
-            "job has no kind (spec.kind missing); this agent cannot run it",
-        ),
+/// Runs jobs of every kind this agent knows. The AWS clients of es-shells are built on the
+/// first es-shells job, so an agent starts (and serves diagnostic jobs) without AWS settings.
+pub struct Executor {
+    aws: crate::shells::AwsSettings,
+    shells: tokio::sync::OnceCell<crate::shells::Shells>,
+}
+
+impl Executor {
+    pub fn new(aws: crate::shells::AwsSettings) -> Executor {
+        Executor {
+            aws,
+            shells: tokio::sync::OnceCell::new(),
+        }
     }
+
+    /// Runs `job` to its result.
+    pub async fn execute(&self, job: &Job, ctx: JobCtx) -> JobResult {
+        match job.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+            Some(job_spec::Kind::Echo(e)) => result(JobState::Succeeded, e.message.clone(), ""),
+            Some(job_spec::Kind::Sleep(s)) => sleep(s, ctx).await,
+            Some(kind) => {
+                let shells = self
+                    .shells
+                    .get_or_init(|| crate::shells::Shells::new(self.aws.clone()))
+                    .await;
+                shells.run(job, kind, &ctx).await
+            }
+            None => result(
+                JobState::Failed,
+                "",
+                "job has no kind (spec.kind missing); this agent cannot run it",
+            ),
+        }
+    }
+}
+
+/// Runs a diagnostic job (tests and tools that need no AWS).
+pub async fn execute(job: &Job, ctx: JobCtx) -> JobResult {
+    Executor::new(Default::default()).execute(job, ctx).await
 }
 
 async fn sleep(s: &SleepJob, ctx: JobCtx) -> JobResult {
@@ -94,7 +123,10 @@ mod tests {
 
     fn job(kind: job_spec::Kind) -> Job {
         Job {
-            spec: Some(JobSpec { kind: Some(kind) }),
+            spec: Some(JobSpec {
+                kind: Some(kind),
+                target: None,
+            }),
             ..Default::default()
         }
     }

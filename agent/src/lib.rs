@@ -13,6 +13,7 @@ mod health;
 mod heartbeat;
 pub mod logging;
 pub mod runtime;
+pub mod shells;
 
 pub use config::AgentConfig;
 pub use runtime::{run, AgentError, Signals};

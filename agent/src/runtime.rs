@@ -240,6 +240,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         cfg: cfg.clone(),
     });
     let slots = Arc::new(Semaphore::new(cfg.slots as usize));
+    let executor = Arc::new(executor::Executor::new(cfg.aws_settings()));
     let hb_stop = CancellationToken::new();
     let hb = crate::heartbeat::spawn(shared.clone(), endpoint.clone(), hb_stop.clone());
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);
@@ -317,7 +318,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
                         _ = drain.cancelled() => break 'session,
                         _ = shared.reregister.notified() => continue 'session,
                         m = stream.message() => match m {
-                            Ok(Some(m)) => handle(&shared, &client, &slots, m),
+                            Ok(Some(m)) => handle(&shared, &client, &slots, &executor, m),
                             Ok(None) | Err(_) => {
                                 let delay = backoff.next_delay();
                                 log::warn!(agent = cfg.name.as_str(); "stream from the server ended; reconnecting in {} ms", delay.as_millis());
@@ -345,7 +346,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
                         resp = client.poll(r) => match resp {
                             Ok(resp) => {
                                 for m in resp.into_inner().messages {
-                                    handle(&shared, &client, &slots, m);
+                                    handle(&shared, &client, &slots, &executor, m);
                                 }
                             }
                             Err(s) => {
@@ -374,6 +375,7 @@ fn handle(
     shared: &Arc<Shared>,
     client: &AgentServiceClient<Channel>,
     slots: &Arc<Semaphore>,
+    executor: &Arc<executor::Executor>,
     m: ServerMessage,
 ) {
     match m.msg {
@@ -385,8 +387,8 @@ fn handle(
                 log::debug!(job_id = o.job_id.as_str(); "offer of job {} declined: no free slot", o.job_id);
                 return;
             };
-            let (shared, client) = (shared.clone(), client.clone());
-            tokio::spawn(job_task(shared, client, o.job_id, permit));
+            let (shared, client, executor) = (shared.clone(), client.clone(), executor.clone());
+            tokio::spawn(job_task(shared, client, executor, o.job_id, permit));
         }
         Some(server_message::Msg::Cancel(c)) => {
             let grace = Duration::from_millis(c.grace_ms).min(shared.cfg.cancel_grace);
@@ -404,6 +406,7 @@ fn handle(
 async fn job_task(
     shared: Arc<Shared>,
     mut client: AgentServiceClient<Channel>,
+    executor: Arc<executor::Executor>,
     job_id: String,
     permit: OwnedSemaphorePermit,
 ) {
@@ -466,7 +469,7 @@ async fn job_task(
         events: ev_tx,
     };
     let exec_job = job.clone();
-    let mut exec = tokio::spawn(async move { executor::execute(&exec_job, ctx).await });
+    let mut exec = tokio::spawn(async move { executor.execute(&exec_job, ctx).await });
     if let Some(j) = shared.jobs().get_mut(&job_id) {
         j.abort = Some(exec.abort_handle());
     }

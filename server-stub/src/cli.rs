@@ -158,7 +158,10 @@ impl SubmitArgs {
             role: role as i32,
             selector: self.selector.clone(),
             sandbox_id: self.sandbox.clone(),
-            spec: Some(JobSpec { kind: Some(kind) }),
+            spec: Some(JobSpec {
+                kind: Some(kind),
+                target: None,
+            }),
             timeout_ms: self.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
             max_attempts: self.max_attempts,
             submitted_by: std::env::var("USER").unwrap_or_default(),
@@ -415,6 +418,16 @@ pub fn kind_name(j: &Job) -> &'static str {
     match j.spec.as_ref().and_then(|s| s.kind.as_ref()) {
         Some(job_spec::Kind::Sleep(_)) => "sleep",
         Some(job_spec::Kind::Echo(_)) => "echo",
+        Some(job_spec::Kind::PrepareNetwork(_)) => "prepare_network",
+        Some(job_spec::Kind::DeployApp(_)) => "deploy_app",
+        Some(job_spec::Kind::DeploySandbox(_)) => "deploy_sandbox",
+        Some(job_spec::Kind::Power(p)) if p.on => "power_on",
+        Some(job_spec::Kind::Power(_)) => "power_off",
+        Some(job_spec::Kind::RefreshIp(_)) => "refresh_ip",
+        Some(job_spec::Kind::GetVmDetails(_)) => "get_vm_details",
+        Some(job_spec::Kind::DeleteApp(_)) => "delete_app",
+        Some(job_spec::Kind::CleanupSandbox(_)) => "cleanup_sandbox",
+        Some(job_spec::Kind::SweepOrphans(_)) => "sweep_orphans",
         None => "-",
     }
 }

@@ -404,6 +404,7 @@ impl Dispatcher {
                         state: JobState::Cancelled as i32,
                         output: String::new(),
                         error: reason.to_owned(),
+                        ..Default::default()
                     },
                     false,
                     now,
@@ -1205,6 +1206,7 @@ impl Core {
                 state: a.cancel_final as i32,
                 output: String::new(),
                 error: format!("{}; lease of {holder} ended: {why}", a.cancel_reason),
+                ..Default::default()
             };
             return self.terminate(store, id, result, true, now);
         }
@@ -1216,6 +1218,7 @@ impl Core {
                     "lease lost on attempt {} of {} (agent {holder}: {why}); no attempts left",
                     a.job.attempt, a.job.max_attempts
                 ),
+                ..Default::default()
             };
             return self.terminate(store, id, result, true, now);
         }
@@ -1330,6 +1333,7 @@ impl Core {
                     "{}; agent {} did not stop within the grace, job fenced",
                     a.cancel_reason, a.job.agent
                 ),
+                ..Default::default()
             };
             pending.push(self.terminate(store, &id, result, true, now));
         }
@@ -1369,6 +1373,7 @@ mod tests {
                 kind: Some(job_spec::Kind::Echo(EchoJob {
                     message: "m".into(),
                 })),
+                target: None,
             }),
             max_attempts,
             ..Default::default()

@@ -14,6 +14,7 @@ pub mod selector;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod validate_shells;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

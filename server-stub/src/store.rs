@@ -622,6 +622,7 @@ mod tests {
                 kind: Some(job_spec::Kind::Echo(EchoJob {
                     message: "hi".into(),
                 })),
+                target: None,
             }),
             state: JobState::Queued as i32,
             max_attempts: 3,
@@ -647,6 +648,7 @@ mod tests {
             state: JobState::Succeeded as i32,
             output: "hi".into(),
             error: String::new(),
+            ..Default::default()
         });
         store.update(&done, vec![]).await.unwrap();
         drop(store);

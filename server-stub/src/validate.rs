@@ -90,7 +90,12 @@ pub fn identity(id: Option<&AgentIdentity>) -> Result<&AgentIdentity, FieldError
 
 /// Checks a job spec (also used for the kind-specific limits).
 pub fn spec(spec: Option<&JobSpec>) -> Result<&JobSpec, FieldError> {
-    let spec = spec.ok_or_else(|| bad("spec", "missing; set one job kind (sleep, echo)"))?;
+    let spec = spec.ok_or_else(|| {
+        bad(
+            "spec",
+            "missing; set one job kind (sleep, echo, prepare_network, deploy_sandbox, ...)",
+        )
+    })?;
     match &spec.kind {
         None => Err(bad("spec.kind", "missing; set one job kind (sleep, echo)")),
         Some(job_spec::Kind::Sleep(s)) => {
@@ -117,6 +122,8 @@ pub fn spec(spec: Option<&JobSpec>) -> Result<&JobSpec, FieldError> {
             }
             Ok(spec)
         }
+        // The es-shells kinds are checked with the rest of the submission (`submit`).
+        Some(_) => Ok(spec),
     }
 }
 
@@ -146,7 +153,12 @@ pub fn submit(req: &SubmitRequest) -> Result<Role, FieldError> {
             format!("is {}; at most {MAX_ATTEMPTS}", req.max_attempts),
         ));
     }
-    spec(req.spec.as_ref())?;
+    let spec = spec(req.spec.as_ref())?;
+    if let Some(kind) = &spec.kind {
+        if crate::validate_shells::is_shells(kind) {
+            crate::validate_shells::submit(req, kind)?;
+        }
+    }
     Ok(role)
 }
 
@@ -195,6 +207,7 @@ mod tests {
                 kind: Some(job_spec::Kind::Echo(EchoJob {
                     message: "x".into(),
                 })),
+                target: None,
             }),
             ..Default::default()
         };
@@ -202,7 +215,15 @@ mod tests {
         let cases: Vec<Case<SubmitRequest>> = vec![
             (|r| r.role = 0, "role"),
             (|r| r.spec = None, "spec"),
-            (|r| r.spec = Some(JobSpec { kind: None }), "spec.kind"),
+            (
+                |r| {
+                    r.spec = Some(JobSpec {
+                        kind: None,
+                        target: None,
+                    })
+                },
+                "spec.kind",
+            ),
             (
                 |r| {
                     r.spec = Some(JobSpec {
@@ -210,6 +231,7 @@ mod tests {
                             duration_ms: u64::MAX,
                             ..Default::default()
                         })),
+                        target: None,
                     })
                 },
                 "spec.sleep.duration_ms",

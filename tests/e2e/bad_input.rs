@@ -101,7 +101,10 @@ async fn bad_registrations_and_submissions_are_refused_with_the_field_named() {
         ),
         (
             SubmitRequest {
-                spec: Some(JobSpec { kind: None }),
+                spec: Some(JobSpec {
+                    kind: None,
+                    target: None,
+                }),
                 ..good.clone()
             },
             "`spec.kind`",
@@ -113,6 +116,7 @@ async fn bad_registrations_and_submissions_are_refused_with_the_field_named() {
                         duration_ms: u64::MAX,
                         ..Default::default()
                     })),
+                    target: None,
                 }),
                 ..good.clone()
             },

@@ -86,6 +86,7 @@ async fn server_killed_mid_flow_loses_nothing_and_agents_reconnect() {
                 steps: 1,
                 ..Default::default()
             })),
+            target: None,
         };
         let mut r = submission("commands", spec);
         r.sandbox_id = format!("sb-{}", i % 7);

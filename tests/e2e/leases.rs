@@ -41,6 +41,7 @@ fn ok_result() -> JobResult {
         state: JobState::Succeeded as i32,
         output: "done".into(),
         error: String::new(),
+        shells: None,
     }
 }
 
@@ -278,6 +279,7 @@ pub struct SleepJobSpec;
 impl SleepJobSpec {
     pub fn steps(ms: u64, steps: u32) -> JobSpec {
         JobSpec {
+            target: None,
             kind: Some(job_spec::Kind::Sleep(SleepJob {
                 duration_ms: ms,
                 steps,
@@ -287,6 +289,7 @@ impl SleepJobSpec {
     }
     pub fn stubborn(ms: u64) -> JobSpec {
         JobSpec {
+            target: None,
             kind: Some(job_spec::Kind::Sleep(SleepJob {
                 duration_ms: ms,
                 steps: 1,

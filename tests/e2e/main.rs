@@ -7,6 +7,7 @@ mod drain;
 mod durability;
 mod fallback;
 mod leases;
+mod shells;
 
 use std::time::Duration;
 

@@ -329,6 +329,7 @@ pub fn role(r: &str) -> i32 {
 
 pub fn echo(message: &str) -> JobSpec {
     JobSpec {
+        target: None,
         kind: Some(job_spec::Kind::Echo(EchoJob {
             message: message.into(),
         })),
@@ -337,6 +338,7 @@ pub fn echo(message: &str) -> JobSpec {
 
 pub fn sleep(ms: u64) -> JobSpec {
     JobSpec {
+        target: None,
         kind: Some(job_spec::Kind::Sleep(SleepJob {
             duration_ms: ms,
             steps: 0,
@@ -451,4 +453,196 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = (p / 100.0 * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// A moto server (AWS emulator) on a free loopback port, killed when dropped.
+pub struct Moto {
+    pub proc: Proc,
+    pub url: String,
+}
+
+/// Starts `moto_server` (PyPI `moto[server]`) on 127.0.0.1 with a port picked by the OS.
+pub fn start_moto(dir: &Path) -> Moto {
+    let log = dir.join("moto.log");
+    let mut child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start moto_server: install it with `pip install 'moto[server]'`");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&log2).ok();
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(url) = line.split("Running on ").nth(1) {
+                    let _ = tx.send(url.trim().to_owned());
+                    sent = true;
+                }
+            }
+            if let Some(f) = f.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    });
+    let proc = Proc {
+        name: "moto".into(),
+        child,
+        log,
+        exited: None,
+    };
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("moto_server did not start: {}", proc.log()));
+    Moto { proc, url }
+}
+
+impl Moto {
+    /// An EC2 client on the emulator (us-east-1, dummy credentials).
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        let creds =
+            aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "es-tests");
+        let conf = aws_sdk_ec2::config::Builder::new()
+            .behavior_version(aws_sdk_ec2::config::BehaviorVersion::latest())
+            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_ec2::Client::from_conf(conf)
+    }
+
+    /// Environment for an es-shells agent that talks to this emulator.
+    pub fn agent_env(&self, spec: AgentSpec) -> AgentSpec {
+        spec.env("ES_AGENT_AWS_ENDPOINT_URL", &self.url)
+            .env("ES_AGENT_AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+    }
+}
+
+/// Every resource still tagged `ReservationId=<sandbox>`, as "kind id", checked type by type
+/// with the SDK (instances that are not terminated, Elastic IPs, network interfaces, security
+/// groups, subnets, route tables, internet gateways, live peering connections, VPCs).
+pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<String> {
+    use aws_sdk_ec2::types::Filter;
+    let f = Filter::builder()
+        .name("tag:ReservationId")
+        .values(sandbox)
+        .build();
+    let mut out = Vec::new();
+    let r = ec2
+        .describe_instances()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap();
+    for i in r.reservations().iter().flat_map(|r| r.instances()) {
+        if i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated") {
+            out.push(format!("instance {}", i.instance_id().unwrap_or_default()));
+        }
+    }
+    for a in ec2
+        .describe_addresses()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap()
+        .addresses()
+    {
+        out.push(format!(
+            "elastic-ip {}",
+            a.allocation_id().unwrap_or_default()
+        ));
+    }
+    for n in ec2
+        .describe_network_interfaces()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap()
+        .network_interfaces()
+    {
+        out.push(format!(
+            "network-interface {}",
+            n.network_interface_id().unwrap_or_default()
+        ));
+    }
+    for g in ec2
+        .describe_security_groups()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap()
+        .security_groups()
+    {
+        out.push(format!(
+            "security-group {}",
+            g.group_id().unwrap_or_default()
+        ));
+    }
+    for s in ec2
+        .describe_subnets()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap()
+        .subnets()
+    {
+        out.push(format!("subnet {}", s.subnet_id().unwrap_or_default()));
+    }
+    for t in ec2
+        .describe_route_tables()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap()
+        .route_tables()
+    {
+        out.push(format!(
+            "route-table {}",
+            t.route_table_id().unwrap_or_default()
+        ));
+    }
+    for g in ec2
+        .describe_internet_gateways()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap()
+        .internet_gateways()
+    {
+        out.push(format!(
+            "internet-gateway {}",
+            g.internet_gateway_id().unwrap_or_default()
+        ));
+    }
+    for p in ec2
+        .describe_vpc_peering_connections()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap()
+        .vpc_peering_connections()
+    {
+        let status = p
+            .status()
+            .and_then(|s| s.code())
+            .map(|c| c.as_str().to_owned())
+            .unwrap_or_default();
+        if status != "deleted" && status != "rejected" {
+            out.push(format!(
+                "vpc-peering-connection {} ({status})",
+                p.vpc_peering_connection_id().unwrap_or_default()
+            ));
+        }
+    }
+    for v in ec2.describe_vpcs().filters(f).send().await.unwrap().vpcs() {
+        out.push(format!("vpc {}", v.vpc_id().unwrap_or_default()));
+    }
+    out
 }

@@ -1,0 +1,722 @@
+//! Apps: deploy (one or many, in parallel within a bound), power, IP refresh, details, delete.
+//!
+//! A deploy makes, per app on the happy path, one RunInstances call (tags, NICs, security
+//! groups, volume, profile and user data in the one call), plus AllocateAddress and
+//! AssociateAddress for an Elastic IP. Lookups are shared by the whole job: one DescribeSubnets,
+//! one DescribeSecurityGroups, one DescribeInstances to find apps that already exist, and waits
+//! that poll all instances in one DescribeInstances call.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, IamInstanceProfileSpecification, Instance,
+    InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, IpPermission, IpRange,
+    ResourceType, VolumeType,
+};
+use es_proto::v1::{AppList, AppResult, AppSpec, Deleted, DeletedResource, PublicIp};
+use futures::StreamExt;
+
+use super::aws::{aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags};
+use super::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
+
+const LIVE: &[&str] = &["pending", "running", "stopping", "stopped"];
+
+/// Deterministic RunInstances ClientToken for (job, app): a retry of the same job on any agent
+/// gets the same token, so EC2 does not launch the app twice.
+fn client_token(job_id: &str, app: &str) -> String {
+    let u = stable_hash(format!("{job_id}/{app}").as_bytes());
+    format!("es-{u}")
+}
+
+fn stable_hash(data: &[u8]) -> String {
+    // FNV-1a 128 folded into hex: stable across builds and platforms (unlike std's hasher).
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in data {
+        h ^= *b as u128;
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    format!("{h:032x}")
+}
+
+pub(crate) fn app_result(i: &Instance) -> AppResult {
+    let mut ips: Vec<(i32, String)> = i
+        .network_interfaces()
+        .iter()
+        .filter_map(|n| {
+            let idx = n.attachment().and_then(|a| a.device_index()).unwrap_or(0);
+            n.private_ip_address().map(|ip| (idx, ip.to_owned()))
+        })
+        .collect();
+    ips.sort();
+    let mut private_ips: Vec<String> = ips.into_iter().map(|(_, ip)| ip).collect();
+    if private_ips.is_empty() {
+        private_ips.extend(i.private_ip_address().map(str::to_owned));
+    }
+    AppResult {
+        name: tag_value(i.tags(), TAG_APP).unwrap_or_default().to_owned(),
+        instance_id: i.instance_id().unwrap_or_default().to_owned(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default(),
+        private_ips,
+        public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
+        error: String::new(),
+        instance_type: i
+            .instance_type()
+            .map(|t| t.as_str().to_owned())
+            .unwrap_or_default(),
+        ami: i.image_id().unwrap_or_default().to_owned(),
+        subnet_id: i.subnet_id().unwrap_or_default().to_owned(),
+    }
+}
+
+/// The sandbox's live instances (optionally only the named apps), in one call per 1000.
+pub(crate) async fn instances(
+    cx: &Cx<'_>,
+    apps: &[String],
+    states: &[&str],
+) -> Result<Vec<Instance>> {
+    let mut req = cx
+        .ec2
+        .describe_instances()
+        .filters(sandbox_filter(cx.sandbox))
+        .filters(filter("instance-state-name", states));
+    if !apps.is_empty() {
+        let names: Vec<&str> = apps.iter().map(String::as_str).collect();
+        req = req.filters(filter(&format!("tag:{TAG_APP}"), &names));
+    }
+    let mut out = Vec::new();
+    let mut pages = req.into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| aws_err("DescribeInstances", e))?;
+        for r in page.reservations() {
+            out.extend(r.instances().iter().cloned());
+        }
+    }
+    Ok(out)
+}
+
+/// Polls the given instances (one DescribeInstances per round) until all are in `want`.
+async fn wait_state(
+    cx: &Cx<'_>,
+    ids: &[String],
+    want: &[&str],
+    limit: Duration,
+) -> Result<Vec<Instance>> {
+    let until = tokio::time::Instant::now() + limit;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let mut all = Vec::new();
+        for chunk in ids.chunks(1000) {
+            let r = retry_consistency(|| {
+                cx.ec2
+                    .describe_instances()
+                    .set_instance_ids(Some(chunk.to_vec()))
+                    .send()
+            })
+            .await
+            .map_err(|e| aws_err("DescribeInstances", e))?;
+            for res in r.reservations() {
+                all.extend(res.instances().iter().cloned());
+            }
+        }
+        let done = all.len() >= ids.len()
+            && all.iter().all(|i| {
+                let s = i
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+                    .unwrap_or_default();
+                want.contains(&s.as_str())
+            });
+        if done || tokio::time::Instant::now() > until {
+            return Ok(all);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+struct Network {
+    subnets: HashMap<String, String>,
+    sandbox_sg: String,
+    isolated_sg: String,
+    vpc_id: String,
+}
+
+async fn network(cx: &Cx<'_>) -> Result<Network> {
+    let subnets = cx
+        .ec2
+        .describe_subnets()
+        .filters(sandbox_filter(cx.sandbox))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeSubnets", e))?;
+    let mut map = HashMap::new();
+    let mut vpc_id = String::new();
+    for s in subnets.subnets() {
+        if let (Some(name), Some(id)) = (tag_value(s.tags(), TAG_SUBNET), s.subnet_id()) {
+            map.insert(name.to_owned(), id.to_owned());
+            vpc_id = s.vpc_id().unwrap_or_default().to_owned();
+        }
+    }
+    if map.is_empty() {
+        return Err(ShellsError::NoNetwork(format!(
+            "no subnet is tagged ReservationId={}",
+            cx.sandbox
+        )));
+    }
+    let groups = cx
+        .ec2
+        .describe_security_groups()
+        .filters(sandbox_filter(cx.sandbox))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
+    let find = |role: &str| {
+        groups
+            .security_groups()
+            .iter()
+            .find(|g| tag_value(g.tags(), TAG_ROLE) == Some(role))
+            .and_then(|g| g.group_id())
+            .map(str::to_owned)
+    };
+    let (Some(sandbox_sg), Some(isolated_sg)) = (find("sandbox-sg"), find("isolated-sg")) else {
+        return Err(ShellsError::NoNetwork(
+            "the sandbox security groups are missing".into(),
+        ));
+    };
+    Ok(Network {
+        subnets: map,
+        sandbox_sg,
+        isolated_sg,
+        vpc_id,
+    })
+}
+
+/// Deploys `apps` (skipping those that already run), reporting each as it finishes.
+pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
+    let net = network(cx).await?;
+    // Every subnet named by an app must exist before anything is launched.
+    for (i, a) in apps.iter().enumerate() {
+        for (j, s) in a.subnets.iter().enumerate() {
+            if !net.subnets.contains_key(s) {
+                let mut known: Vec<&String> = net.subnets.keys().collect();
+                known.sort();
+                return Err(ShellsError::Invalid {
+                    field: format!("apps[{i}].subnets[{j}]"),
+                    reason: format!(
+                        "no subnet {s:?} in sandbox {}; it has {known:?}",
+                        cx.sandbox
+                    ),
+                });
+            }
+        }
+    }
+    let names: Vec<String> = apps.iter().map(|a| a.name.clone()).collect();
+    let existing: HashMap<String, Instance> = instances(cx, &names, LIVE)
+        .await?
+        .into_iter()
+        .map(|i| {
+            (
+                tag_value(i.tags(), TAG_APP).unwrap_or_default().to_owned(),
+                i,
+            )
+        })
+        .collect();
+    let total = apps.len() as u32;
+    let done = std::sync::atomic::AtomicU32::new(0);
+    let report = |r: &AppResult| {
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let what = if r.error.is_empty() {
+            format!(
+                "app {}: {} {} {}",
+                r.name,
+                r.state,
+                r.instance_id,
+                r.private_ips.join(",")
+            )
+        } else {
+            format!("app {}: failed: {}", r.name, r.error)
+        };
+        cx.ctx.progress(n, total, what);
+    };
+
+    // Phase 1: launch what is missing, in parallel within the bound.
+    // Futures are collected first (and boxed): a lazy map inside a spawned task trips the
+    // compiler's higher-ranked lifetime inference.
+    let mut launch_futs = Vec::with_capacity(apps.len());
+    for a in apps {
+        let existing = existing.get(&a.name).cloned();
+        let net = &net;
+        launch_futs.push(Box::pin(async move {
+            match existing {
+                Some(i) => (a, Ok(i.instance_id().unwrap_or_default().to_owned())),
+                None => (a, launch(cx, net, a).await),
+            }
+        }));
+    }
+    let launches = futures::stream::iter(launch_futs)
+        .buffer_unordered(cx.concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    let mut results: Vec<AppResult> = Vec::new();
+    let mut ids = Vec::new();
+    let mut by_id: HashMap<String, &AppSpec> = HashMap::new();
+    for (a, r) in launches {
+        match r {
+            Ok(id) => {
+                by_id.insert(id.clone(), a);
+                ids.push(id);
+            }
+            Err(e) => {
+                let r = AppResult {
+                    name: a.name.clone(),
+                    state: "failed".into(),
+                    error: e.to_string(),
+                    ..Default::default()
+                };
+                report(&r);
+                results.push(r);
+            }
+        }
+    }
+
+    // Phase 2: wait for all of them at once.
+    let running = if ids.is_empty() {
+        Vec::new()
+    } else {
+        wait_state(cx, &ids, &["running"], Duration::from_secs(600)).await?
+    };
+
+    // Phase 3: Elastic IPs, in parallel.
+    let mut eip_futs = Vec::with_capacity(running.len());
+    for i in running {
+        let spec = by_id.get(i.instance_id().unwrap_or_default()).copied();
+        let report = &report;
+        eip_futs.push(Box::pin(async move {
+            let mut r = app_result(&i);
+            if let Some(spec) = spec {
+                if r.name.is_empty() {
+                    r.name = spec.name.clone();
+                }
+                if spec.public_ip == PublicIp::Elastic as i32 {
+                    match elastic_ip(cx, &spec.name, &r.instance_id).await {
+                        Ok(ip) => r.public_ip = ip,
+                        Err(e) => r.error = e.to_string(),
+                    }
+                }
+            }
+            if r.state != "running" && r.error.is_empty() {
+                r.error = format!("instance is {} after the wait", r.state);
+            }
+            report(&r);
+            r
+        }));
+    }
+    let finished = futures::stream::iter(eip_futs)
+        .buffer_unordered(cx.concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    results.extend(finished);
+    results.sort_by(|a, b| a.name.cmp(&b.name));
+    let failed: Vec<&AppResult> = results.iter().filter(|r| !r.error.is_empty()).collect();
+    if !failed.is_empty() && failed.len() == results.len() {
+        // Nothing deployed: fail with the first reason (the list is in the progress events).
+        return Err(ShellsError::Aws {
+            op: "RunInstances",
+            code: "AllAppsFailed".into(),
+            message: failed[0].error.clone(),
+            hint: String::new(),
+        });
+    }
+    Ok(AppList { apps: results })
+}
+
+async fn launch(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
+    // Inbound ports: a per-app group (looked up first, so a re-run reuses it).
+    let mut groups = vec![if a.isolated {
+        net.isolated_sg.clone()
+    } else {
+        net.sandbox_sg.clone()
+    }];
+    if !a.inbound.is_empty() {
+        groups.push(app_group(cx, net, a).await?);
+    }
+    let mut nics = Vec::new();
+    for (i, s) in a.subnets.iter().enumerate() {
+        let mut n = InstanceNetworkInterfaceSpecification::builder()
+            .device_index(i as i32)
+            .subnet_id(&net.subnets[s])
+            .set_groups(Some(groups.clone()))
+            .delete_on_termination(true);
+        if i == 0 && a.public_ip == PublicIp::Auto as i32 {
+            n = n.associate_public_ip_address(true);
+        }
+        nics.push(n.build());
+    }
+    let name = format!("{}-{}", cx.sandbox, a.name);
+    let extra: Vec<(&str, &str)> = std::iter::once((TAG_APP, a.name.as_str()))
+        .chain(a.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .collect();
+    let mut req = cx
+        .ec2
+        .run_instances()
+        .image_id(&a.ami)
+        .instance_type(InstanceType::from(a.instance_type.as_str()))
+        .min_count(1)
+        .max_count(1)
+        .client_token(client_token(cx.job_id, &a.name))
+        .set_network_interfaces(Some(nics))
+        .tag_specifications(tags(ResourceType::Instance, cx.sandbox, &name, &extra))
+        .tag_specifications(tags(ResourceType::Volume, cx.sandbox, &name, &extra))
+        .tag_specifications(tags(
+            ResourceType::NetworkInterface,
+            cx.sandbox,
+            &name,
+            &extra,
+        ));
+    if a.root_volume_gb > 0 || !a.root_volume_type.is_empty() {
+        let mut ebs = EbsBlockDevice::builder()
+            .delete_on_termination(true)
+            .volume_type(VolumeType::from(if a.root_volume_type.is_empty() {
+                "gp3"
+            } else {
+                a.root_volume_type.as_str()
+            }));
+        if a.root_volume_gb > 0 {
+            ebs = ebs.volume_size(a.root_volume_gb as i32);
+        }
+        let device = if a.root_device_name.is_empty() {
+            "/dev/xvda"
+        } else {
+            a.root_device_name.as_str()
+        };
+        req = req.block_device_mappings(
+            BlockDeviceMapping::builder()
+                .device_name(device)
+                .ebs(ebs.build())
+                .build(),
+        );
+    }
+    if !a.user_data.is_empty() {
+        req = req.user_data(aws_smithy_types::base64::encode(a.user_data.as_bytes()));
+    }
+    if !a.instance_profile.is_empty() {
+        let p = IamInstanceProfileSpecification::builder();
+        let p = if a.instance_profile.starts_with("arn:") {
+            p.arn(&a.instance_profile)
+        } else {
+            p.name(&a.instance_profile)
+        };
+        req = req.iam_instance_profile(p.build());
+    }
+    let r = retry_consistency(|| req.clone().send())
+        .await
+        .map_err(|e| aws_err("RunInstances", e))?;
+    let id = r
+        .instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .unwrap_or_default()
+        .to_owned();
+    log::info!(sandbox_id = cx.sandbox, job_id = cx.job_id; "launched app {} as {id}", a.name);
+    Ok(id)
+}
+
+async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
+    let name = format!("{}-{}-ports", cx.sandbox, a.name);
+    let found = cx
+        .ec2
+        .describe_security_groups()
+        .filters(filter("vpc-id", &[&net.vpc_id]))
+        .filters(filter("group-name", &[&name]))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
+    if let Some(id) = found.security_groups().first().and_then(|g| g.group_id()) {
+        return Ok(id.to_owned());
+    }
+    let r = cx
+        .ec2
+        .create_security_group()
+        .vpc_id(&net.vpc_id)
+        .group_name(&name)
+        .description(format!("es-shells: inbound ports of app {}", a.name))
+        .tag_specifications(tags(
+            ResourceType::SecurityGroup,
+            cx.sandbox,
+            &name,
+            &[(TAG_APP, &a.name), (TAG_ROLE, "app-ports")],
+        ))
+        .send()
+        .await
+        .map_err(|e| aws_err("CreateSecurityGroup", e))?;
+    let id = r.group_id().unwrap_or_default().to_owned();
+    let perms: Vec<IpPermission> = a
+        .inbound
+        .iter()
+        .map(|p| {
+            let cidr = if p.cidr.is_empty() {
+                "0.0.0.0/0"
+            } else {
+                p.cidr.as_str()
+            };
+            let (from, to) = if p.protocol == "icmp" {
+                (-1, -1)
+            } else {
+                (p.from_port as i32, p.to_port as i32)
+            };
+            IpPermission::builder()
+                .ip_protocol(&p.protocol)
+                .from_port(from)
+                .to_port(to)
+                .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
+                .build()
+        })
+        .collect();
+    let r = retry_consistency(|| {
+        cx.ec2
+            .authorize_security_group_ingress()
+            .group_id(&id)
+            .set_ip_permissions(Some(perms.clone()))
+            .send()
+    })
+    .await;
+    if let Err(e) = r {
+        if !super::aws::already_exists(&code(&e)) {
+            return Err(aws_err("AuthorizeSecurityGroupIngress", e));
+        }
+    }
+    Ok(id)
+}
+
+async fn elastic_ip(cx: &Cx<'_>, app: &str, instance_id: &str) -> Result<String> {
+    let existing = cx
+        .ec2
+        .describe_addresses()
+        .filters(sandbox_filter(cx.sandbox))
+        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeAddresses", e))?;
+    let (alloc, ip, associated) = match existing.addresses().first() {
+        Some(a) => (
+            a.allocation_id().unwrap_or_default().to_owned(),
+            a.public_ip().unwrap_or_default().to_owned(),
+            a.instance_id() == Some(instance_id),
+        ),
+        None => {
+            let r = cx
+                .ec2
+                .allocate_address()
+                .domain(aws_sdk_ec2::types::DomainType::Vpc)
+                .tag_specifications(tags(
+                    ResourceType::ElasticIp,
+                    cx.sandbox,
+                    &format!("{}-{app}", cx.sandbox),
+                    &[(TAG_APP, app)],
+                ))
+                .send()
+                .await
+                .map_err(|e| aws_err("AllocateAddress", e))?;
+            (
+                r.allocation_id().unwrap_or_default().to_owned(),
+                r.public_ip().unwrap_or_default().to_owned(),
+                false,
+            )
+        }
+    };
+    if !associated {
+        retry_consistency(|| {
+            cx.ec2
+                .associate_address()
+                .allocation_id(&alloc)
+                .instance_id(instance_id)
+                .send()
+        })
+        .await
+        .map_err(|e| aws_err("AssociateAddress", e))?;
+    }
+    Ok(ip)
+}
+
+/// Power on or off (no call for apps already in that state); waits for the state.
+pub(crate) async fn power(cx: &Cx<'_>, apps: &[String], on: bool) -> Result<AppList> {
+    let all = instances(cx, apps, LIVE).await?;
+    if !apps.is_empty() {
+        for a in apps {
+            if !all
+                .iter()
+                .any(|i| tag_value(i.tags(), TAG_APP) == Some(a.as_str()))
+            {
+                return Err(ShellsError::Invalid {
+                    field: "apps".into(),
+                    reason: format!("no app {a:?} in sandbox {}", cx.sandbox),
+                });
+            }
+        }
+    }
+    let (want, from): (&str, &[InstanceStateName]) = if on {
+        (
+            "running",
+            &[InstanceStateName::Stopped, InstanceStateName::Stopping],
+        )
+    } else {
+        (
+            "stopped",
+            &[InstanceStateName::Running, InstanceStateName::Pending],
+        )
+    };
+    let to_change: Vec<String> = all
+        .iter()
+        .filter(|i| {
+            i.state()
+                .and_then(|s| s.name())
+                .is_some_and(|n| from.contains(n))
+        })
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    let ids: Vec<String> = all
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    for chunk in to_change.chunks(1000) {
+        if on {
+            cx.ec2
+                .start_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| aws_err("StartInstances", e))?;
+        } else {
+            cx.ec2
+                .stop_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .send()
+                .await
+                .map_err(|e| aws_err("StopInstances", e))?;
+        }
+    }
+    let after = if to_change.is_empty() {
+        all
+    } else {
+        wait_state(cx, &ids, &[want], Duration::from_secs(600)).await?
+    };
+    let mut out: Vec<AppResult> = after.iter().map(app_result).collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    cx.ctx.progress(
+        1,
+        1,
+        format!("{} apps {want} ({} changed)", out.len(), to_change.len()),
+    );
+    Ok(AppList { apps: out })
+}
+
+/// Current state and addresses of the apps (RefreshIp, GetVmDetails).
+pub(crate) async fn describe(cx: &Cx<'_>, apps: &[String]) -> Result<AppList> {
+    let mut out: Vec<AppResult> = instances(cx, apps, LIVE)
+        .await?
+        .iter()
+        .map(app_result)
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    for a in apps {
+        if !out.iter().any(|r| &r.name == a) {
+            return Err(ShellsError::Invalid {
+                field: "apps".into(),
+                reason: format!("no app {a:?} in sandbox {}", cx.sandbox),
+            });
+        }
+    }
+    Ok(AppList { apps: out })
+}
+
+/// Deletes one app: its Elastic IP, its instance (waiting until terminated), its port group.
+pub(crate) async fn delete(cx: &Cx<'_>, app: &str) -> Result<Deleted> {
+    let mut out = Vec::new();
+    let rec = |kind: &str, id: &str, outcome: &str, error: String| DeletedResource {
+        kind: kind.into(),
+        id: id.into(),
+        sandbox_id: cx.sandbox.into(),
+        outcome: outcome.into(),
+        error,
+    };
+    let addrs = cx
+        .ec2
+        .describe_addresses()
+        .filters(sandbox_filter(cx.sandbox))
+        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeAddresses", e))?;
+    for a in addrs.addresses() {
+        out.push(super::teardown::release_address(cx.ec2, a, cx.sandbox).await);
+    }
+    let found = instances(cx, &[app.to_owned()], LIVE).await?;
+    let ids: Vec<String> = found
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    if !ids.is_empty() {
+        match cx
+            .ec2
+            .terminate_instances()
+            .set_instance_ids(Some(ids.clone()))
+            .send()
+            .await
+        {
+            Ok(_) => {
+                wait_state(cx, &ids, &["terminated"], Duration::from_secs(600)).await?;
+                for id in &ids {
+                    out.push(rec("instance", id, "deleted", String::new()));
+                }
+            }
+            Err(e) => return Err(aws_err("TerminateInstances", e)),
+        }
+    }
+    let groups = cx
+        .ec2
+        .describe_security_groups()
+        .filters(sandbox_filter(cx.sandbox))
+        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
+    for g in groups.security_groups() {
+        let id = g.group_id().unwrap_or_default();
+        match retry_consistency(|| cx.ec2.delete_security_group().group_id(id).send()).await {
+            Ok(_) => out.push(rec("security-group", id, "deleted", String::new())),
+            Err(e) => out.push(rec(
+                "security-group",
+                id,
+                "failed",
+                aws_err("DeleteSecurityGroup", e).to_string(),
+            )),
+        }
+    }
+    if out.is_empty() {
+        return Err(ShellsError::Invalid {
+            field: "app".into(),
+            reason: format!("no app {app:?} in sandbox {}", cx.sandbox),
+        });
+    }
+    Ok(Deleted { resources: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_tokens_are_stable_short_and_distinct() {
+        let a = client_token("job-1", "web");
+        assert_eq!(a, client_token("job-1", "web"));
+        assert_ne!(a, client_token("job-1", "db"));
+        assert_ne!(a, client_token("job-2", "web"));
+        assert!(a.len() <= 64 && a.is_ascii());
+    }
+}

@@ -1,0 +1,293 @@
+//! EC2 client construction (standard credential chain, endpoint override for emulators, assumed
+//! roles), the per-job call counter, error classification and tag helpers.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+use es_proto::v1::AwsTarget;
+use std::sync::Arc;
+
+use super::{Result, ShellsError, CREATED_BY, TAG_CREATED_BY, TAG_SANDBOX};
+
+/// AWS settings of the agent (from its configuration).
+#[derive(Debug, Clone, Default)]
+pub struct AwsSettings {
+    /// Region; empty = the standard chain (AWS_REGION, profile, IMDS).
+    pub region: String,
+    /// Endpoint override (an emulator such as moto); empty = AWS.
+    pub endpoint_url: String,
+    /// Attempts per call for throttling and 5xx (SDK standard retry mode).
+    pub max_attempts: u32,
+    /// Concurrent EC2 calls of one job (e.g. RunInstances of a DeploySandbox).
+    pub concurrency: usize,
+}
+
+/// Counts a job's EC2 calls (attempts) by operation.
+#[derive(Debug, Default)]
+pub struct CallCounter {
+    counts: Mutex<HashMap<String, u64>>,
+}
+
+impl CallCounter {
+    pub fn snapshot(&self) -> HashMap<String, u64> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[derive(Debug)]
+struct Count(Arc<CallCounter>);
+
+impl Intercept for Count {
+    fn name(&self) -> &'static str {
+        "es-call-counter"
+    }
+
+    fn read_before_attempt(
+        &self,
+        _ctx: &BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let op = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map(|m| m.name().to_owned())
+            .unwrap_or_else(|| "unknown".into());
+        *self
+            .0
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(op)
+            .or_default() += 1;
+        Ok(())
+    }
+}
+
+pub(crate) struct Aws {
+    pub settings: AwsSettings,
+    base: SdkConfig,
+}
+
+impl Aws {
+    pub async fn new(mut settings: AwsSettings) -> Aws {
+        if settings.max_attempts == 0 {
+            settings.max_attempts = 8;
+        }
+        if settings.concurrency == 0 {
+            settings.concurrency = 16;
+        }
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(settings.max_attempts)
+                .with_initial_backoff(Duration::from_millis(200)),
+        );
+        if !settings.region.is_empty() {
+            loader = loader.region(Region::new(settings.region.clone()));
+        }
+        if !settings.endpoint_url.is_empty() {
+            loader = loader.endpoint_url(settings.endpoint_url.clone());
+        }
+        Aws {
+            base: loader.load().await,
+            settings,
+        }
+    }
+
+    /// An EC2 client for `target` (assumed role and region) that counts calls into `calls`.
+    pub async fn client(
+        &self,
+        target: Option<&AwsTarget>,
+        calls: Arc<CallCounter>,
+    ) -> Result<aws_sdk_ec2::Client> {
+        let mut sdk = self.base.clone();
+        if let Some(t) = target {
+            let region = if t.region.is_empty() {
+                sdk.region().cloned()
+            } else {
+                Some(Region::new(t.region.clone()))
+            };
+            if !t.role_arn.is_empty() {
+                let mut b = aws_config::sts::AssumeRoleProvider::builder(t.role_arn.clone())
+                    .session_name("es-shells")
+                    .configure(&sdk);
+                if !t.external_id.is_empty() {
+                    b = b.external_id(t.external_id.clone());
+                }
+                if let Some(r) = region.clone() {
+                    b = b.region(r);
+                }
+                let provider = b.build().await;
+                sdk = sdk
+                    .into_builder()
+                    .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+                        provider,
+                    ))
+                    .build();
+            }
+            if let Some(r) = region {
+                sdk = sdk.into_builder().region(r).build();
+            }
+        }
+        let conf = aws_sdk_ec2::config::Builder::from(&sdk)
+            .interceptor(Count(calls))
+            .build();
+        Ok(aws_sdk_ec2::Client::from_conf(conf))
+    }
+}
+
+/// The error code of an SDK error ("" for transport errors).
+pub fn code<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> String {
+    e.code().unwrap_or("").to_owned()
+}
+
+/// Turns an SDK error into a job error, with a hint for the errors people can fix.
+pub fn aws_err<E, R>(op: &'static str, e: SdkError<E, R>) -> ShellsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = code(&e);
+    let message = e.message().map(str::to_owned).unwrap_or_else(|| {
+        format!(
+            "{}",
+            aws_smithy_types::error::display::DisplayErrorContext(&e)
+        )
+    });
+    let hint = if code.starts_with("InvalidAMIID") {
+        " (the AMI does not exist in this region or account: check `ami`)"
+    } else if matches!(
+        code.as_str(),
+        "InstanceLimitExceeded"
+            | "VcpuLimitExceeded"
+            | "VpcLimitExceeded"
+            | "AddressLimitExceeded"
+            | "InsufficientInstanceCapacity"
+    ) {
+        " (a quota or capacity limit: request an increase, or deploy fewer or smaller apps)"
+    } else if matches!(
+        code.as_str(),
+        "InvalidSubnet.Conflict" | "InvalidVpc.Range" | "InvalidSubnet.Range"
+    ) {
+        " (a CIDR conflict: choose a CIDR that is free and inside the VPC)"
+    } else if code == "UnauthorizedOperation" || code == "AccessDenied" {
+        " (the agent's IAM role lacks this permission)"
+    } else {
+        ""
+    };
+    ShellsError::Aws {
+        op,
+        code,
+        message,
+        hint: hint.to_owned(),
+    }
+}
+
+/// True for errors that mean "it is already there".
+pub fn already_exists(code: &str) -> bool {
+    matches!(
+        code,
+        "InvalidPermission.Duplicate"
+            | "RouteAlreadyExists"
+            | "Resource.AlreadyAssociated"
+            | "InvalidGroup.Duplicate"
+    )
+}
+
+/// True for errors that mean "it is already gone".
+pub fn already_gone(code: &str) -> bool {
+    code.ends_with(".NotFound") || code == "InvalidVpcPeeringConnectionID.NotFound"
+}
+
+/// Retries `f` while EC2 answers `*.NotFound` (eventual consistency right after a create) or a
+/// dependency violation, with exponential backoff: 10 tries over about 10 s.
+pub async fn retry_consistency<T, E, R, F, Fut>(mut f: F) -> std::result::Result<T, SdkError<E, R>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, SdkError<E, R>>>,
+    E: ProvideErrorMetadata,
+{
+    let mut delay = Duration::from_millis(100);
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Err(e)
+                if tries < 9 && {
+                    let c = code(&e);
+                    c.ends_with(".NotFound") || c == "DependencyViolation"
+                } =>
+            {
+                tries += 1;
+                let jitter = rand::random_range(0..=delay.as_millis() as u64);
+                tokio::time::sleep(Duration::from_millis(jitter) + delay / 2).await;
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+            other => return other,
+        }
+    }
+}
+
+pub fn filter(name: &str, values: &[&str]) -> Filter {
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values.iter().map(|v| v.to_string()).collect()))
+        .build()
+}
+
+pub fn sandbox_filter(sandbox: &str) -> Filter {
+    filter(&format!("tag:{TAG_SANDBOX}"), &[sandbox])
+}
+
+pub fn tag(k: &str, v: &str) -> Tag {
+    Tag::builder().key(k).value(v).build()
+}
+
+/// TagSpecification for a resource created for `sandbox`, with extra tags.
+pub fn tags(
+    rt: ResourceType,
+    sandbox: &str,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> TagSpecification {
+    let mut b = TagSpecification::builder()
+        .resource_type(rt)
+        .tags(tag(TAG_SANDBOX, sandbox))
+        .tags(tag("Name", name))
+        .tags(tag(TAG_CREATED_BY, CREATED_BY));
+    for (k, v) in extra {
+        b = b.tags(tag(k, v));
+    }
+    b.build()
+}
+
+/// The value of tag `key` in a tag list.
+pub fn tag_value<'a>(tags: &'a [Tag], key: &str) -> Option<&'a str> {
+    tags.iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+/// A peering connection that still exists (not deleted, rejected, failed or expired). The
+/// `status-code` filter is also sent, but not every EC2 implementation honours it.
+pub fn live_peering(p: &aws_sdk_ec2::types::VpcPeeringConnection) -> bool {
+    let code = p
+        .status()
+        .and_then(|s| s.code())
+        .map(|c| c.as_str())
+        .unwrap_or("");
+    matches!(
+        code,
+        "pending-acceptance" | "provisioning" | "active" | "initiating-request"
+    )
+}

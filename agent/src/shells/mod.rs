@@ -1,0 +1,208 @@
+//! es-shells: sandbox networks and apps on EC2 through `aws-sdk-ec2`.
+//!
+//! Principles (see ARCHITECTURE.md):
+//! - every resource is tagged `ReservationId=<sandbox>`, `Name`, `CreatedBy=es-shells` at
+//!   creation (TagSpecifications), so a crash leaves nothing a cleanup cannot find;
+//! - every job looks up before it creates and treats "already exists" as success, so it is safe
+//!   to run again after a crash or on the fallback;
+//! - throttling and 5xx are retried by the SDK (standard mode, exponential backoff with jitter);
+//!   `*.NotFound` right after a create (eventual consistency) is retried here; real errors fail
+//!   fast with what to fix.
+//! - each job counts its EC2 calls by operation (reported in the result).
+
+mod apps;
+mod aws;
+mod network;
+mod teardown;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use es_proto::v1::{job_spec::Kind, shells_result, Job, JobResult, JobState, ShellsResult};
+
+pub use aws::{AwsSettings, CallCounter};
+
+use crate::executor::JobCtx;
+
+pub const TAG_SANDBOX: &str = "ReservationId";
+pub const TAG_CREATED_BY: &str = "CreatedBy";
+pub const CREATED_BY: &str = "es-shells";
+/// Role of a resource within the sandbox (sandbox-vpc, subnet, sandbox-sg, isolated-sg, ...).
+pub const TAG_ROLE: &str = "es:role";
+pub const TAG_SUBNET: &str = "es:subnet";
+pub const TAG_APP: &str = "AppName";
+
+/// Why an es-shells job failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShellsError {
+    /// Input that only the cloud can refute (e.g. a subnet outside an existing VPC).
+    #[error("invalid `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+    /// An EC2 error that retrying will not fix, with a hint of what to fix.
+    #[error("EC2 {op} failed: {code}: {message}{hint}")]
+    Aws {
+        op: &'static str,
+        code: String,
+        message: String,
+        hint: String,
+    },
+    #[error("the sandbox network is missing: {0}; run PrepareSandboxNetwork first")]
+    NoNetwork(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+pub type Result<T> = std::result::Result<T, ShellsError>;
+
+/// The es-shells executor: AWS configuration shared by its jobs.
+pub struct Shells {
+    aws: aws::Aws,
+}
+
+impl Shells {
+    pub async fn new(settings: AwsSettings) -> Shells {
+        Shells {
+            aws: aws::Aws::new(settings).await,
+        }
+    }
+
+    /// Runs one es-shells job.
+    pub async fn run(&self, job: &Job, kind: &Kind, ctx: &JobCtx) -> JobResult {
+        let calls = Arc::new(CallCounter::default());
+        let target = job.spec.as_ref().and_then(|s| s.target.clone());
+        let ec2 = match self.aws.client(target.as_ref(), calls.clone()).await {
+            Ok(c) => c,
+            Err(e) => return failed(e, &calls, None),
+        };
+        let sb = job.sandbox_id.as_str();
+        let cx = Cx {
+            ec2: &ec2,
+            sandbox: sb,
+            job_id: &job.id,
+            ctx,
+            concurrency: self.aws.settings.concurrency,
+        };
+        let outcome: Result<shells_result::Result> = tokio::select! {
+            r = run_kind(&cx, kind) => r,
+            _ = ctx.cancel.cancelled() => Err(ShellsError::Cancelled),
+        };
+        match outcome {
+            Ok(r) => {
+                let summary = summary(&r);
+                // A cleanup or sweep that could not delete everything is a failure, with the
+                // per-resource report attached.
+                let failures = match &r {
+                    shells_result::Result::Deleted(d) => {
+                        d.resources.iter().filter(|x| x.outcome == "failed").count()
+                    }
+                    _ => 0,
+                };
+                let mut res = JobResult {
+                    state: if failures == 0 {
+                        JobState::Succeeded as i32
+                    } else {
+                        JobState::Failed as i32
+                    },
+                    output: summary,
+                    error: if failures == 0 {
+                        String::new()
+                    } else {
+                        format!("{failures} resources could not be deleted; see the report")
+                    },
+                    shells: None,
+                };
+                res.shells = Some(ShellsResult {
+                    result: Some(r),
+                    api_calls: calls.snapshot(),
+                });
+                res
+            }
+            Err(ShellsError::Cancelled) => JobResult {
+                state: JobState::Cancelled as i32,
+                output: String::new(),
+                error:
+                    "cancelled; resources created so far are tagged and removed by CleanupSandbox"
+                        .into(),
+                shells: Some(ShellsResult {
+                    result: None,
+                    api_calls: calls.snapshot(),
+                }),
+            },
+            Err(e) => failed(e, &calls, None),
+        }
+    }
+}
+
+fn failed(e: ShellsError, calls: &CallCounter, r: Option<shells_result::Result>) -> JobResult {
+    JobResult {
+        state: JobState::Failed as i32,
+        output: String::new(),
+        error: e.to_string(),
+        shells: Some(ShellsResult {
+            result: r,
+            api_calls: calls.snapshot(),
+        }),
+    }
+}
+
+/// What a job needs: the EC2 client for its target, the sandbox, progress.
+pub(crate) struct Cx<'a> {
+    pub ec2: &'a aws_sdk_ec2::Client,
+    pub sandbox: &'a str,
+    pub job_id: &'a str,
+    pub ctx: &'a JobCtx,
+    pub concurrency: usize,
+}
+
+async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
+    use shells_result::Result as R;
+    Ok(match kind {
+        Kind::PrepareNetwork(p) => R::Network(network::prepare(cx, p).await?),
+        Kind::DeployApp(d) => {
+            let apps: Vec<_> = d.app.iter().cloned().collect();
+            R::Apps(apps::deploy(cx, &apps).await?)
+        }
+        Kind::DeploySandbox(d) => R::Apps(apps::deploy(cx, &d.apps).await?),
+        Kind::Power(p) => R::Apps(apps::power(cx, &p.apps, p.on).await?),
+        Kind::RefreshIp(r) => R::Apps(apps::describe(cx, &r.apps).await?),
+        Kind::GetVmDetails(g) => R::Apps(apps::describe(cx, &g.apps).await?),
+        Kind::DeleteApp(d) => R::Deleted(apps::delete(cx, &d.app).await?),
+        Kind::CleanupSandbox(_) => R::Deleted(teardown::cleanup(cx).await?),
+        Kind::SweepOrphans(s) => {
+            R::Deleted(teardown::sweep(cx, &s.live_sandbox_ids, s.dry_run).await?)
+        }
+        Kind::Sleep(_) | Kind::Echo(_) => unreachable!("diagnostic kinds are not es-shells jobs"),
+    })
+}
+
+fn summary(r: &shells_result::Result) -> String {
+    match r {
+        shells_result::Result::Network(n) => format!(
+            "network ready: vpc {}, {} subnets, security groups {} / {}",
+            n.vpc_id,
+            n.subnets.len(),
+            n.sandbox_security_group_id,
+            n.isolated_security_group_id
+        ),
+        shells_result::Result::Apps(a) => {
+            let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+            for app in &a.apps {
+                *by_state.entry(app.state.as_str()).or_default() += 1;
+            }
+            let parts: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            format!("{} apps: {}", a.apps.len(), parts.join(", "))
+        }
+        shells_result::Result::Deleted(d) => {
+            let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+            for x in &d.resources {
+                *by.entry(x.outcome.as_str()).or_default() += 1;
+            }
+            if d.resources.is_empty() {
+                "nothing to delete".into()
+            } else {
+                let parts: Vec<String> = by.iter().map(|(s, n)| format!("{n} {s}")).collect();
+                format!("{} resources: {}", d.resources.len(), parts.join(", "))
+            }
+        }
+    }
+}

@@ -1,0 +1,733 @@
+//! es-shells against the moto EC2 emulator (started by the test on a free loopback port):
+//! each network mode end to end (prepare -> deploy 3 apps -> power off/on -> cleanup -> nothing
+//! tagged with the sandbox remains), re-runs after a simulated crash, sweep, and bad input.
+//!
+//! moto accepts any AMI id and ignores `ClientToken`: these tests use a made-up AMI id and do
+//! not rely on ClientToken for idempotency (the agent looks apps up by tag before launching).
+
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use es_proto::v1::*;
+use es_tests::*;
+
+use crate::{bins, Env};
+
+const LONG: Duration = Duration::from_secs(90);
+
+struct Aws {
+    env: Env,
+    moto: Moto,
+    ec2: aws_sdk_ec2::Client,
+    _agent: Proc,
+    mgmt: ManagementNetwork,
+}
+
+async fn setup() -> Aws {
+    let env = Env::start(&[]);
+    let moto = start_moto(env.dir.path());
+    let ec2 = moto.ec2().await;
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let rts = ec2
+        .describe_route_tables()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("vpc-id")
+                .values(&vpc_id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let main_rt = rts.route_tables()[0].route_table_id().unwrap().to_owned();
+    let agent = env.agent(&moto.agent_env(AgentSpec::new("es-shells", "shells").slots(4)));
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells"]).await;
+    Aws {
+        env,
+        moto,
+        ec2,
+        _agent: agent,
+        mgmt: ManagementNetwork {
+            vpc_id,
+            cidr: "10.0.0.0/16".into(),
+            route_table_ids: vec![main_rt],
+        },
+    }
+}
+
+fn spec(kind: job_spec::Kind) -> JobSpec {
+    JobSpec {
+        kind: Some(kind),
+        target: None,
+    }
+}
+
+fn shells_req(sandbox: &str, kind: job_spec::Kind) -> SubmitRequest {
+    SubmitRequest {
+        role: role("shells"),
+        sandbox_id: sandbox.into(),
+        spec: Some(spec(kind)),
+        ..Default::default()
+    }
+}
+
+async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
+    let mut c = a.env.server.client().await;
+    let job = submit(&mut c, shells_req(sandbox, kind)).await;
+    wait_done(&mut c, &job.id, LONG).await
+}
+
+fn shells(j: &Job) -> &ShellsResult {
+    j.result
+        .as_ref()
+        .and_then(|r| r.shells.as_ref())
+        .unwrap_or_else(|| panic!("no shells result: {j:?}"))
+}
+
+fn ok(j: &Job) {
+    assert_eq!(
+        j.state,
+        JobState::Succeeded as i32,
+        "job failed: {:?}",
+        j.result
+    );
+}
+
+fn subnet(name: &str, cidr: &str, public: bool) -> SubnetRequest {
+    SubnetRequest {
+        name: name.into(),
+        cidr: cidr.into(),
+        public,
+        availability_zone: String::new(),
+    }
+}
+
+fn app(name: &str, subnets: &[&str]) -> AppSpec {
+    AppSpec {
+        name: name.into(),
+        ami: "ami-0123456789abcdef0".into(),
+        instance_type: "t3.micro".into(),
+        subnets: subnets.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn three_apps() -> Vec<AppSpec> {
+    let mut web = app("web", &["app"]);
+    web.public_ip = PublicIp::Elastic as i32;
+    web.inbound = vec![PortRule {
+        protocol: "tcp".into(),
+        from_port: 443,
+        to_port: 443,
+        cidr: String::new(),
+    }];
+    web.root_volume_gb = 20;
+    web.user_data = "#!/bin/sh\necho hello\n".into();
+    web.tags.insert("Team".into(), "qa".into());
+    let mut db = app("db", &["db", "app"]);
+    db.isolated = true;
+    let worker = app("worker", &["app"]);
+    vec![web, db, worker]
+}
+
+fn apps_of(j: &Job) -> Vec<AppResult> {
+    match &shells(j).result {
+        Some(shells_result::Result::Apps(a)) => a.apps.clone(),
+        other => panic!("not an app list: {other:?}"),
+    }
+}
+
+async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
+    // Prepare, twice: the second run finds everything and creates nothing.
+    let first = run(a, sandbox, job_spec::Kind::PrepareNetwork(prepare.clone())).await;
+    ok(&first);
+    let Some(shells_result::Result::Network(net)) = shells(&first).result.clone() else {
+        panic!()
+    };
+    assert_eq!(net.subnets.len(), 2);
+    assert!(
+        !net.sandbox_security_group_id.is_empty() && !net.isolated_security_group_id.is_empty()
+    );
+    let before = tagged_resources(&a.ec2, sandbox).await;
+    let again = run(a, sandbox, job_spec::Kind::PrepareNetwork(prepare.clone())).await;
+    ok(&again);
+    let Some(shells_result::Result::Network(net2)) = shells(&again).result.clone() else {
+        panic!()
+    };
+    assert_eq!(net2, net, "a re-run returns the same network");
+    let mut after = tagged_resources(&a.ec2, sandbox).await;
+    let mut b = before.clone();
+    b.sort();
+    after.sort();
+    assert_eq!(after, b, "a re-run created nothing new");
+    let calls = &shells(&again).api_calls;
+    assert!(
+        !calls.contains_key("CreateVpc") && !calls.contains_key("CreateSubnet"),
+        "{calls:?}"
+    );
+
+    // Deploy three apps; all run, with private IPs; the web app has an Elastic IP.
+    let deploy = run(
+        a,
+        sandbox,
+        job_spec::Kind::DeploySandbox(DeploySandbox { apps: three_apps() }),
+    )
+    .await;
+    ok(&deploy);
+    let apps = apps_of(&deploy);
+    assert_eq!(apps.len(), 3);
+    for r in &apps {
+        assert_eq!(r.state, "running", "{r:?}");
+        assert!(!r.private_ips.is_empty(), "{r:?}");
+    }
+    let db = apps.iter().find(|r| r.name == "db").unwrap();
+    assert_eq!(db.private_ips.len(), 2, "one NIC per subnet");
+    assert!(!apps
+        .iter()
+        .find(|r| r.name == "web")
+        .unwrap()
+        .public_ip
+        .is_empty());
+    let calls = &shells(&deploy).api_calls;
+    assert_eq!(calls.get("RunInstances"), Some(&3), "{calls:?}");
+    // Per-app progress was reported as apps finished.
+    let mut c = a.env.server.client().await;
+    let mut w = c
+        .watch(WatchRequest {
+            job_id: deploy.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut progress = 0;
+    while let Some(ev) = w.message().await.unwrap() {
+        if let Some(job_event::Event::Progress(p)) = ev.event {
+            if p.message.starts_with("app ") {
+                progress += 1;
+            }
+        }
+    }
+    assert_eq!(progress, 3);
+
+    // The same deploy again (a retry): no new instance.
+    let redeploy = run(
+        a,
+        sandbox,
+        job_spec::Kind::DeploySandbox(DeploySandbox { apps: three_apps() }),
+    )
+    .await;
+    ok(&redeploy);
+    assert_eq!(shells(&redeploy).api_calls.get("RunInstances"), None);
+    let live = tagged_resources(&a.ec2, sandbox)
+        .await
+        .into_iter()
+        .filter(|r| r.starts_with("instance "))
+        .count();
+    assert_eq!(live, 3);
+
+    // Power off, off again (no-op), on.
+    let off = run(
+        a,
+        sandbox,
+        job_spec::Kind::Power(PowerApps {
+            apps: vec![],
+            on: false,
+        }),
+    )
+    .await;
+    ok(&off);
+    assert!(
+        apps_of(&off).iter().all(|r| r.state == "stopped"),
+        "{:?}",
+        apps_of(&off)
+    );
+    let off2 = run(
+        a,
+        sandbox,
+        job_spec::Kind::Power(PowerApps {
+            apps: vec![],
+            on: false,
+        }),
+    )
+    .await;
+    ok(&off2);
+    assert_eq!(
+        shells(&off2).api_calls.get("StopInstances"),
+        None,
+        "no call when already off"
+    );
+    let on = run(
+        a,
+        sandbox,
+        job_spec::Kind::Power(PowerApps {
+            apps: vec!["web".into(), "db".into()],
+            on: true,
+        }),
+    )
+    .await;
+    ok(&on);
+    assert_eq!(apps_of(&on).len(), 2);
+    assert!(apps_of(&on).iter().all(|r| r.state == "running"));
+    let ips = run(
+        a,
+        sandbox,
+        job_spec::Kind::RefreshIp(RefreshIp {
+            apps: vec!["db".into()],
+        }),
+    )
+    .await;
+    ok(&ips);
+    assert_eq!(apps_of(&ips)[0].private_ips, db.private_ips);
+    let details = run(
+        a,
+        sandbox,
+        job_spec::Kind::GetVmDetails(GetVmDetails { apps: vec![] }),
+    )
+    .await;
+    ok(&details);
+    assert_eq!(apps_of(&details).len(), 3);
+    assert!(apps_of(&details)
+        .iter()
+        .all(|r| r.instance_type == "t3.micro"));
+
+    // Delete one app, then clean up the sandbox: nothing tagged with it remains.
+    let del = run(
+        a,
+        sandbox,
+        job_spec::Kind::DeleteApp(DeleteApp {
+            app: "worker".into(),
+        }),
+    )
+    .await;
+    ok(&del);
+    let clean = run(
+        a,
+        sandbox,
+        job_spec::Kind::CleanupSandbox(CleanupSandbox {}),
+    )
+    .await;
+    ok(&clean);
+    let left = tagged_resources(&a.ec2, sandbox).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // A second cleanup is a quick no-op.
+    let clean2 = run(
+        a,
+        sandbox,
+        job_spec::Kind::CleanupSandbox(CleanupSandbox {}),
+    )
+    .await;
+    ok(&clean2);
+    assert_eq!(
+        clean2.result.as_ref().unwrap().output,
+        "nothing to delete",
+        "{:?}",
+        shells(&clean2).result
+    );
+}
+
+fn mgmt_routes_to(
+    rts: &aws_sdk_ec2::operation::describe_route_tables::DescribeRouteTablesOutput,
+    cidr: &str,
+) -> usize {
+    rts.route_tables()
+        .iter()
+        .flat_map(|t| t.routes())
+        .filter(|r| r.destination_cidr_block() == Some(cidr))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_mode_lifecycle_leaves_nothing_behind() {
+    let a = setup().await;
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Dedicated as i32,
+        vpc_cidr: "10.1.0.0/16".into(),
+        subnets: vec![
+            subnet("app", "10.1.1.0/24", true),
+            subnet("db", "10.1.2.0/24", false),
+        ],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    // The route back from the Management VPC exists while the sandbox lives.
+    let first = run(
+        &a,
+        "sb-dedicated",
+        job_spec::Kind::PrepareNetwork(prepare.clone()),
+    )
+    .await;
+    ok(&first);
+    let rts = a
+        .ec2
+        .describe_route_tables()
+        .route_table_ids(&a.mgmt.route_table_ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mgmt_routes_to(&rts, "10.1.0.0/16"), 1);
+    lifecycle(&a, "sb-dedicated", prepare).await;
+    let rts = a
+        .ec2
+        .describe_route_tables()
+        .route_table_ids(&a.mgmt.route_table_ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        mgmt_routes_to(&rts, "10.1.0.0/16"),
+        0,
+        "the Management VPC route to the sandbox is gone: {:?}",
+        rts.route_tables()[0].routes()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_mode_lifecycle_leaves_nothing_behind() {
+    let a = setup().await;
+    let shared = a
+        .ec2
+        .create_vpc()
+        .cidr_block("172.16.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let shared_vpc = shared.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let tgw = a.ec2.create_transit_gateway().send().await.unwrap();
+    let tgw_id = tgw
+        .transit_gateway()
+        .unwrap()
+        .transit_gateway_id()
+        .unwrap()
+        .to_owned();
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Shared as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![
+            subnet("app", "172.16.1.0/24", false),
+            subnet("db", "172.16.2.0/24", false),
+        ],
+        management: Some(a.mgmt.clone()),
+        shared: Some(SharedVpc {
+            vpc_id: shared_vpc.clone(),
+            transit_gateway_id: tgw_id.clone(),
+        }),
+    };
+    let first = run(
+        &a,
+        "sb-shared",
+        job_spec::Kind::PrepareNetwork(prepare.clone()),
+    )
+    .await;
+    ok(&first);
+    let Some(shells_result::Result::Network(net)) = shells(&first).result.clone() else {
+        panic!()
+    };
+    assert_eq!(net.vpc_id, shared_vpc);
+    let rts = a
+        .ec2
+        .describe_route_tables()
+        .set_route_table_ids(Some(net.route_table_ids.clone()))
+        .send()
+        .await
+        .unwrap();
+    let via_tgw = rts.route_tables().iter().flat_map(|t| t.routes()).any(|r| {
+        r.destination_cidr_block() == Some("10.0.0.0/16")
+            && r.transit_gateway_id() == Some(tgw_id.as_str())
+    });
+    assert!(
+        via_tgw,
+        "route to the management CIDR through the transit gateway"
+    );
+    lifecycle(&a, "sb-shared", prepare).await;
+    // The shared VPC itself stays.
+    assert_eq!(
+        a.ec2
+            .describe_vpcs()
+            .vpc_ids(&shared_vpc)
+            .send()
+            .await
+            .unwrap()
+            .vpcs()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_mode_lifecycle_leaves_nothing_behind() {
+    let a = setup().await;
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Single as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![
+            subnet("app", "10.0.101.0/24", false),
+            subnet("db", "10.0.102.0/24", false),
+        ],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    lifecycle(&a, "sb-single", prepare).await;
+    assert_eq!(
+        a.ec2
+            .describe_vpcs()
+            .vpc_ids(&a.mgmt.vpc_id)
+            .send()
+            .await
+            .unwrap()
+            .vpcs()
+            .len(),
+        1,
+        "the Management VPC stays"
+    );
+}
+
+fn tagspec(rt: ResourceType, sandbox: &str, extra: &[(&str, &str)]) -> TagSpecification {
+    let mut b = TagSpecification::builder()
+        .resource_type(rt)
+        .tags(Tag::builder().key("ReservationId").value(sandbox).build())
+        .tags(Tag::builder().key("CreatedBy").value("es-shells").build());
+    for (k, v) in extra {
+        b = b.tags(Tag::builder().key(*k).value(*v).build());
+    }
+    b.build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rerun_after_a_crash_mid_way_creates_no_duplicates_and_sweep_finds_orphans() {
+    let a = setup().await;
+    let sb = "sb-crash";
+    // What a crashed first run left: the VPC and one of two subnets, tagged at creation.
+    let vpc = a
+        .ec2
+        .create_vpc()
+        .cidr_block("10.7.0.0/16")
+        .tag_specifications(tagspec(
+            ResourceType::Vpc,
+            sb,
+            &[("es:role", "sandbox-vpc")],
+        ))
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    a.ec2
+        .create_subnet()
+        .vpc_id(&vpc_id)
+        .cidr_block("10.7.1.0/24")
+        .tag_specifications(tagspec(ResourceType::Subnet, sb, &[("es:subnet", "app")]))
+        .send()
+        .await
+        .unwrap();
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Dedicated as i32,
+        vpc_cidr: "10.7.0.0/16".into(),
+        subnets: vec![
+            subnet("app", "10.7.1.0/24", false),
+            subnet("db", "10.7.2.0/24", false),
+        ],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    let j = run(&a, sb, job_spec::Kind::PrepareNetwork(prepare)).await;
+    ok(&j);
+    let left = tagged_resources(&a.ec2, sb).await;
+    assert_eq!(
+        left.iter().filter(|r| r.starts_with("vpc ")).count(),
+        1,
+        "{left:?}"
+    );
+    assert_eq!(
+        left.iter().filter(|r| r.starts_with("subnet ")).count(),
+        2,
+        "{left:?}"
+    );
+    assert_eq!(shells(&j).api_calls.get("CreateVpc"), None);
+    assert_eq!(shells(&j).api_calls.get("CreateSubnet"), Some(&1));
+
+    // A deploy that crashed after launching one of three apps: the re-run launches two.
+    let deploy1 = run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp {
+            app: Some(app("web", &["app"])),
+        }),
+    )
+    .await;
+    ok(&deploy1);
+    let apps = vec![
+        app("web", &["app"]),
+        app("db", &["db"]),
+        app("cache", &["db"]),
+    ];
+    let deploy = run(
+        &a,
+        sb,
+        job_spec::Kind::DeploySandbox(DeploySandbox { apps }),
+    )
+    .await;
+    ok(&deploy);
+    assert_eq!(shells(&deploy).api_calls.get("RunInstances"), Some(&2));
+    let instances = tagged_resources(&a.ec2, sb)
+        .await
+        .into_iter()
+        .filter(|r| r.starts_with("instance "))
+        .count();
+    assert_eq!(instances, 3);
+
+    // Sweep: sb-crash is not live any more; a dry run lists, a real run deletes; a live sandbox
+    // is left alone.
+    let live = "sb-live";
+    a.ec2
+        .create_security_group()
+        .group_name("live-sg")
+        .description("live")
+        .vpc_id(&a.mgmt.vpc_id)
+        .tag_specifications(tagspec(ResourceType::SecurityGroup, live, &[]))
+        .send()
+        .await
+        .unwrap();
+    let dry = run(
+        &a,
+        "",
+        job_spec::Kind::SweepOrphans(SweepOrphans {
+            live_sandbox_ids: vec![live.into()],
+            dry_run: true,
+        }),
+    )
+    .await;
+    ok(&dry);
+    let Some(shells_result::Result::Deleted(d)) = shells(&dry).result.clone() else {
+        panic!()
+    };
+    assert!(!d.resources.is_empty());
+    assert!(
+        d.resources
+            .iter()
+            .all(|r| r.sandbox_id == sb && r.outcome == "would-delete"),
+        "{d:?}"
+    );
+    assert!(
+        !tagged_resources(&a.ec2, sb).await.is_empty(),
+        "dry run deletes nothing"
+    );
+    let sweep = run(
+        &a,
+        "",
+        job_spec::Kind::SweepOrphans(SweepOrphans {
+            live_sandbox_ids: vec![live.into()],
+            dry_run: false,
+        }),
+    )
+    .await;
+    ok(&sweep);
+    assert!(tagged_resources(&a.ec2, sb).await.is_empty());
+    assert_eq!(
+        tagged_resources(&a.ec2, live).await.len(),
+        1,
+        "the live sandbox keeps its resources"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_shells_input_is_refused_and_creates_nothing() {
+    let a = setup().await;
+    let mut c = a.env.server.client().await;
+    let sb = "sb-bad";
+    let good = PrepareSandboxNetwork {
+        mode: NetworkMode::Dedicated as i32,
+        vpc_cidr: "10.9.0.0/16".into(),
+        subnets: vec![subnet("app", "10.9.1.0/24", false)],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    let cases: Vec<(job_spec::Kind, &str)> = vec![
+        (
+            job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+                subnets: vec![subnet("app", "10.8.1.0/24", false)],
+                ..good.clone()
+            }),
+            "spec.prepare_network.subnets[0].cidr",
+        ),
+        (
+            job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+                subnets: vec![
+                    subnet("a", "10.9.1.0/24", false),
+                    subnet("b", "10.9.1.128/25", false),
+                ],
+                ..good.clone()
+            }),
+            "spec.prepare_network.subnets[1].cidr",
+        ),
+        (
+            job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+                mode: 9,
+                ..good.clone()
+            }),
+            "spec.prepare_network.mode",
+        ),
+        (
+            job_spec::Kind::DeploySandbox(DeploySandbox {
+                apps: (0..256).map(|i| app(&format!("a{i}"), &["app"])).collect(),
+            }),
+            "spec.deploy_sandbox.apps",
+        ),
+        (
+            job_spec::Kind::DeployApp(DeployApp {
+                app: Some(AppSpec {
+                    ami: String::new(),
+                    ..app("web", &["app"])
+                }),
+            }),
+            "spec.deploy_app.app.ami",
+        ),
+    ];
+    for (kind, field) in cases {
+        let err = c.submit(shells_req(sb, kind)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    // A subnet outside an existing VPC is only known at run time: the job fails naming the
+    // field, before anything is created.
+    let single = PrepareSandboxNetwork {
+        mode: NetworkMode::Single as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![subnet("app", "192.168.1.0/24", false)],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    let j = run(&a, sb, job_spec::Kind::PrepareNetwork(single)).await;
+    assert_eq!(j.state, JobState::Failed as i32);
+    let err = j.result.unwrap().error;
+    assert!(
+        err.contains("spec.prepare_network.subnets[0].cidr") && err.contains("outside VPC"),
+        "{err}"
+    );
+    // Deploying before the network exists says so.
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp {
+            app: Some(app("web", &["app"])),
+        }),
+    )
+    .await;
+    assert_eq!(j.state, JobState::Failed as i32);
+    assert!(j
+        .result
+        .unwrap()
+        .error
+        .contains("PrepareSandboxNetwork first"));
+    assert!(
+        tagged_resources(&a.ec2, sb).await.is_empty(),
+        "nothing was created"
+    );
+    let _ = (&a.moto, bins());
+}
