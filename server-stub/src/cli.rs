@@ -99,6 +99,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientOpts,
     },
+    /// es-shells jobs on a sandbox: up (blueprint), power, ips, details, delete-app, down, sweep.
+    Sandbox {
+        #[command(subcommand)]
+        cmd: crate::sandbox_cli::SandboxCmd,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -339,6 +346,12 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                 println!("job {} is {}", j.id, state_name(j.state));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Sandbox { cmd, client } => {
+            let mut c = connect(&client).await?;
+            crate::sandbox_cli::run(&mut c, cmd, client.json)
+                .await
+                .map_err(|(code, message)| CliError { code, message })
         }
         Command::Agents { client } => {
             let mut c = connect(&client).await?;

@@ -7,9 +7,11 @@
 //!
 //! `main.rs` only parses the command line; [`run`] is what tests call in-process.
 
+pub mod blueprint;
 pub mod cli;
 pub mod dispatch;
 pub mod logging;
+pub mod sandbox_cli;
 pub mod selector;
 pub mod service;
 pub mod store;

@@ -148,13 +148,25 @@ struct Network {
 }
 
 async fn network(cx: &Cx<'_>) -> Result<Network> {
-    let subnets = cx
-        .ec2
-        .describe_subnets()
-        .filters(sandbox_filter(cx.sandbox))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSubnets", e))?;
+    // Both lookups at once: they do not depend on each other.
+    let (subnets, groups) = tokio::try_join!(
+        async {
+            cx.ec2
+                .describe_subnets()
+                .filters(sandbox_filter(cx.sandbox))
+                .send()
+                .await
+                .map_err(|e| aws_err("DescribeSubnets", e))
+        },
+        async {
+            cx.ec2
+                .describe_security_groups()
+                .filters(sandbox_filter(cx.sandbox))
+                .send()
+                .await
+                .map_err(|e| aws_err("DescribeSecurityGroups", e))
+        }
+    )?;
     let mut map = HashMap::new();
     let mut vpc_id = String::new();
     for s in subnets.subnets() {
@@ -169,13 +181,6 @@ async fn network(cx: &Cx<'_>) -> Result<Network> {
             cx.sandbox
         )));
     }
-    let groups = cx
-        .ec2
-        .describe_security_groups()
-        .filters(sandbox_filter(cx.sandbox))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
     let find = |role: &str| {
         groups
             .security_groups()
@@ -199,7 +204,9 @@ async fn network(cx: &Cx<'_>) -> Result<Network> {
 
 /// Deploys `apps` (skipping those that already run), reporting each as it finishes.
 pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
-    let net = network(cx).await?;
+    let names: Vec<String> = apps.iter().map(|a| a.name.clone()).collect();
+    // The network lookups and the search for apps that already run, all at once.
+    let (net, found) = tokio::try_join!(network(cx), instances(cx, &names, LIVE))?;
     // Every subnet named by an app must exist before anything is launched.
     for (i, a) in apps.iter().enumerate() {
         for (j, s) in a.subnets.iter().enumerate() {
@@ -216,9 +223,7 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
             }
         }
     }
-    let names: Vec<String> = apps.iter().map(|a| a.name.clone()).collect();
-    let existing: HashMap<String, Instance> = instances(cx, &names, LIVE)
-        .await?
+    let existing: HashMap<String, Instance> = found
         .into_iter()
         .map(|i| {
             (

@@ -1,0 +1,256 @@
+//! Sandbox blueprints: a YAML or JSON file with the network and the apps of a sandbox, turned
+//! into es-shells job specs. Unknown keys are refused; errors name the key and its line.
+//!
+//! ```yaml
+//! network:
+//!   mode: dedicated            # dedicated | shared | single
+//!   vpc_cidr: 10.1.0.0/16      # dedicated only
+//!   subnets:
+//!     - { name: app, cidr: 10.1.1.0/24, public: true }
+//!   management: { vpc_id: vpc-0abc, cidr: 10.0.0.0/16, route_table_ids: [rtb-0abc] }
+//!   shared: { vpc_id: vpc-0def, transit_gateway_id: tgw-0123 }   # shared only
+//! target: { role_arn: "arn:aws:iam::123456789012:role/es-shells", region: us-east-1 }  # optional
+//! apps:
+//!   - name: web
+//!     ami: ami-0123456789abcdef0
+//!     instance_type: t3.micro
+//!     subnets: [app]
+//!     public_ip: elastic       # none | auto | elastic
+//!     inbound: [{ protocol: tcp, from_port: 443, to_port: 443 }]
+//! ```
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use es_proto::v1::{
+    AppSpec, AwsTarget, ManagementNetwork, NetworkMode, PortRule, PrepareSandboxNetwork, PublicIp,
+    SharedVpc, SubnetRequest,
+};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Blueprint {
+    pub network: Option<Network>,
+    #[serde(default)]
+    pub apps: Vec<App>,
+    pub target: Option<Target>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub mode: String,
+    #[serde(default)]
+    pub vpc_cidr: String,
+    pub subnets: Vec<Subnet>,
+    pub management: Management,
+    pub shared: Option<Shared>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subnet {
+    pub name: String,
+    pub cidr: String,
+    #[serde(default)]
+    pub public: bool,
+    #[serde(default)]
+    pub availability_zone: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Management {
+    pub vpc_id: String,
+    pub cidr: String,
+    #[serde(default)]
+    pub route_table_ids: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shared {
+    pub vpc_id: String,
+    pub transit_gateway_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    #[serde(default)]
+    pub role_arn: String,
+    #[serde(default)]
+    pub external_id: String,
+    #[serde(default)]
+    pub region: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub name: String,
+    pub ami: String,
+    pub instance_type: String,
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub isolated: bool,
+    #[serde(default)]
+    pub inbound: Vec<Port>,
+    #[serde(default)]
+    pub public_ip: Option<String>,
+    #[serde(default)]
+    pub root_volume_gb: u32,
+    #[serde(default)]
+    pub root_volume_type: String,
+    #[serde(default)]
+    pub root_device_name: String,
+    #[serde(default)]
+    pub user_data: String,
+    #[serde(default)]
+    pub instance_profile: String,
+    #[serde(default)]
+    pub tags: HashMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Port {
+    pub protocol: String,
+    pub from_port: u32,
+    pub to_port: u32,
+    #[serde(default)]
+    pub cidr: String,
+}
+
+impl Blueprint {
+    /// Reads a YAML or JSON blueprint (JSON is YAML too).
+    pub fn load(path: &Path) -> Result<Blueprint, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn prepare(&self) -> Result<Option<PrepareSandboxNetwork>, String> {
+        let Some(n) = &self.network else {
+            return Ok(None);
+        };
+        let mode = match n.mode.as_str() {
+            "dedicated" => NetworkMode::Dedicated,
+            "shared" => NetworkMode::Shared,
+            "single" => NetworkMode::Single,
+            other => {
+                return Err(format!(
+                    "network.mode: {other:?} is not a mode; use dedicated, shared or single"
+                ))
+            }
+        };
+        Ok(Some(PrepareSandboxNetwork {
+            mode: mode as i32,
+            vpc_cidr: n.vpc_cidr.clone(),
+            subnets: n
+                .subnets
+                .iter()
+                .map(|s| SubnetRequest {
+                    name: s.name.clone(),
+                    cidr: s.cidr.clone(),
+                    public: s.public,
+                    availability_zone: s.availability_zone.clone(),
+                })
+                .collect(),
+            management: Some(ManagementNetwork {
+                vpc_id: n.management.vpc_id.clone(),
+                cidr: n.management.cidr.clone(),
+                route_table_ids: n.management.route_table_ids.clone(),
+            }),
+            shared: n.shared.as_ref().map(|s| SharedVpc {
+                vpc_id: s.vpc_id.clone(),
+                transit_gateway_id: s.transit_gateway_id.clone(),
+            }),
+        }))
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppSpec>, String> {
+        self.apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let public_ip = match a.public_ip.as_deref().unwrap_or("none") {
+                    "none" => PublicIp::None,
+                    "auto" => PublicIp::Auto,
+                    "elastic" => PublicIp::Elastic,
+                    other => {
+                        return Err(format!(
+                            "apps[{i}].public_ip: {other:?}; use none, auto or elastic"
+                        ))
+                    }
+                };
+                Ok(AppSpec {
+                    name: a.name.clone(),
+                    ami: a.ami.clone(),
+                    instance_type: a.instance_type.clone(),
+                    subnets: a.subnets.clone(),
+                    isolated: a.isolated,
+                    inbound: a
+                        .inbound
+                        .iter()
+                        .map(|p| PortRule {
+                            protocol: p.protocol.clone(),
+                            from_port: p.from_port,
+                            to_port: p.to_port,
+                            cidr: p.cidr.clone(),
+                        })
+                        .collect(),
+                    public_ip: public_ip as i32,
+                    root_volume_gb: a.root_volume_gb,
+                    root_volume_type: a.root_volume_type.clone(),
+                    user_data: a.user_data.clone(),
+                    instance_profile: a.instance_profile.clone(),
+                    tags: a.tags.clone(),
+                    root_device_name: a.root_device_name.clone(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn target(&self) -> Option<AwsTarget> {
+        self.target.as_ref().map(|t| AwsTarget {
+            role_arn: t.role_arn.clone(),
+            external_id: t.external_id.clone(),
+            region: t.region.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_yaml_and_names_bad_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("bp.yaml");
+        std::fs::write(
+            &f,
+            "network:\n  mode: dedicated\n  vpc_cidr: 10.1.0.0/16\n  subnets: [{name: app, cidr: 10.1.1.0/24, public: true}]\n  management: {vpc_id: vpc-1, cidr: 10.0.0.0/16}\napps:\n  - {name: web, ami: ami-1, instance_type: t3.micro, subnets: [app], public_ip: elastic, tags: {Team: qa}}\n",
+        )
+        .unwrap();
+        let bp = Blueprint::load(&f).unwrap();
+        let p = bp.prepare().unwrap().unwrap();
+        assert_eq!(p.mode, NetworkMode::Dedicated as i32);
+        let apps = bp.apps().unwrap();
+        assert_eq!(apps[0].public_ip, PublicIp::Elastic as i32);
+        assert_eq!(apps[0].tags["Team"], "qa");
+        std::fs::write(
+            &f,
+            "apps:\n  - {name: web, ami: ami-1, instance_typ: t3.micro, subnets: [app]}\n",
+        )
+        .unwrap();
+        let err = Blueprint::load(&f).unwrap_err();
+        assert!(err.contains("instance_typ"), "{err}");
+        let json = dir.path().join("bp.json");
+        std::fs::write(&json, r#"{"apps": [{"name": "a", "ami": "ami-1", "instance_type": "t3.micro", "subnets": ["app"], "public_ip": "sometimes"}]}"#).unwrap();
+        let err = Blueprint::load(&json).unwrap().apps().unwrap_err();
+        assert!(err.contains("apps[0].public_ip"), "{err}");
+    }
+}
