@@ -731,3 +731,194 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
     );
     let _ = (&a.moto, bins());
 }
+
+/// An agent whose EC2 endpoint is the fault-injecting proxy in front of `moto`.
+fn agent_via_proxy(env: &Env, moto: &Moto, proxy_url: &str, name: &str) -> Proc {
+    let mut spec = moto.agent_env(AgentSpec::new(name, "shells").slots(2));
+    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
+    spec.env
+        .push(("ES_AGENT_AWS_ENDPOINT_URL".into(), proxy_url.into()));
+    env.agent(&spec)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
+    let env = Env::start(&[]);
+    let moto = start_moto(env.dir.path());
+    let ec2 = moto.ec2().await;
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let mgmt = ManagementNetwork {
+        vpc_id: vpc.vpc().unwrap().vpc_id().unwrap().to_owned(),
+        cidr: "10.0.0.0/16".into(),
+        route_table_ids: vec![],
+    };
+    // 20 % of calls throttled and 5 % answered 503 at random (8 attempts per call make a
+    // failure of the whole run about 1 in 10,000).
+    let (flaky, stats) = ec2proxy::start(
+        &moto.url,
+        ec2proxy::ProxyConfig {
+            throttle_percent: 20,
+            error_percent: 5,
+            ..Default::default()
+        },
+    )
+    .await;
+    let _a = agent_via_proxy(&env, &moto, &flaky, "es-shells");
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells"]).await;
+    let a = Aws {
+        env,
+        moto,
+        ec2,
+        _agent: _a,
+        mgmt: mgmt.clone(),
+    };
+    let sb = "sb-flaky";
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Single as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![
+            subnet("app", "10.0.50.0/24", false),
+            subnet("db", "10.0.51.0/24", false),
+        ],
+        management: Some(mgmt),
+        shared: None,
+    };
+    ok(&run(&a, sb, job_spec::Kind::PrepareNetwork(prepare)).await);
+    let deploy = run(
+        &a,
+        sb,
+        job_spec::Kind::DeploySandbox(DeploySandbox { apps: three_apps() }),
+    )
+    .await;
+    ok(&deploy);
+    assert!(apps_of(&deploy).iter().all(|r| r.state == "running"));
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert!(tagged_resources(&a.ec2, sb).await.is_empty());
+    assert!(
+        stats.throttled_total() > 0,
+        "the proxy throttled nothing: {:?}",
+        stats.calls()
+    );
+    // The agent counts attempts, retries included: more than the calls that succeeded.
+    let counted: u64 = shells(&deploy).api_calls.values().sum();
+    assert!(counted >= 7, "{counted}");
+
+    // A real error (a quota) is not retried: the job fails at once with what to fix.
+    let (failing, fstats) = ec2proxy::start(
+        &a.moto.url,
+        ec2proxy::ProxyConfig {
+            fail: Some(("RunInstances".into(), "VcpuLimitExceeded".into())),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut b = agent_via_proxy(&a.env, &a.moto, &failing, "es-shells-quota");
+    // Only the quota agent may take the next job: stop the first one.
+    a._agent.sigterm();
+    let mut cc = a.env.server.client().await;
+    wait_healthy(&mut cc, &["es-shells-quota"]).await;
+    let c2 = cc.clone();
+    wait_until("the first agent to leave", LONG, move || {
+        let mut c = c2.clone();
+        async move {
+            agents(&mut c)
+                .await
+                .iter()
+                .any(|x| x.identity.as_ref().unwrap().name == "es-shells" && !x.healthy)
+        }
+    })
+    .await;
+    let sb2 = "sb-quota";
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Single as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![subnet("app", "10.0.60.0/24", false)],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    ok(&run(&a, sb2, job_spec::Kind::PrepareNetwork(prepare)).await);
+    let j = run(
+        &a,
+        sb2,
+        job_spec::Kind::DeployApp(DeployApp {
+            app: Some(app("web", &["app"])),
+        }),
+    )
+    .await;
+    assert_eq!(j.state, JobState::Failed as i32);
+    let err = j.result.as_ref().unwrap().error.clone();
+    assert!(
+        err.contains("VcpuLimitExceeded") && err.contains("quota"),
+        "{err}"
+    );
+    assert_eq!(fstats.calls().get("RunInstances"), Some(&1), "not retried");
+    ok(&run(&a, sb2, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    b.sigterm();
+    let _ = b.wait_exit(Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_runs_of_one_prepare_leave_one_network() {
+    let a = setup().await;
+    let sb = "sb-race";
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Dedicated as i32,
+        vpc_cidr: "10.5.0.0/16".into(),
+        subnets: vec![
+            subnet("app", "10.5.1.0/24", true),
+            subnet("db", "10.5.2.0/24", false),
+        ],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    // Three runs at once (the agent has four slots): as after a failover whose old holder is
+    // still mid-call.
+    let mut c = a.env.server.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            submit(
+                &mut c,
+                shells_req(sb, job_spec::Kind::PrepareNetwork(prepare.clone())),
+            )
+            .await
+            .id,
+        );
+    }
+    let mut vpcs = std::collections::HashSet::new();
+    for id in &ids {
+        let j = wait_done(&mut c, id, LONG).await;
+        ok(&j);
+        let Some(shells_result::Result::Network(n)) = shells(&j).result.clone() else {
+            panic!()
+        };
+        vpcs.insert(n.vpc_id);
+    }
+    assert_eq!(vpcs.len(), 1, "all runs report the same VPC");
+    let left = tagged_resources(&a.ec2, sb).await;
+    let count = |kind: &str| {
+        left.iter()
+            .filter(|r| r.starts_with(&format!("{kind} ")))
+            .count()
+    };
+    assert_eq!(
+        (
+            count("vpc"),
+            count("subnet"),
+            count("security-group"),
+            count("route-table"),
+            count("internet-gateway"),
+            count("vpc-peering-connection")
+        ),
+        (1, 2, 2, 2, 1, 1),
+        "{left:?}"
+    );
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert!(tagged_resources(&a.ec2, sb).await.is_empty());
+}

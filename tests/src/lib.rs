@@ -2,6 +2,8 @@
 //! processes on loopback (port 0), talks to them over gRPC, and kills them when dropped so a
 //! failed test leaves nothing running. On a panic, the tail of each process's log is printed.
 
+pub mod ec2proxy;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

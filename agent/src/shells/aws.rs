@@ -222,12 +222,7 @@ where
     let mut tries = 0;
     loop {
         match f().await {
-            Err(e)
-                if tries < 9 && {
-                    let c = code(&e);
-                    c.ends_with(".NotFound") || c == "DependencyViolation"
-                } =>
-            {
+            Err(e) if tries < 9 && consistency_error(&code(&e)) => {
                 tries += 1;
                 let jitter = rand::random_range(0..=delay.as_millis() as u64);
                 tokio::time::sleep(Duration::from_millis(jitter) + delay / 2).await;
@@ -236,6 +231,13 @@ where
             other => return other,
         }
     }
+}
+
+/// Errors that a moment of waiting may fix: a resource not visible yet right after its
+/// creation, or a dependency still being released. A missing AMI is a real error.
+fn consistency_error(code: &str) -> bool {
+    (code.ends_with(".NotFound") && !code.starts_with("InvalidAMIID"))
+        || code == "DependencyViolation"
 }
 
 pub fn filter(name: &str, values: &[&str]) -> Filter {

@@ -5,7 +5,8 @@
 //!   creation (TagSpecifications), so a crash leaves nothing a cleanup cannot find;
 //! - every job looks up before it creates and treats "already exists" as success, so it is safe
 //!   to run again after a crash or on the fallback;
-//! - throttling and 5xx are retried by the SDK (standard mode, exponential backoff with jitter);
+//! - throttling and 5xx are retried by the SDK (standard mode: exponential backoff with full
+//!   jitter, a retry quota); concurrency per job is bounded (`aws_concurrency`);
 //!   `*.NotFound` right after a create (eventual consistency) is retried here; real errors fail
 //!   fast with what to fix.
 //! - each job counts its EC2 calls by operation (reported in the result).

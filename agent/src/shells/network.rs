@@ -98,13 +98,21 @@ pub(crate) async fn prepare(cx: &Cx<'_>, p: &PrepareSandboxNetwork) -> Result<Ne
                 if !s.availability_zone.is_empty() {
                     req = req.availability_zone(&s.availability_zone);
                 }
-                let r = retry_consistency(|| req.clone().send())
-                    .await
-                    .map_err(|e| aws_err("CreateSubnet", e))?;
-                r.subnet()
-                    .and_then(|x| x.subnet_id())
-                    .unwrap_or_default()
-                    .to_owned()
+                match retry_consistency(|| req.clone().send()).await {
+                    Ok(r) => r
+                        .subnet()
+                        .and_then(|x| x.subnet_id())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    // A concurrent run created it between our lookup and our create.
+                    Err(e) if code(&e) == "InvalidSubnet.Conflict" => {
+                        match sandbox_subnet(cx, &vpc_id, &s.name).await? {
+                            Some(id) => id,
+                            None => return Err(aws_err("CreateSubnet", e)),
+                        }
+                    }
+                    Err(e) => return Err(aws_err("CreateSubnet", e)),
+                }
             }
         };
         out.subnets.push(SubnetResult {
@@ -179,6 +187,34 @@ pub(crate) async fn prepare(cx: &Cx<'_>, p: &PrepareSandboxNetwork) -> Result<Ne
     }
     cx.ctx.progress(5, 5, "routes");
     Ok(out)
+}
+
+async fn sandbox_subnet(cx: &Cx<'_>, vpc_id: &str, name: &str) -> Result<Option<String>> {
+    let r = cx
+        .ec2
+        .describe_subnets()
+        .filters(sandbox_filter(cx.sandbox))
+        .filters(filter("vpc-id", &[vpc_id]))
+        .filters(filter(&format!("tag:{TAG_SUBNET}"), &[name]))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeSubnets", e))?;
+    let mut ids: Vec<String> = r
+        .subnets()
+        .iter()
+        .filter_map(|s| s.subnet_id().map(str::to_owned))
+        .collect();
+    ids.sort();
+    Ok(ids.into_iter().next())
+}
+
+/// After creating `mine`, agree with any concurrent run on one winner (the smallest id among
+/// `all`); answers the winner and whether `mine` lost (the caller then deletes it).
+fn reconcile(mine: &str, mut all: Vec<String>) -> (String, bool) {
+    all.sort();
+    let winner = all.into_iter().next().unwrap_or_else(|| mine.to_owned());
+    let lost = winner != mine;
+    (winner, lost)
 }
 
 fn invalid(field: &str, reason: &str) -> ShellsError {
@@ -286,8 +322,9 @@ async fn security_groups(cx: &Cx<'_>, vpc_id: &str, mgmt_cidr: &str) -> Result<(
         let found = existing
             .security_groups()
             .iter()
-            .find(|g| tag_value(g.tags(), TAG_ROLE) == Some(role))
-            .and_then(|g| g.group_id().map(str::to_owned));
+            .filter(|g| tag_value(g.tags(), TAG_ROLE) == Some(role))
+            .filter_map(|g| g.group_id().map(str::to_owned))
+            .min();
         let (id, fresh) = match found {
             Some(id) => (id, false),
             None => {
@@ -375,8 +412,8 @@ async fn security_groups(cx: &Cx<'_>, vpc_id: &str, mgmt_cidr: &str) -> Result<(
     Ok((ids[0].clone(), ids[1].clone()))
 }
 
-async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
-    let existing = cx
+async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> {
+    let r = cx
         .ec2
         .describe_vpc_peering_connections()
         .filters(sandbox_filter(cx.sandbox))
@@ -387,18 +424,27 @@ async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
         .send()
         .await
         .map_err(|e| aws_err("DescribeVpcPeeringConnections", e))?;
-    let (id, status) = match existing
+    let mut out: Vec<(String, String)> = r
         .vpc_peering_connections()
         .iter()
-        .find(|p| super::aws::live_peering(p))
-    {
-        Some(p) => (
-            p.vpc_peering_connection_id().unwrap_or_default().to_owned(),
-            p.status()
-                .and_then(|s| s.code())
-                .map(|c| c.as_str().to_owned())
-                .unwrap_or_default(),
-        ),
+        .filter(|p| super::aws::live_peering(p))
+        .map(|p| {
+            (
+                p.vpc_peering_connection_id().unwrap_or_default().to_owned(),
+                p.status()
+                    .and_then(|s| s.code())
+                    .map(|c| c.as_str().to_owned())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
+    let (id, status) = match live_peerings(cx).await?.into_iter().next() {
+        Some(found) => found,
         None => {
             let r = retry_consistency(|| {
                 cx.ec2
@@ -415,43 +461,68 @@ async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
             })
             .await
             .map_err(|e| aws_err("CreateVpcPeeringConnection", e))?;
-            let p = r.vpc_peering_connection();
-            (
-                p.and_then(|p| p.vpc_peering_connection_id())
-                    .unwrap_or_default()
-                    .to_owned(),
-                p.and_then(|p| p.status())
-                    .and_then(|s| s.code())
-                    .map(|c| c.as_str().to_owned())
-                    .unwrap_or_default(),
-            )
+            let mine = r
+                .vpc_peering_connection()
+                .and_then(|p| p.vpc_peering_connection_id())
+                .unwrap_or_default()
+                .to_owned();
+            let all = live_peerings(cx).await?;
+            let (winner, lost) = reconcile(&mine, all.iter().map(|(i, _)| i.clone()).collect());
+            if lost {
+                let _ = cx
+                    .ec2
+                    .delete_vpc_peering_connection()
+                    .vpc_peering_connection_id(&mine)
+                    .send()
+                    .await;
+            }
+            let status = all
+                .into_iter()
+                .find(|(i, _)| *i == winner)
+                .map(|(_, s)| s)
+                .unwrap_or_default();
+            (winner, status)
         }
     };
     if status != "active" {
-        retry_consistency(|| {
+        let r = retry_consistency(|| {
             cx.ec2
                 .accept_vpc_peering_connection()
                 .vpc_peering_connection_id(&id)
                 .send()
         })
-        .await
-        .map_err(|e| aws_err("AcceptVpcPeeringConnection", e))?;
+        .await;
+        if let Err(e) = r {
+            // Accepted meanwhile by a concurrent run.
+            if code(&e) != "InvalidStateTransition" {
+                return Err(aws_err("AcceptVpcPeeringConnection", e));
+            }
+        }
     }
     Ok(id)
 }
 
-async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
-    let existing = cx
+async fn sandbox_igws(cx: &Cx<'_>) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>> {
+    let r = cx
         .ec2
         .describe_internet_gateways()
         .filters(sandbox_filter(cx.sandbox))
         .send()
         .await
         .map_err(|e| aws_err("DescribeInternetGateways", e))?;
-    let (id, attached) = match existing.internet_gateways().first() {
+    let mut v = r.internet_gateways().to_vec();
+    v.sort_by(|a, b| a.internet_gateway_id().cmp(&b.internet_gateway_id()));
+    Ok(v)
+}
+
+async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
+    let attached_to = |g: &aws_sdk_ec2::types::InternetGateway| {
+        g.attachments().iter().any(|a| a.vpc_id() == Some(vpc_id))
+    };
+    let (id, attached) = match sandbox_igws(cx).await?.first() {
         Some(g) => (
             g.internet_gateway_id().unwrap_or_default().to_owned(),
-            g.attachments().iter().any(|a| a.vpc_id() == Some(vpc_id)),
+            attached_to(g),
         ),
         None => {
             let r = cx
@@ -466,13 +537,30 @@ async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
                 .send()
                 .await
                 .map_err(|e| aws_err("CreateInternetGateway", e))?;
-            (
-                r.internet_gateway()
-                    .and_then(|g| g.internet_gateway_id())
-                    .unwrap_or_default()
-                    .to_owned(),
-                false,
-            )
+            let mine = r
+                .internet_gateway()
+                .and_then(|g| g.internet_gateway_id())
+                .unwrap_or_default()
+                .to_owned();
+            let all = sandbox_igws(cx).await?;
+            let (winner, lost) = reconcile(
+                &mine,
+                all.iter()
+                    .filter_map(|g| g.internet_gateway_id().map(str::to_owned))
+                    .collect(),
+            );
+            if lost {
+                let _ = cx
+                    .ec2
+                    .delete_internet_gateway()
+                    .internet_gateway_id(&mine)
+                    .send()
+                    .await;
+            }
+            let attached = all
+                .iter()
+                .any(|g| g.internet_gateway_id() == Some(winner.as_str()) && attached_to(g));
+            (winner, attached)
         }
     };
     if !attached {
@@ -493,23 +581,33 @@ async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
     Ok(id)
 }
 
-async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result<String> {
-    let role = format!("{kind}-routes");
-    let existing = cx
+async fn sandbox_route_tables(cx: &Cx<'_>, vpc_id: &str, role: &str) -> Result<Vec<String>> {
+    let r = cx
         .ec2
         .describe_route_tables()
         .filters(sandbox_filter(cx.sandbox))
         .filters(filter("vpc-id", &[vpc_id]))
-        .filters(filter(&format!("tag:{TAG_ROLE}"), &[&role]))
+        .filters(filter(&format!("tag:{TAG_ROLE}"), &[role]))
         .send()
         .await
         .map_err(|e| aws_err("DescribeRouteTables", e))?;
-    if let Some(id) = existing
+    let mut ids: Vec<String> = r
         .route_tables()
-        .first()
-        .and_then(|r| r.route_table_id())
+        .iter()
+        .filter_map(|t| t.route_table_id().map(str::to_owned))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result<String> {
+    let role = format!("{kind}-routes");
+    if let Some(id) = sandbox_route_tables(cx, vpc_id, &role)
+        .await?
+        .into_iter()
+        .next()
     {
-        return Ok(id.to_owned());
+        return Ok(id);
     }
     let r = retry_consistency(|| {
         cx.ec2
@@ -525,10 +623,21 @@ async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result<String> {
     })
     .await
     .map_err(|e| aws_err("CreateRouteTable", e))?;
-    Ok(r.route_table()
+    let mine = r
+        .route_table()
         .and_then(|t| t.route_table_id())
         .unwrap_or_default()
-        .to_owned())
+        .to_owned();
+    let (winner, lost) = reconcile(&mine, sandbox_route_tables(cx, vpc_id, &role).await?);
+    if lost {
+        let _ = cx
+            .ec2
+            .delete_route_table()
+            .route_table_id(&mine)
+            .send()
+            .await;
+    }
+    Ok(winner)
 }
 
 enum Target<'a> {

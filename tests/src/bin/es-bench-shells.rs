@@ -1,0 +1,227 @@
+//! es-shells benchmark: a real es-server and es-shells agent, with moto behind a proxy that
+//! adds a fixed latency per EC2 call and enforces EC2-style token buckets (tests/src/ec2proxy.rs),
+//! so the run behaves like a region. For N = 10, 50 and 255 apps it reports API calls per app,
+//! the time of prepare, deploy and cleanup, and deploy time against the longest chain of
+//! dependent calls x latency.
+//!
+//!   cargo build --release --workspace --bins && target/release/es-bench-shells
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use es_proto::v1::*;
+use es_tests::*;
+
+#[derive(Parser, Debug)]
+#[command(about = "es-shells benchmark against moto behind a latency + token-bucket proxy")]
+struct Args {
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+    /// Latency added to every EC2 call (ms).
+    #[arg(long, default_value_t = 50)]
+    latency_ms: u64,
+    /// App counts to deploy.
+    #[arg(long, value_delimiter = ',', default_value = "10,50,255")]
+    apps: Vec<usize>,
+    /// Concurrent EC2 calls per job (agent's aws_concurrency).
+    #[arg(long, default_value_t = 16)]
+    concurrency: u32,
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join(name)
+}
+
+/// Dependent calls of a deploy on the happy path: the lookups (subnets, groups, existing
+/// instances; all at once) -> RunInstances -> one DescribeInstances that finds them running.
+const DEPLOY_CHAIN: u64 = 3;
+
+fn calls(j: &Job) -> (u64, std::collections::HashMap<String, u64>) {
+    let m = j
+        .result
+        .as_ref()
+        .and_then(|r| r.shells.as_ref())
+        .map(|s| s.api_calls.clone())
+        .unwrap_or_default();
+    (m.values().sum(), m)
+}
+
+fn secs(j: &Job) -> f64 {
+    (j.finished_at_us - j.started_at_us) as f64 / 1e6
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let bins = Bins {
+        server: args
+            .server_bin
+            .clone()
+            .unwrap_or_else(|| sibling("es-server")),
+        agent: args
+            .agent_bin
+            .clone()
+            .unwrap_or_else(|| sibling("es-agent")),
+    };
+    for b in [&bins.server, &bins.agent] {
+        assert!(
+            b.exists(),
+            "{} not found: run `cargo build --release --workspace --bins` first",
+            b.display()
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let moto = start_moto(dir.path());
+    let latency = Duration::from_millis(args.latency_ms);
+    let (proxy_url, stats) = ec2proxy::start(
+        &moto.url,
+        ec2proxy::ProxyConfig {
+            latency,
+            buckets: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ec2 = moto.ec2().await;
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.0.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let mgmt_vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let rts = ec2
+        .describe_route_tables()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("vpc-id")
+                .values(&mgmt_vpc)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mgmt_rt = rts.route_tables()[0].route_table_id().unwrap().to_owned();
+
+    let server = start_server(
+        &bins,
+        dir.path(),
+        &dir.path().join("es.db"),
+        "127.0.0.1:0",
+        &[],
+    );
+    let spec = AgentSpec::new("es-shells", "shells")
+        .slots(4)
+        .env("ES_AGENT_AWS_CONCURRENCY", &args.concurrency.to_string());
+    let mut spec = moto.agent_env(spec);
+    // The agent talks to the proxy, not to moto.
+    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
+    spec.env
+        .push(("ES_AGENT_AWS_ENDPOINT_URL".into(), proxy_url.clone()));
+    let _agent = start_agent(&bins, dir.path(), &server.url(), &spec);
+    let mut c = server.client().await;
+    wait_healthy(&mut c, &["es-shells"]).await;
+
+    println!(
+        "es-bench-shells: moto behind a proxy adding {} ms per EC2 call, EC2 token buckets on; agent aws_concurrency={}",
+        args.latency_ms, args.concurrency
+    );
+    println!();
+    println!(
+        "{:>5}  {:>10} {:>10} {:>10}  {:>9} {:>13}  {:>12}  {:>9}",
+        "apps",
+        "prepare s",
+        "deploy s",
+        "cleanup s",
+        "calls/app",
+        "deploy ratio",
+        "cleanup calls",
+        "throttled"
+    );
+    for (i, &n) in args.apps.iter().enumerate() {
+        let sb = format!("bench-{n}");
+        let throttled_before = stats.throttled_total();
+        let submit_wait = |kind: job_spec::Kind| {
+            let mut c = c.clone();
+            let sb = sb.clone();
+            async move {
+                let req = SubmitRequest {
+                    role: role("shells"),
+                    sandbox_id: sb,
+                    spec: Some(JobSpec {
+                        kind: Some(kind),
+                        target: None,
+                    }),
+                    ..Default::default()
+                };
+                let j = submit(&mut c, req).await;
+                let j = wait_done(&mut c, &j.id, Duration::from_secs(1800)).await;
+                assert_eq!(j.state, JobState::Succeeded as i32, "{:?}", j.result);
+                j
+            }
+        };
+        let octet = 100 + i;
+        let prepare = submit_wait(job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+            mode: NetworkMode::Dedicated as i32,
+            vpc_cidr: format!("10.{octet}.0.0/16"),
+            subnets: vec![SubnetRequest {
+                name: "app".into(),
+                cidr: format!("10.{octet}.0.0/22"),
+                public: false,
+                availability_zone: String::new(),
+            }],
+            management: Some(ManagementNetwork {
+                vpc_id: mgmt_vpc.clone(),
+                cidr: "10.0.0.0/16".into(),
+                route_table_ids: vec![mgmt_rt.clone()],
+            }),
+            shared: None,
+        }))
+        .await;
+        let apps: Vec<AppSpec> = (0..n)
+            .map(|k| AppSpec {
+                name: format!("app-{k:03}"),
+                ami: "ami-0123456789abcdef0".into(),
+                instance_type: "t3.micro".into(),
+                subnets: vec!["app".into()],
+                ..Default::default()
+            })
+            .collect();
+        let deploy = submit_wait(job_spec::Kind::DeploySandbox(DeploySandbox { apps })).await;
+        let cleanup = submit_wait(job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await;
+        let (deploy_calls, per_op) = calls(&deploy);
+        let ratio = secs(&deploy) / (DEPLOY_CHAIN as f64 * latency.as_secs_f64());
+        println!(
+            "{:>5}  {:>10.2} {:>10.2} {:>10.2}  {:>9.2} {:>13.2}  {:>12}  {:>9}",
+            n,
+            secs(&prepare),
+            secs(&deploy),
+            secs(&cleanup),
+            deploy_calls as f64 / n as f64,
+            ratio,
+            calls(&cleanup).0,
+            stats.throttled_total() - throttled_before
+        );
+        let mut ops: Vec<_> = per_op.into_iter().collect();
+        ops.sort();
+        eprintln!(
+            "  deploy of {n}: {ops:?}; prepare calls {}",
+            calls(&prepare).0
+        );
+        let left = tagged_resources(&ec2, &sb).await;
+        assert!(left.is_empty(), "left behind by the cleanup: {left:?}");
+    }
+    println!();
+    println!(
+        "deploy ratio = deploy time / ({DEPLOY_CHAIN} dependent calls x {} ms); calls through the proxy: {}",
+        args.latency_ms,
+        stats.calls().values().sum::<u64>()
+    );
+}

@@ -1,0 +1,256 @@
+//! A small HTTP/1.1 proxy in front of the moto EC2 emulator that makes it behave more like a
+//! region: a fixed latency per call, EC2-style token buckets (RequestLimitExceeded when a
+//! bucket is empty) and, for fault tests, a share of throttled or 5xx answers. It counts calls
+//! by action, independently of the agent's own counter.
+//!
+//! Token buckets (per account and region in EC2; here per proxy), modelled on the EC2
+//! documentation's defaults: non-mutating actions (Describe*) 100 tokens refilling 20/s;
+//! mutating actions 50 refilling 5/s; RunInstances requests 1000 refilling 2/s, plus the
+//! RunInstances resource bucket of 1000 instances refilling 2/s.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Clone, Default)]
+pub struct ProxyConfig {
+    /// Added before each call is forwarded.
+    pub latency: Duration,
+    /// Enforce the EC2 token buckets.
+    pub buckets: bool,
+    /// Share (0..=100) of calls answered RequestLimitExceeded at random.
+    pub throttle_percent: u32,
+    /// Share (0..=100) of calls answered 503 InternalError at random.
+    pub error_percent: u32,
+    /// Answer every call of this action with HTTP 400 and this error code (a "real" error).
+    pub fail: Option<(String, String)>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    size: f64,
+    refill: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(size: f64, refill: f64) -> Bucket {
+        Bucket {
+            size,
+            refill,
+            tokens: size,
+            at: Instant::now(),
+        }
+    }
+    fn take(&mut self, n: f64) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.refill).min(self.size);
+        self.at = now;
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What went through the proxy.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub calls: Mutex<HashMap<String, u64>>,
+    pub throttled: Mutex<HashMap<String, u64>>,
+    pub errors: Mutex<u64>,
+}
+
+impl ProxyStats {
+    pub fn calls(&self) -> HashMap<String, u64> {
+        self.calls.lock().unwrap().clone()
+    }
+    pub fn throttled_total(&self) -> u64 {
+        self.throttled.lock().unwrap().values().sum()
+    }
+}
+
+struct State {
+    cfg: ProxyConfig,
+    upstream: SocketAddr,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    run_resource: Mutex<Bucket>,
+    stats: Arc<ProxyStats>,
+}
+
+/// Starts the proxy on 127.0.0.1 (port picked by the OS); answers its URL and its counters.
+/// It runs until the runtime stops.
+pub async fn start(upstream_url: &str, cfg: ProxyConfig) -> (String, Arc<ProxyStats>) {
+    let upstream: SocketAddr = upstream_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("upstream host:port");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+    let addr = listener.local_addr().unwrap();
+    let stats = Arc::new(ProxyStats::default());
+    let state = Arc::new(State {
+        cfg,
+        upstream,
+        buckets: Mutex::new(HashMap::new()),
+        run_resource: Mutex::new(Bucket::new(1000.0, 2.0)),
+        stats: stats.clone(),
+    });
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _ = serve(sock, state).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), stats)
+}
+
+/// Reads one HTTP/1.1 message (headers + Content-Length body). None at EOF.
+async fn read_message(sock: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut tmp = [0u8; 8192];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = buf[header_end..].to_vec();
+    while body.len() < len {
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&tmp[..n]);
+    }
+    Ok(Some((head, body)))
+}
+
+fn action(body: &[u8]) -> (String, u32) {
+    let text = String::from_utf8_lossy(body);
+    let mut action = String::from("Unknown");
+    let mut count = 1;
+    for pair in text.split('&') {
+        if let Some(v) = pair.strip_prefix("Action=") {
+            action = v.to_owned();
+        }
+        if let Some(v) = pair.strip_prefix("MaxCount=") {
+            count = v.parse().unwrap_or(1);
+        }
+    }
+    (action, count)
+}
+
+fn ec2_error(status: &str, code: &str, message: &str) -> Vec<u8> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>es-proxy</RequestID></Response>"
+    );
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
+    let _ = sock.set_nodelay(true);
+    let Some((head, body)) = read_message(&mut sock).await? else {
+        return Ok(());
+    };
+    let (act, count) = action(&body);
+    *st.stats
+        .calls
+        .lock()
+        .unwrap()
+        .entry(act.clone())
+        .or_default() += 1;
+    tokio::time::sleep(st.cfg.latency).await;
+
+    let roll = |pct: u32| pct > 0 && rand::random_range(0..100) < pct;
+    let mut throttled = roll(st.cfg.throttle_percent);
+    if !throttled && st.cfg.buckets {
+        let (size, refill) = if act == "RunInstances" {
+            (1000.0, 2.0)
+        } else if act.starts_with("Describe") {
+            (100.0, 20.0)
+        } else {
+            (50.0, 5.0)
+        };
+        let ok = st
+            .buckets
+            .lock()
+            .unwrap()
+            .entry(act.clone())
+            .or_insert_with(|| Bucket::new(size, refill))
+            .take(1.0);
+        throttled =
+            !ok || (act == "RunInstances" && !st.run_resource.lock().unwrap().take(count as f64));
+    }
+    let fail = st
+        .cfg
+        .fail
+        .as_ref()
+        .filter(|(a, _)| *a == act)
+        .map(|(_, code)| code.clone());
+    let reply = if let Some(code) = fail {
+        ec2_error("400 Bad Request", &code, "injected by the test proxy")
+    } else if throttled {
+        *st.stats.throttled.lock().unwrap().entry(act).or_default() += 1;
+        ec2_error(
+            "503 Service Unavailable",
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+        )
+    } else if roll(st.cfg.error_percent) {
+        *st.stats.errors.lock().unwrap() += 1;
+        ec2_error(
+            "503 Service Unavailable",
+            "InternalError",
+            "An internal error has occurred.",
+        )
+    } else {
+        // Forward with `Connection: close` and read the answer to the end.
+        let mut up = TcpStream::connect(st.upstream).await?;
+        let _ = up.set_nodelay(true);
+        let mut fwd = String::new();
+        for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+            if line.to_ascii_lowercase().starts_with("connection:") {
+                continue;
+            }
+            fwd.push_str(line);
+            fwd.push_str("\r\n");
+        }
+        fwd.push_str("Connection: close\r\n\r\n");
+        up.write_all(fwd.as_bytes()).await?;
+        up.write_all(&body).await?;
+        let mut resp = Vec::new();
+        up.read_to_end(&mut resp).await?;
+        resp
+    };
+    sock.write_all(&reply).await?;
+    sock.shutdown().await
+}
