@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use es_proto::v1::{
-    job_event, server_message, AgentEvent, AgentIdentity, AgentStatus, CancelJob, Drain, HeldLease,
-    Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
+    job_event, job_spec, server_message, AgentEvent, AgentIdentity, AgentStatus, CancelJob, Drain,
+    HeldLease, Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -128,6 +128,20 @@ struct Active {
     agent_seq: u64,
 }
 
+impl Active {
+    /// The sandbox this job must have to itself: es-shells jobs of one sandbox run one at a
+    /// time (two provisioning runs at once could each create what the other is creating).
+    fn exclusive_sandbox(&self) -> Option<&str> {
+        let shells = self
+            .job
+            .spec
+            .as_ref()
+            .and_then(|s| s.kind.as_ref())
+            .is_some_and(|k| !matches!(k, job_spec::Kind::Sleep(_) | job_spec::Kind::Echo(_)));
+        (shells && !self.job.sandbox_id.is_empty()).then_some(self.job.sandbox_id.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Probe {
     Unknown,
@@ -199,6 +213,8 @@ struct Core {
     /// Recently finished jobs: id -> final epoch, so a resent Complete is acknowledged.
     finished: HashMap<String, (u64, Instant)>,
     picks: u64,
+    /// Sandboxes with an es-shells job offered or running (see `Active::exclusive_sandbox`).
+    busy_sandboxes: HashMap<String, u32>,
 }
 
 /// A committed-later write plus the events to publish once it is committed.
@@ -229,6 +245,7 @@ impl Dispatcher {
             sessions: HashMap::new(),
             finished: HashMap::new(),
             picks: 0,
+            busy_sandboxes: HashMap::new(),
         };
         let (mut queued, mut running) = (0, 0);
         for (job, seq) in active {
@@ -265,6 +282,11 @@ impl Dispatcher {
             // The agent seq is unknown after a restart; the agent resends from its own seq and
             // duplicates are dropped by the (job, seq) key in the store.
             a.agent_seq = 0;
+            if state == JobState::Running {
+                if let Some(sb) = a.exclusive_sandbox() {
+                    *core.busy_sandboxes.entry(sb.to_owned()).or_default() += 1;
+                }
+            }
             core.jobs.insert(a.job.id.clone(), a);
         }
         if queued + running > 0 {
@@ -942,6 +964,18 @@ fn event(a: &mut Active, ev: job_event::Event) -> JobEvent {
     }
 }
 
+fn busy(map: &mut HashMap<String, u32>, sb: Option<&str>, up: bool) {
+    let Some(sb) = sb else { return };
+    if up {
+        *map.entry(sb.to_owned()).or_default() += 1;
+    } else if let Some(n) = map.get_mut(sb) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(sb);
+        }
+    }
+}
+
 impl Core {
     fn session_agent(&self, session: &str) -> Res<String> {
         self.sessions
@@ -975,6 +1009,7 @@ impl Core {
     fn unoffer(&mut self, id: &str) {
         if let Some(a) = self.jobs.get_mut(id) {
             if let Some((agent, _)) = a.offered.take() {
+                busy(&mut self.busy_sandboxes, a.exclusive_sandbox(), false);
                 if let Some(e) = self.agents.get_mut(&agent) {
                     e.offered.remove(id);
                 }
@@ -1012,13 +1047,25 @@ impl Core {
         }
         let names: Vec<String> = names.into_iter().cloned().collect();
         while let Some(i) = selector::choose(&cands) {
-            let Some(id) = queue.pop_front() else { break };
+            // The first job whose sandbox is not busy with another es-shells job (usually the
+            // head of the queue).
+            let jobs = &self.jobs;
+            let busy_now = &self.busy_sandboxes;
+            let Some(pos) = queue.iter().position(|id| {
+                jobs.get(id)
+                    .and_then(|j| j.exclusive_sandbox())
+                    .is_none_or(|sb| !busy_now.contains_key(sb))
+            }) else {
+                break;
+            };
+            let Some(id) = queue.remove(pos) else { break };
             let Some(job) = self.jobs.get_mut(&id) else {
                 continue;
             };
             if job.job.state != JobState::Queued as i32 || job.offered.is_some() {
                 continue;
             }
+            busy(&mut self.busy_sandboxes, job.exclusive_sandbox(), true);
             self.picks += 1;
             cands[i].busy += 1;
             cands[i].last_pick = self.picks;
@@ -1052,7 +1099,7 @@ impl Core {
     ) -> Res<(Lease, Option<Pending>)> {
         let agent = self.agents.get(name).expect("session maps to agent");
         let (agent_role, agent_sel) = (agent.identity.role, agent.identity.selector.clone());
-        let (slots, busy, draining) = (
+        let (slots, busy_count, draining) = (
             agent.identity.slots as usize,
             agent.leased.len(),
             agent.draining || agent.gone,
@@ -1111,10 +1158,19 @@ impl Core {
             }
             Some(_) => {}
             None => {
-                // Not offered (e.g. a poll-mode agent racing the queue): allowed with room.
-                if draining || busy >= slots {
+                // Not offered (e.g. a poll-mode agent racing the queue): allowed with room,
+                // and when its sandbox is not busy with another es-shells job.
+                if draining || busy_count >= slots {
                     return Err(DispatchError::NoCapacity(name.to_owned()));
                 }
+                if a.exclusive_sandbox()
+                    .is_some_and(|sb| self.busy_sandboxes.contains_key(sb))
+                {
+                    return Err(DispatchError::OfferedElsewhere {
+                        job_id: job_id.to_owned(),
+                    });
+                }
+                busy(&mut self.busy_sandboxes, a.exclusive_sandbox(), true);
                 if let Some(q) = self.queues.get_mut(&(a.job.role, a.job.selector.clone())) {
                     q.retain(|x| x != job_id);
                 }
@@ -1155,6 +1211,9 @@ impl Core {
         now: Instant,
     ) -> Pending {
         let mut a = self.jobs.remove(id).expect("terminate of an active job");
+        if a.offered.is_some() || a.job.state == JobState::Running as i32 {
+            busy(&mut self.busy_sandboxes, a.exclusive_sandbox(), false);
+        }
         if let Some(q) = self.queues.get_mut(&(a.job.role, a.job.selector.clone())) {
             if a.job.state == JobState::Queued as i32 {
                 q.retain(|x| x != id);
@@ -1226,6 +1285,7 @@ impl Core {
         a.job.state = JobState::Queued as i32;
         a.lease_expires = None;
         a.deadline = None;
+        busy(&mut self.busy_sandboxes, a.exclusive_sandbox(), false);
         // The epoch is bumped by the next Acquire; bump it now too so the old holder is fenced
         // even before anyone acquires.
         a.job.epoch += 1;
@@ -1490,5 +1550,36 @@ mod tests {
         d.tick_at(Instant::now() + d.settings.offer_timeout * 2)
             .await;
         assert_eq!(d.get("j2").await.unwrap().state, JobState::Queued as i32);
+    }
+
+    #[tokio::test]
+    async fn shells_jobs_of_one_sandbox_run_one_at_a_time() {
+        let (_dir, d) = setup().await;
+        let a = agent(&d, "a", false, 4).await;
+        let shells_job = |id: &str, sb: &str| Job {
+            sandbox_id: sb.into(),
+            spec: Some(JobSpec {
+                kind: Some(job_spec::Kind::CleanupSandbox(Default::default())),
+                target: None,
+            }),
+            ..job(id, 3)
+        };
+        d.submit(shells_job("first", "sb-1")).await.unwrap();
+        d.submit(shells_job("second", "sb-1")).await.unwrap();
+        d.submit(shells_job("other", "sb-2")).await.unwrap();
+        d.submit(job("diag", 3)).await.unwrap();
+        // first, other and diag are offered; second waits for first.
+        let l1 = d.acquire(&a, "first").await.unwrap();
+        d.acquire(&a, "other").await.unwrap();
+        d.acquire(&a, "diag").await.unwrap();
+        let err = d.acquire(&a, "second").await.unwrap_err();
+        assert!(
+            matches!(err, DispatchError::OfferedElsewhere { .. }),
+            "{err}"
+        );
+        d.complete(&a, "first", l1.epoch, ok()).await.unwrap();
+        // Now it is offered and can be taken.
+        let l2 = d.acquire(&a, "second").await.unwrap();
+        assert_eq!(l2.attempt, 1);
     }
 }

@@ -877,8 +877,9 @@ async fn concurrent_runs_of_one_prepare_leave_one_network() {
         management: Some(a.mgmt.clone()),
         shared: None,
     };
-    // Three runs at once (the agent has four slots): as after a failover whose old holder is
-    // still mid-call.
+    // Three submissions at once (the agent has four slots). The server runs es-shells jobs of
+    // one sandbox one at a time; the agent's look-up-before-create and reconcile steps cover
+    // the rest (a fenced holder still mid-call).
     let mut c = a.env.server.client().await;
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -919,6 +920,48 @@ async fn concurrent_runs_of_one_prepare_leave_one_network() {
         (1, 2, 2, 2, 1, 1),
         "{left:?}"
     );
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert!(tagged_resources(&a.ec2, sb).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_larger_than_one_describe_page_completes_and_cleans_up() {
+    let a = setup().await;
+    let sb = "sb-many";
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Single as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![subnet("app", "10.0.200.0/22", false)],
+        management: Some(a.mgmt.clone()),
+        shared: None,
+    };
+    ok(&run(&a, sb, job_spec::Kind::PrepareNetwork(prepare)).await);
+    // moto pages DescribeInstances at 100 results even when ids are given.
+    let apps: Vec<AppSpec> = (0..120)
+        .map(|i| app(&format!("app-{i:03}"), &["app"]))
+        .collect();
+    let deploy = run(
+        &a,
+        sb,
+        job_spec::Kind::DeploySandbox(DeploySandbox { apps }),
+    )
+    .await;
+    ok(&deploy);
+    assert_eq!(apps_of(&deploy).len(), 120);
+    assert!(apps_of(&deploy).iter().all(|r| r.state == "running"));
+    let live = tagged_resources(&a.ec2, sb)
+        .await
+        .into_iter()
+        .filter(|r| r.starts_with("instance "))
+        .count();
+    assert_eq!(
+        live, 120,
+        "one instance per app, duplicates from retried launches removed"
+    );
+    let calls = &shells(&deploy).api_calls;
+    let total: u64 = calls.values().sum();
+    // One RunInstances per app (plus any retried attempt) and a handful of lookups.
+    assert!(total <= 120 + 12, "about one call per app: {calls:?}");
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert!(tagged_resources(&a.ec2, sb).await.is_empty());
 }

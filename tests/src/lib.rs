@@ -537,15 +537,17 @@ pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<S
         .values(sandbox)
         .build();
     let mut out = Vec::new();
-    let r = ec2
+    // Every page: EC2 pages these (and moto does, at 100, even with filters).
+    let mut pages = ec2
         .describe_instances()
         .filters(f.clone())
-        .send()
-        .await
-        .unwrap();
-    for i in r.reservations().iter().flat_map(|r| r.instances()) {
-        if i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated") {
-            out.push(format!("instance {}", i.instance_id().unwrap_or_default()));
+        .into_paginator()
+        .send();
+    while let Some(r) = pages.next().await {
+        for i in r.unwrap().reservations().iter().flat_map(|r| r.instances()) {
+            if i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated") {
+                out.push(format!("instance {}", i.instance_id().unwrap_or_default()));
+            }
         }
     }
     for a in ec2
@@ -561,18 +563,18 @@ pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<S
             a.allocation_id().unwrap_or_default()
         ));
     }
-    for n in ec2
+    let mut pages = ec2
         .describe_network_interfaces()
         .filters(f.clone())
-        .send()
-        .await
-        .unwrap()
-        .network_interfaces()
-    {
-        out.push(format!(
-            "network-interface {}",
-            n.network_interface_id().unwrap_or_default()
-        ));
+        .into_paginator()
+        .send();
+    while let Some(r) = pages.next().await {
+        for n in r.unwrap().network_interfaces() {
+            out.push(format!(
+                "network-interface {}",
+                n.network_interface_id().unwrap_or_default()
+            ));
+        }
     }
     for g in ec2
         .describe_security_groups()

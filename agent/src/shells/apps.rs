@@ -99,6 +99,36 @@ pub(crate) async fn instances(
     Ok(out)
 }
 
+/// The given instances, every page of them (EC2 implementations may page even when ids are
+/// given: moto answers 100 at a time).
+pub(crate) async fn describe_ids(
+    ec2: &aws_sdk_ec2::Client,
+    ids: &[String],
+) -> Result<Vec<Instance>> {
+    let mut all = Vec::new();
+    for chunk in ids.chunks(1000) {
+        let mut token: Option<String> = None;
+        loop {
+            let r = retry_consistency(|| {
+                ec2.describe_instances()
+                    .set_instance_ids(Some(chunk.to_vec()))
+                    .set_next_token(token.clone())
+                    .send()
+            })
+            .await
+            .map_err(|e| aws_err("DescribeInstances", e))?;
+            for res in r.reservations() {
+                all.extend(res.instances().iter().cloned());
+            }
+            token = r.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(all)
+}
+
 /// Polls the given instances (one DescribeInstances per round) until all are in `want`.
 async fn wait_state(
     cx: &Cx<'_>,
@@ -109,20 +139,7 @@ async fn wait_state(
     let until = tokio::time::Instant::now() + limit;
     let mut delay = Duration::from_millis(250);
     loop {
-        let mut all = Vec::new();
-        for chunk in ids.chunks(1000) {
-            let r = retry_consistency(|| {
-                cx.ec2
-                    .describe_instances()
-                    .set_instance_ids(Some(chunk.to_vec()))
-                    .send()
-            })
-            .await
-            .map_err(|e| aws_err("DescribeInstances", e))?;
-            for res in r.reservations() {
-                all.extend(res.instances().iter().cloned());
-            }
-        }
+        let all = describe_ids(cx.ec2, ids).await?;
         let done = all.len() >= ids.len()
             && all.iter().all(|i| {
                 let s = i
@@ -296,6 +313,29 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
     } else {
         wait_state(cx, &ids, &["running"], Duration::from_secs(600)).await?
     };
+
+    // EC2 honours ClientToken, so a retried RunInstances does not launch twice; an emulator
+    // (moto ignores it) or an expired token might. Keep one instance per app (the one this job
+    // launched or found) and terminate any other.
+    let launched_any = ids.len() > existing.len();
+    if launched_any {
+        let extra: Vec<String> = instances(cx, &names, LIVE)
+            .await?
+            .iter()
+            .filter_map(|i| i.instance_id())
+            .filter(|id| !by_id.contains_key(*id))
+            .map(str::to_owned)
+            .collect();
+        if !extra.is_empty() {
+            log::warn!(sandbox_id = cx.sandbox, job_id = cx.job_id; "terminating {} duplicate instances: {extra:?}", extra.len());
+            cx.ec2
+                .terminate_instances()
+                .set_instance_ids(Some(extra))
+                .send()
+                .await
+                .map_err(|e| aws_err("TerminateInstances", e))?;
+        }
+    }
 
     // Phase 3: Elastic IPs, in parallel.
     let mut eip_futs = Vec::with_capacity(running.len());

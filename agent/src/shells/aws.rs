@@ -293,3 +293,25 @@ pub fn live_peering(p: &aws_sdk_ec2::types::VpcPeeringConnection) -> bool {
         "pending-acceptance" | "provisioning" | "active" | "initiating-request"
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_classes() {
+        // Retried here (eventual consistency, dependencies being released).
+        assert!(consistency_error("InvalidSubnetID.NotFound"));
+        assert!(consistency_error("InvalidGroup.NotFound"));
+        assert!(consistency_error("DependencyViolation"));
+        // Real errors: fail at once.
+        assert!(!consistency_error("InvalidAMIID.NotFound"));
+        assert!(!consistency_error("VcpuLimitExceeded"));
+        assert!(!consistency_error("InvalidSubnet.Conflict"));
+        // Success in disguise.
+        assert!(already_exists("RouteAlreadyExists"));
+        assert!(already_exists("InvalidPermission.Duplicate"));
+        assert!(already_gone("InvalidVpcID.NotFound"));
+        assert!(!already_gone("DependencyViolation"));
+    }
+}

@@ -66,8 +66,24 @@ pub(crate) async fn release_address(ec2: &Client, a: &Address, sandbox: &str) ->
 
 /// Everything tagged with the sandbox, deleted in dependency order.
 pub(crate) async fn cleanup(cx: &Cx<'_>) -> Result<Deleted> {
-    let out = cleanup_one(cx.ec2, cx.sandbox, false, cx).await?;
+    let out = cleanup_passes(cx, cx.sandbox).await?;
     Ok(Deleted { resources: out })
+}
+
+/// Passes until one finds nothing more (at most 5): a listing that pages, or a resource that
+/// became visible late, is caught by the next pass. A clean sandbox costs one pass.
+async fn cleanup_passes(cx: &Cx<'_>, sb: &str) -> Result<Vec<DeletedResource>> {
+    let mut out = Vec::new();
+    for _ in 0..5 {
+        let pass = cleanup_one(cx.ec2, sb, false, cx).await?;
+        let found = pass.len();
+        let failed = pass.iter().any(|r| r.outcome == "failed");
+        out.extend(pass);
+        if found == 0 || failed {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 async fn cleanup_one(
@@ -384,18 +400,11 @@ async fn wait_terminated(ec2: &Client, ids: &[String]) {
     let mut delay = Duration::from_millis(250);
     let until = tokio::time::Instant::now() + Duration::from_secs(600);
     while tokio::time::Instant::now() < until {
-        let Ok(r) = ec2
-            .describe_instances()
-            .set_instance_ids(Some(ids.to_vec()))
-            .send()
-            .await
-        else {
+        let Ok(found) = super::apps::describe_ids(ec2, ids).await else {
             return;
         };
-        let all_gone = r
-            .reservations()
+        let all_gone = found
             .iter()
-            .flat_map(|r| r.instances())
             .all(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) == Some("terminated"));
         if all_gone {
             return;
@@ -528,7 +537,11 @@ pub(crate) async fn sweep(cx: &Cx<'_>, live: &[String], dry_run: bool) -> Result
     let total = orphans.len() as u32;
     let mut out = Vec::new();
     for (i, sb) in orphans.into_iter().enumerate() {
-        let r = cleanup_one(cx.ec2, sb, dry_run, cx).await?;
+        let r = if dry_run {
+            cleanup_one(cx.ec2, sb, true, cx).await?
+        } else {
+            cleanup_passes(cx, sb).await?
+        };
         cx.ctx.progress(
             i as u32 + 1,
             total,
