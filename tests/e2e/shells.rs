@@ -965,3 +965,105 @@ async fn a_deploy_larger_than_one_describe_page_completes_and_cleans_up() {
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert!(tagged_resources(&a.ec2, sb).await.is_empty());
 }
+
+fn with_target(kind: job_spec::Kind, target: &AwsTarget) -> SubmitRequest {
+    let mut r = shells_req("sb-xacct", kind);
+    r.spec.as_mut().unwrap().target = Some(target.clone());
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_vpc_in_another_account_through_an_assumed_role() {
+    let a = setup().await;
+    let role_arn = "arn:aws:iam::111111111111:role/es-shells-shared";
+    // The test's own client in the other account, through the same STS assume-role (moto keys
+    // assumed-role credentials to the role's account).
+    let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(&a.moto.url)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "es-tests",
+        ))
+        .load()
+        .await;
+    let provider = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+        .session_name("es-tests")
+        .configure(&base)
+        .build()
+        .await;
+    let other = aws_sdk_ec2::Client::from_conf(
+        aws_sdk_ec2::config::Builder::from(&base)
+            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
+                provider,
+            ))
+            .build(),
+    );
+    let vpc = other
+        .create_vpc()
+        .cidr_block("172.20.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let tgw = other.create_transit_gateway().send().await.unwrap();
+    let tgw_id = tgw
+        .transit_gateway()
+        .unwrap()
+        .transit_gateway_id()
+        .unwrap()
+        .to_owned();
+    assert!(
+        a.ec2.describe_vpcs().vpc_ids(&vpc_id).send().await.is_err(),
+        "the shared VPC must not be visible from the agent's own account (moto multi-account)"
+    );
+
+    let target = AwsTarget {
+        role_arn: role_arn.into(),
+        external_id: String::new(),
+        region: String::new(),
+    };
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Shared as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![subnet("app", "172.20.1.0/24", false)],
+        management: Some(a.mgmt.clone()),
+        shared: Some(SharedVpc {
+            vpc_id: vpc_id.clone(),
+            transit_gateway_id: tgw_id,
+        }),
+    };
+    let mut c = a.env.server.client().await;
+    let j = submit(
+        &mut c,
+        with_target(job_spec::Kind::PrepareNetwork(prepare), &target),
+    )
+    .await;
+    let j = wait_done(&mut c, &j.id, LONG).await;
+    ok(&j);
+    let j = submit(
+        &mut c,
+        with_target(
+            job_spec::Kind::DeployApp(DeployApp {
+                app: Some(app("web", &["app"])),
+            }),
+            &target,
+        ),
+    )
+    .await;
+    ok(&wait_done(&mut c, &j.id, LONG).await);
+    assert!(
+        !tagged_resources(&other, "sb-xacct").await.is_empty(),
+        "created in the other account"
+    );
+    assert!(
+        tagged_resources(&a.ec2, "sb-xacct").await.is_empty(),
+        "nothing in the agent's account"
+    );
+    let j = submit(
+        &mut c,
+        with_target(job_spec::Kind::CleanupSandbox(CleanupSandbox {}), &target),
+    )
+    .await;
+    ok(&wait_done(&mut c, &j.id, LONG).await);
+    assert!(tagged_resources(&other, "sb-xacct").await.is_empty());
+}

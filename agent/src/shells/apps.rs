@@ -84,7 +84,9 @@ pub(crate) async fn instances(
         .describe_instances()
         .filters(sandbox_filter(cx.sandbox))
         .filters(filter("instance-state-name", states));
-    if !apps.is_empty() {
+    // EC2 takes at most 200 values per filter: for long lists, filter here instead.
+    let server_side = !apps.is_empty() && apps.len() <= 100;
+    if server_side {
         let names: Vec<&str> = apps.iter().map(String::as_str).collect();
         req = req.filters(filter(&format!("tag:{TAG_APP}"), &names));
     }
@@ -95,6 +97,9 @@ pub(crate) async fn instances(
         for r in page.reservations() {
             out.extend(r.instances().iter().cloned());
         }
+    }
+    if !apps.is_empty() && !server_side {
+        out.retain(|i| tag_value(i.tags(), TAG_APP).is_some_and(|n| apps.iter().any(|a| a == n)));
     }
     Ok(out)
 }
@@ -149,6 +154,32 @@ async fn wait_state(
                     .unwrap_or_default();
                 want.contains(&s.as_str())
             });
+        if done || tokio::time::Instant::now() > until {
+            return Ok(all);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Polls the live instances of `names` (one listing per round) until every id in `ids` is
+/// running; answers the last listing.
+async fn wait_apps(
+    cx: &Cx<'_>,
+    names: &[String],
+    ids: &[String],
+    limit: Duration,
+) -> Result<Vec<Instance>> {
+    let until = tokio::time::Instant::now() + limit;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let all = instances(cx, names, LIVE).await?;
+        let done = ids.iter().all(|id| {
+            all.iter().any(|i| {
+                i.instance_id() == Some(id.as_str())
+                    && i.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running)
+            })
+        });
         if done || tokio::time::Instant::now() > until {
             return Ok(all);
         }
@@ -307,20 +338,15 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
         }
     }
 
-    // Phase 2: wait for all of them at once.
+    // Phase 2: wait for all of them at once, with one listing per round by the sandbox's tag.
+    // The same listing finds duplicates: EC2 honours ClientToken, so a retried RunInstances
+    // does not launch twice, but an emulator (moto ignores it) or an expired token might. One
+    // instance per app is kept (the one this job launched or found); any other is terminated.
     let running = if ids.is_empty() {
         Vec::new()
     } else {
-        wait_state(cx, &ids, &["running"], Duration::from_secs(600)).await?
-    };
-
-    // EC2 honours ClientToken, so a retried RunInstances does not launch twice; an emulator
-    // (moto ignores it) or an expired token might. Keep one instance per app (the one this job
-    // launched or found) and terminate any other.
-    let launched_any = ids.len() > existing.len();
-    if launched_any {
-        let extra: Vec<String> = instances(cx, &names, LIVE)
-            .await?
+        let all = wait_apps(cx, &names, &ids, Duration::from_secs(600)).await?;
+        let extra: Vec<String> = all
             .iter()
             .filter_map(|i| i.instance_id())
             .filter(|id| !by_id.contains_key(*id))
@@ -335,7 +361,10 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
                 .await
                 .map_err(|e| aws_err("TerminateInstances", e))?;
         }
-    }
+        all.into_iter()
+            .filter(|i| i.instance_id().is_some_and(|id| by_id.contains_key(id)))
+            .collect()
+    };
 
     // Phase 3: Elastic IPs, in parallel.
     let mut eip_futs = Vec::with_capacity(running.len());
