@@ -27,25 +27,7 @@ async fn setup() -> Aws {
     let env = Env::start(&[]);
     let moto = start_moto(env.dir.path());
     let ec2 = moto.ec2().await;
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
-    let rts = ec2
-        .describe_route_tables()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("vpc-id")
-                .values(&vpc_id)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let main_rt = rts.route_tables()[0].route_table_id().unwrap().to_owned();
+    let (vpc_id, main_rt) = moto.management_vpc().await;
     let agent = env.agent(&moto.agent_env(AgentSpec::new("es-shells", "shells").slots(4)));
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-shells"]).await;

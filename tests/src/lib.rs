@@ -21,6 +21,29 @@ pub struct Bins {
     pub agent: PathBuf,
 }
 
+impl Bins {
+    /// `es-server` and `es-agent` next to the running program (the benchmarks), unless given;
+    /// panics with the build command when they are missing.
+    pub fn beside_current_exe(server: Option<PathBuf>, agent: Option<PathBuf>) -> Bins {
+        let dir = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(Path::to_owned))
+            .expect("directory of the running program");
+        let bins = Bins {
+            server: server.unwrap_or_else(|| dir.join("es-server")),
+            agent: agent.unwrap_or_else(|| dir.join("es-agent")),
+        };
+        for b in [&bins.server, &bins.agent] {
+            assert!(
+                b.exists(),
+                "{} not found: run `cargo build --release --workspace --bins` first",
+                b.display()
+            );
+        }
+        bins
+    }
+}
+
 /// A child process that is killed (SIGCONT + SIGKILL) when dropped.
 pub struct Proc {
     pub name: String,
@@ -515,6 +538,31 @@ impl Moto {
             .credentials_provider(creds)
             .build();
         aws_sdk_ec2::Client::from_conf(conf)
+    }
+
+    /// Creates a Management VPC (10.0.0.0/16) in the emulator; answers its id and its main
+    /// route table.
+    pub async fn management_vpc(&self) -> (String, String) {
+        let ec2 = self.ec2().await;
+        let vpc = ec2
+            .create_vpc()
+            .cidr_block("10.0.0.0/16")
+            .send()
+            .await
+            .unwrap();
+        let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+        let filter = aws_sdk_ec2::types::Filter::builder()
+            .name("vpc-id")
+            .values(&vpc_id)
+            .build();
+        let rts = ec2
+            .describe_route_tables()
+            .filters(filter)
+            .send()
+            .await
+            .unwrap();
+        let rt = rts.route_tables()[0].route_table_id().unwrap().to_owned();
+        (vpc_id, rt)
     }
 
     /// Environment for an es-shells agent that talks to this emulator.

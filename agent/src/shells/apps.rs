@@ -73,6 +73,13 @@ pub(crate) fn app_result(i: &Instance) -> AppResult {
     }
 }
 
+fn no_app(cx: &Cx<'_>, field: &str, app: &str) -> ShellsError {
+    ShellsError::Invalid {
+        field: field.into(),
+        reason: format!("no app {app:?} in sandbox {}", cx.sandbox),
+    }
+}
+
 /// The sandbox's live instances (optionally only the named apps), in one call per 1000.
 pub(crate) async fn instances(
     cx: &Cx<'_>,
@@ -627,10 +634,7 @@ pub(crate) async fn power(cx: &Cx<'_>, apps: &[String], on: bool) -> Result<AppL
                 .iter()
                 .any(|i| tag_value(i.tags(), TAG_APP) == Some(a.as_str()))
             {
-                return Err(ShellsError::Invalid {
-                    field: "apps".into(),
-                    reason: format!("no app {a:?} in sandbox {}", cx.sandbox),
-                });
+                return Err(no_app(cx, "apps", a));
             }
         }
     }
@@ -700,10 +704,7 @@ pub(crate) async fn describe(cx: &Cx<'_>, apps: &[String]) -> Result<AppList> {
     out.sort_by(|a, b| a.name.cmp(&b.name));
     for a in apps {
         if !out.iter().any(|r| &r.name == a) {
-            return Err(ShellsError::Invalid {
-                field: "apps".into(),
-                reason: format!("no app {a:?} in sandbox {}", cx.sandbox),
-            });
+            return Err(no_app(cx, "apps", a));
         }
     }
     Ok(AppList { apps: out })
@@ -773,10 +774,7 @@ pub(crate) async fn delete(cx: &Cx<'_>, app: &str) -> Result<Deleted> {
         }
     }
     if out.is_empty() {
-        return Err(ShellsError::Invalid {
-            field: "app".into(),
-            reason: format!("no app {app:?} in sandbox {}", cx.sandbox),
-        });
+        return Err(no_app(cx, "app", app));
     }
     Ok(Deleted { resources: out })
 }

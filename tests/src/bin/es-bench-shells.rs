@@ -31,14 +31,6 @@ struct Args {
     concurrency: u32,
 }
 
-fn sibling(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join(name)
-}
-
 /// Dependent calls of a deploy on the happy path: the lookups (subnets, groups, existing
 /// instances; all at once) -> RunInstances -> one DescribeInstances that finds them running.
 const DEPLOY_CHAIN: u64 = 3;
@@ -60,23 +52,7 @@ fn secs(j: &Job) -> f64 {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bins = Bins {
-        server: args
-            .server_bin
-            .clone()
-            .unwrap_or_else(|| sibling("es-server")),
-        agent: args
-            .agent_bin
-            .clone()
-            .unwrap_or_else(|| sibling("es-agent")),
-    };
-    for b in [&bins.server, &bins.agent] {
-        assert!(
-            b.exists(),
-            "{} not found: run `cargo build --release --workspace --bins` first",
-            b.display()
-        );
-    }
+    let bins = Bins::beside_current_exe(args.server_bin.clone(), args.agent_bin.clone());
     let dir = tempfile::tempdir().unwrap();
     let moto = start_moto(dir.path());
     let latency = Duration::from_millis(args.latency_ms);
@@ -90,25 +66,7 @@ async fn main() {
     )
     .await;
     let ec2 = moto.ec2().await;
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let mgmt_vpc = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
-    let rts = ec2
-        .describe_route_tables()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("vpc-id")
-                .values(&mgmt_vpc)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let mgmt_rt = rts.route_tables()[0].route_table_id().unwrap().to_owned();
+    let (mgmt_vpc, mgmt_rt) = moto.management_vpc().await;
 
     let server = start_server(
         &bins,

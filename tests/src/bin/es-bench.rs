@@ -44,11 +44,6 @@ struct Args {
     db_sync: String,
 }
 
-fn sibling(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent().expect("bin dir").join(name)
-}
-
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (
@@ -140,23 +135,7 @@ async fn wait_all(db: &std::path::Path, since: i64, n: usize, limit: Duration) {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let bins = Bins {
-        server: args
-            .server_bin
-            .clone()
-            .unwrap_or_else(|| sibling("es-server")),
-        agent: args
-            .agent_bin
-            .clone()
-            .unwrap_or_else(|| sibling("es-agent")),
-    };
-    for b in [&bins.server, &bins.agent] {
-        assert!(
-            b.exists(),
-            "{} not found: run `cargo build --release --workspace --bins` first",
-            b.display()
-        );
-    }
+    let bins = Bins::beside_current_exe(args.server_bin.clone(), args.agent_bin.clone());
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("bench.db");
     let server = start_server(
