@@ -393,3 +393,73 @@ async fn finished_jobs_are_deleted_after_the_retention() {
     // Unfinished jobs are never purged.
     assert_eq!(get(&mut c, &queued.id).await.state, JobState::Queued as i32);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_pings_keep_an_idle_stream_through_a_proxy_that_cuts_idle_connections() {
+    // A proxy that closes connections idle for 1.5 s stands in for a load balancer's 350 s
+    // idle cut; the server pings idle streams every 300 ms (in production: 30 s < 350 s).
+    let env = Env::start(&["--stream-ping", "300ms"]);
+    let proxy = es_tests::tcpproxy::start(env.server.addr, Duration::from_millis(1500)).await;
+    let agent = es_tests::start_agent(
+        &crate::bins(),
+        env.dir.path(),
+        &proxy.url,
+        &AgentSpec::new("es-shells-idle", "shells"),
+    );
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-idle"]).await;
+    let session = agents(&mut c).await[0].session_id.clone();
+    // Stay idle for three idle periods.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let j = submit(&mut c, submission("shells", echo("after idling"))).await;
+    assert_eq!(
+        wait_done(&mut c, &j.id, LONG).await.state,
+        JobState::Succeeded as i32
+    );
+    assert_eq!(
+        agents(&mut c).await[0].session_id,
+        session,
+        "the agent never had to re-register"
+    );
+    assert!(
+        !agent.log().contains("stream from the server ended"),
+        "{}",
+        agent.log()
+    );
+    proxy.sever();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_app_pings_the_idle_cut_breaks_the_stream_and_the_agent_reconnects() {
+    // The control for the test above: with pings slower than the cut, the proxy does cut the
+    // stream, and the agent reconnects on its own (backoff) and still gets work.
+    let env = Env::start(&["--stream-ping", "60s"]);
+    let proxy = es_tests::tcpproxy::start(env.server.addr, Duration::from_millis(1500)).await;
+    let agent = es_tests::start_agent(
+        &crate::bins(),
+        env.dir.path(),
+        &proxy.url,
+        &AgentSpec::new("es-shells-cut", "shells"),
+    );
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-cut"]).await;
+    let log_has_cut = || agent.log().contains("stream from the server ended");
+    let mut waited = 0;
+    while !log_has_cut() && waited < 200 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    assert!(
+        log_has_cut(),
+        "the idle cut never happened: {}",
+        agent.log()
+    );
+    assert!(proxy.idle_cuts.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    wait_healthy(&mut c, &["es-shells-cut"]).await;
+    let j = submit(&mut c, submission("shells", echo("after the cut"))).await;
+    assert_eq!(
+        wait_done(&mut c, &j.id, LONG).await.state,
+        JobState::Succeeded as i32
+    );
+    proxy.sever();
+}

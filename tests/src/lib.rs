@@ -3,6 +3,7 @@
 //! failed test leaves nothing running. On a panic, the tail of each process's log is printed.
 
 pub mod ec2proxy;
+pub mod tcpproxy;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
