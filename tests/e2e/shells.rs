@@ -1049,3 +1049,88 @@ async fn shared_vpc_in_another_account_through_an_assumed_role() {
     ok(&wait_done(&mut c, &j.id, LONG).await);
     assert!(tagged_resources(&other, "sb-xacct").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_cli_runs_a_blueprint_and_refuses_a_bad_one() {
+    let a = setup().await;
+    let bp = a.env.dir.path().join("sandbox.yaml");
+    std::fs::write(
+        &bp,
+        format!(
+            "network:\n  mode: dedicated\n  vpc_cidr: 10.3.0.0/16\n  subnets:\n    - {{ name: app, cidr: 10.3.1.0/24, public: true }}\n  management: {{ vpc_id: {}, cidr: 10.0.0.0/16, route_table_ids: [{}] }}\napps:\n  - {{ name: web, ami: ami-0123456789abcdef0, instance_type: t3.micro, subnets: [app], public_ip: elastic }}\n  - {{ name: db, ami: ami-0123456789abcdef0, instance_type: t3.micro, subnets: [app], isolated: true }}\n",
+            a.mgmt.vpc_id, a.mgmt.route_table_ids[0]
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bins().server)
+            .args(args)
+            .env("ES_SERVER", a.env.server.url())
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["sandbox", "up", bp.to_str().unwrap(), "--sandbox", "sb-cli"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("prepare_network sb-cli") && text.contains("deploy_sandbox sb-cli"),
+        "{text}"
+    );
+    assert!(
+        text.contains("] app web: running") && text.contains("] app db: running"),
+        "per-app progress: {text}"
+    );
+    assert!(
+        text.contains("APP ") && text.contains("EC2 calls:"),
+        "summary table: {text}"
+    );
+    let out = cli(&[
+        "sandbox",
+        "power",
+        "off",
+        "--sandbox",
+        "sb-cli",
+        "--app",
+        "db",
+    ]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("stopped"),
+        "{out:?}"
+    );
+    let out = cli(&["sandbox", "details", "--sandbox", "sb-cli", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "succeeded");
+    let out = cli(&["sandbox", "down", "--sandbox", "sb-cli"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(tagged_resources(&a.ec2, "sb-cli").await.is_empty());
+
+    // A misspelt key: exit 64, the key named, nothing submitted.
+    std::fs::write(
+        &bp,
+        "apps:\n  - { name: web, ami: ami-1, instance_typ: t3.micro, subnets: [app] }\n",
+    )
+    .unwrap();
+    let out = cli(&[
+        "sandbox",
+        "up",
+        bp.to_str().unwrap(),
+        "--sandbox",
+        "sb-cli2",
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("instance_typ"),
+        "{out:?}"
+    );
+    let mut c = a.env.server.client().await;
+    let jobs = c
+        .list(ListRequest {
+            sandbox_id: "sb-cli2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(jobs.is_empty());
+}
