@@ -95,6 +95,13 @@ pub struct AgentConfig {
     /// Concurrent EC2 calls of one job (e.g. RunInstances of a DeploySandbox).
     #[serde(default = "default_aws_concurrency")]
     pub aws_concurrency: u32,
+    /// Pace EC2 requests with EC2's default token buckets, agent-wide.
+    #[serde(default = "default_true")]
+    pub aws_rate_limit: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_aws_max_attempts() -> u32 {
@@ -248,6 +255,7 @@ impl AgentConfig {
             endpoint_url: self.aws_endpoint_url.clone(),
             max_attempts: self.aws_max_attempts,
             concurrency: self.aws_concurrency as usize,
+            rate_limit: self.aws_rate_limit,
         }
     }
 
@@ -260,7 +268,7 @@ impl AgentConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_concurrency = {}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_concurrency = {}\naws_rate_limit = {}\n",
             self.name,
             self.role().name(),
             self.server,
@@ -278,6 +286,7 @@ impl AgentConfig {
             self.aws_endpoint_url,
             self.aws_max_attempts,
             self.aws_concurrency,
+            self.aws_rate_limit,
         )
     }
 }

@@ -1134,3 +1134,80 @@ async fn sandbox_cli_runs_a_blueprint_and_refuses_a_bad_one() {
         .jobs;
     assert!(jobs.is_empty());
 }
+
+async fn burst_through_bucket_proxy(rate_limit: bool) -> (Job, u64) {
+    let env = Env::start(&[]);
+    let moto = start_moto(env.dir.path());
+    let (vpc_id, _) = moto.management_vpc().await;
+    // EC2's default token buckets, enforced by the proxy (mutating actions: 50, +5/s).
+    let (url, stats) = ec2proxy::start(
+        &moto.url,
+        ec2proxy::ProxyConfig {
+            buckets: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut spec = moto.agent_env(AgentSpec::new("es-shells", "shells").slots(2));
+    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
+    spec.env.push(("ES_AGENT_AWS_ENDPOINT_URL".into(), url));
+    spec.env
+        .push(("ES_AGENT_AWS_RATE_LIMIT".into(), rate_limit.to_string()));
+    spec.env
+        .push(("ES_AGENT_AWS_CONCURRENCY".into(), "32".into()));
+    let _agent = env.agent(&spec);
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells"]).await;
+    let sb = "sb-burst";
+    let prepare = PrepareSandboxNetwork {
+        mode: NetworkMode::Single as i32,
+        vpc_cidr: String::new(),
+        subnets: vec![subnet("app", "10.0.64.0/22", false)],
+        management: Some(ManagementNetwork {
+            vpc_id,
+            cidr: "10.0.0.0/16".into(),
+            route_table_ids: vec![],
+        }),
+        shared: None,
+    };
+    let j = submit(
+        &mut c,
+        shells_req(sb, job_spec::Kind::PrepareNetwork(prepare)),
+    )
+    .await;
+    ok(&wait_done(&mut c, &j.id, LONG).await);
+    // 70 apps with an inbound port each: 70 CreateSecurityGroup and 70 AuthorizeSecurityGroupIngress
+    // in a burst, past the 50-token buckets.
+    let apps: Vec<AppSpec> = (0..70)
+        .map(|i| AppSpec {
+            inbound: vec![PortRule {
+                protocol: "tcp".into(),
+                from_port: 8080,
+                to_port: 8080,
+                cidr: String::new(),
+            }],
+            ..app(&format!("svc-{i:02}"), &["app"])
+        })
+        .collect();
+    let j = submit(
+        &mut c,
+        shells_req(sb, job_spec::Kind::DeploySandbox(DeploySandbox { apps })),
+    )
+    .await;
+    let done = wait_done(&mut c, &j.id, LONG).await;
+    (done, stats.throttled_total())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_wide_pacing_keeps_bursts_within_ec2_token_buckets() {
+    let (paced, throttled) = burst_through_bucket_proxy(true).await;
+    ok(&paced);
+    assert_eq!(apps_of(&paced).len(), 70);
+    assert_eq!(throttled, 0, "paced requests are never throttled");
+    // The control: without pacing the same burst is throttled (and retried by the SDK).
+    let (_unpaced, throttled) = burst_through_bucket_proxy(false).await;
+    assert!(
+        throttled > 0,
+        "the burst should exceed EC2's buckets without pacing"
+    );
+}

@@ -29,6 +29,8 @@ pub struct AwsSettings {
     pub max_attempts: u32,
     /// Concurrent EC2 calls of one job (e.g. RunInstances of a DeploySandbox).
     pub concurrency: usize,
+    /// Pace requests with EC2's default token buckets (see `limiter.rs`).
+    pub rate_limit: bool,
 }
 
 /// Counts a job's EC2 calls (attempts) by operation.
@@ -99,10 +101,25 @@ impl Aws {
         if !settings.endpoint_url.is_empty() {
             loader = loader.endpoint_url(settings.endpoint_url.clone());
         }
-        Aws {
-            base: loader.load().await,
-            settings,
+        let mut base = loader.load().await;
+        if settings.rate_limit {
+            // The SDK picks its default client lazily; build the same one (hyper 1, rustls with
+            // aws-lc) here so it can be wrapped.
+            let inner = base.http_client().unwrap_or_else(|| {
+                use aws_smithy_http_client::tls;
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(tls::Provider::Rustls(
+                        tls::rustls_provider::CryptoMode::AwsLc,
+                    ))
+                    .build_https()
+            });
+            let paced = super::limiter::PacedClient {
+                inner,
+                limiter: Arc::new(super::limiter::Limiter::default()),
+            };
+            base = base.into_builder().http_client(paced).build();
         }
+        Aws { base, settings }
     }
 
     /// An EC2 client for `target` (assumed role and region) that counts calls into `calls`.

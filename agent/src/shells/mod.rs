@@ -13,6 +13,7 @@
 
 mod apps;
 mod aws;
+mod limiter;
 mod network;
 mod teardown;
 
