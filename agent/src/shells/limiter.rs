@@ -60,9 +60,12 @@ impl Limiter {
                 at: now,
             }
         });
-        b.tokens =
-            (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * b.refill).min(b.size);
-        b.at = now;
+        // `now` was read before the lock: a caller that read it earlier than the last update
+        // must not move `at` back (that would count the same refill twice).
+        if now > b.at {
+            b.tokens = (b.tokens + (now - b.at).as_secs_f64() * b.refill).min(b.size);
+            b.at = now;
+        }
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
             Duration::ZERO
