@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use es_proto::v1::{
-    job_event, job_spec, server_message, AgentEvent, AgentIdentity, AgentStatus, CancelJob, Drain,
+    job_event, job_spec, server_message, AgentEvent, AgentIdentity, AgentStatus, CancelJob,
     HeldLease, Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
 };
 use tokio::sync::{broadcast, mpsc};
@@ -910,16 +910,6 @@ impl Dispatcher {
         }
     }
 
-    /// Asks every agent to drain (used by tests and operators).
-    pub fn drain_all(&self, reason: &str) {
-        let core = self.lock();
-        for a in core.agents.values() {
-            a.send(server_message::Msg::Drain(Drain {
-                reason: reason.to_owned(),
-            }));
-        }
-    }
-
     /// One pass of the reaper: expired offers and leases, timeouts, hard cancels.
     pub async fn tick(&self) {
         self.tick_at(Instant::now()).await
@@ -934,17 +924,6 @@ impl Dispatcher {
         if let Err(e) = self.finish(pending).await {
             log::error!("reaper: {e}");
         }
-    }
-
-    /// Counts of live jobs (queued, running), for status output.
-    pub fn counts(&self) -> (usize, usize) {
-        let core = self.lock();
-        let running = core
-            .jobs
-            .values()
-            .filter(|a| a.job.state == JobState::Running as i32)
-            .count();
-        (core.jobs.len() - running, running)
     }
 }
 
