@@ -92,6 +92,9 @@ pub struct AgentConfig {
     /// Attempts per EC2 call on throttling and 5xx (backoff with jitter between them).
     #[serde(default = "default_aws_max_attempts")]
     pub aws_max_attempts: u32,
+    /// One attempt of an AWS call taking longer than this is abandoned and retried.
+    #[serde(default = "default_aws_call_timeout", deserialize_with = "duration")]
+    pub aws_call_timeout: Duration,
     /// Concurrent EC2 calls of one job (e.g. RunInstances of a DeploySandbox).
     #[serde(default = "default_aws_concurrency")]
     pub aws_concurrency: u32,
@@ -106,6 +109,9 @@ fn default_true() -> bool {
 
 fn default_aws_max_attempts() -> u32 {
     8
+}
+fn default_aws_call_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_aws_concurrency() -> u32 {
     16
@@ -224,6 +230,17 @@ impl AgentConfig {
                 format!("is {}; must be between 1 and 20", self.aws_max_attempts),
             ));
         }
+        if self.aws_call_timeout < Duration::from_secs(1)
+            || self.aws_call_timeout > Duration::from_secs(600)
+        {
+            return Err(bad(
+                "aws_call_timeout",
+                format!(
+                    "is {}; must be between 1s and 10m",
+                    humantime::format_duration(self.aws_call_timeout)
+                ),
+            ));
+        }
         if self.aws_concurrency == 0 || self.aws_concurrency > 256 {
             return Err(bad(
                 "aws_concurrency",
@@ -254,6 +271,7 @@ impl AgentConfig {
             region: self.aws_region.clone(),
             endpoint_url: self.aws_endpoint_url.clone(),
             max_attempts: self.aws_max_attempts,
+            call_timeout: self.aws_call_timeout,
             concurrency: self.aws_concurrency as usize,
             rate_limit: self.aws_rate_limit,
         }
@@ -268,7 +286,7 @@ impl AgentConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_concurrency = {}\naws_rate_limit = {}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\n",
             self.name,
             self.role().name(),
             self.server,
@@ -285,6 +303,7 @@ impl AgentConfig {
             self.aws_region,
             self.aws_endpoint_url,
             self.aws_max_attempts,
+            humantime::format_duration(self.aws_call_timeout).to_string(),
             self.aws_concurrency,
             self.aws_rate_limit,
         )

@@ -360,8 +360,9 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                 print_json(&Value::Array(agents.iter().map(agent_json).collect()));
             } else {
                 println!(
-                    "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  DETAIL",
-                    "AGENT", "ROLE", "SELECTOR", "KIND", "HEALTH", "SLOTS"
+                    "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {:>8}  {:>8}  {:>7}  {:>7}  DETAIL",
+                    "AGENT", "ROLE", "SELECTOR", "KIND", "HEALTH", "SLOTS", "LEASED", "DONE",
+                    "REFUSED", "EXPIRED"
                 );
                 for a in &agents {
                     let id = a.identity.clone().unwrap_or_default();
@@ -372,14 +373,19 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                     } else {
                         "unhealthy"
                     };
+                    let n = a.counters.clone().unwrap_or_default();
                     println!(
-                        "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {}",
+                        "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {:>8}  {:>8}  {:>7}  {:>7}  {}",
                         id.name,
                         role_name(id.role),
                         id.selector,
                         if id.fallback { "fallback" } else { "primary" },
                         health,
                         format!("{}/{}", a.slots_in_use, id.slots),
+                        n.leases_granted,
+                        n.results_accepted,
+                        n.writes_refused,
+                        n.leases_expired,
                         a.health_detail
                     );
                 }
@@ -502,6 +508,12 @@ pub fn agent_json(a: &AgentStatus) -> Value {
         "draining": a.draining,
         "health_detail": a.health_detail,
         "last_heartbeat": time(a.last_heartbeat_us),
+        "counters": a.counters.as_ref().map(|n| json!({
+            "leases_granted": n.leases_granted,
+            "results_accepted": n.results_accepted,
+            "writes_refused": n.writes_refused,
+            "leases_expired": n.leases_expired,
+        })),
     })
 }
 

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use es_proto::v1::{
-    job_event, job_spec, server_message, AgentEvent, AgentIdentity, AgentStatus, CancelJob,
-    HeldLease, Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
+    job_event, job_spec, server_message, AgentCounters, AgentEvent, AgentIdentity, AgentStatus,
+    CancelJob, HeldLease, Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -215,6 +215,8 @@ struct Core {
     picks: u64,
     /// Sandboxes with an es-shells job offered or running (see `Active::exclusive_sandbox`).
     busy_sandboxes: HashMap<String, u32>,
+    /// Per agent name, since the server started (survives re-registration).
+    counters: HashMap<String, AgentCounters>,
 }
 
 /// A committed-later write plus the events to publish once it is committed.
@@ -246,6 +248,7 @@ impl Dispatcher {
             finished: HashMap::new(),
             picks: 0,
             busy_sandboxes: HashMap::new(),
+            counters: HashMap::new(),
         };
         let (mut queued, mut running) = (0, 0);
         for (job, seq) in active {
@@ -457,6 +460,12 @@ impl Dispatcher {
                     last_heartbeat_us: a.last_heartbeat_us,
                     health_detail: health.err().unwrap_or_default(),
                     session_id: a.session.clone(),
+                    counters: Some(
+                        core.counters
+                            .get(&a.identity.name)
+                            .cloned()
+                            .unwrap_or_default(),
+                    ),
                 }
             })
             .collect();
@@ -814,6 +823,7 @@ impl Dispatcher {
                 };
             }
             let key = (a.job.role, a.job.selector.clone());
+            core.counter(&name).results_accepted += 1;
             let pending = core.terminate(&self.store, job_id, result, false, now);
             // A slot is free: hand out the next queued job now, not at the next tick.
             core.dispatch(&self.settings, &key, now);
@@ -963,8 +973,24 @@ impl Core {
             .ok_or_else(|| DispatchError::UnknownSession(session.to_owned()))
     }
 
-    /// The active job if `epoch` is its current lease and `agent` holds it.
+    fn counter(&mut self, agent: &str) -> &mut AgentCounters {
+        self.counters.entry(agent.to_owned()).or_default()
+    }
+
+    /// The active job if `epoch` is its current lease and `agent` holds it; a refusal is
+    /// counted against the agent.
     fn fenced(&mut self, job_id: &str, epoch: u64, agent: &str) -> Res<&mut Active> {
+        let stale = match self.jobs.get(job_id) {
+            None => true,
+            Some(a) => {
+                a.job.state != JobState::Running as i32
+                    || a.job.epoch != epoch
+                    || a.job.agent != agent
+            }
+        };
+        if stale {
+            self.counter(agent).writes_refused += 1;
+        }
         let Some(a) = self.jobs.get_mut(job_id) else {
             return Err(DispatchError::StaleEpoch {
                 job_id: job_id.to_owned(),
@@ -1170,6 +1196,7 @@ impl Core {
         let agent = self.agents.get_mut(name).expect("session maps to agent");
         agent.offered.remove(job_id);
         agent.leased.insert(job_id.to_owned());
+        self.counter(name).leases_granted += 1;
         Ok((
             lease,
             Some(Pending {
@@ -1348,6 +1375,7 @@ impl Core {
         let mut pending = Vec::new();
         for id in lost {
             let holder = self.jobs[&id].job.agent.clone();
+            self.counter(&holder).leases_expired += 1;
             let why = format!("not renewed within {} ms", s.lease_ttl.as_millis());
             log::warn!(job_id = id.as_str(), agent = holder.as_str(); "lease of job {id} expired");
             pending.push(self.lease_lost(store, &id, &why, now));

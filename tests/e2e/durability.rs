@@ -120,8 +120,16 @@ async fn server_killed_mid_flow_loses_nothing_and_agents_reconnect() {
     // Down for a moment: agents keep retrying with backoff.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let server = start_server(&bins(), dir.path(), &db, &addr, FAST);
+    let restarted = std::time::Instant::now();
     let mut c = server.client().await;
     wait_healthy(&mut c, &["es-commands-1", "es-commands-2"]).await;
+    // The agents' reconnect backoff is capped at 1 s (ES_AGENT_BACKOFF_CAP in the test kit): they
+    // are back within the cap plus a registration, with a wide margin for a loaded machine.
+    let back = restarted.elapsed();
+    assert!(
+        back < Duration::from_secs(10),
+        "agents took {back:?} to reconnect"
+    );
     let cc = c.clone();
     wait_until(
         "every job finished after the restart",

@@ -6,6 +6,7 @@ mod dispatch;
 mod drain;
 mod durability;
 mod fallback;
+mod faults;
 mod leases;
 mod shells;
 

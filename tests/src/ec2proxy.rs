@@ -28,6 +28,10 @@ pub struct ProxyConfig {
     pub error_percent: u32,
     /// Answer every call of this action with HTTP 400 and this error code (a "real" error).
     pub fail: Option<(String, String)>,
+    /// 5xx bursts: every `.0` (from the proxy's start), all calls for `.1` answer 500.
+    pub burst: Option<(Duration, Duration)>,
+    /// Latency spikes: a share `.0` (0..=100) of calls waits `.1` more before it is forwarded.
+    pub spike: Option<(u32, Duration)>,
 }
 
 #[derive(Debug)]
@@ -67,6 +71,10 @@ pub struct ProxyStats {
     pub calls: Mutex<HashMap<String, u64>>,
     pub throttled: Mutex<HashMap<String, u64>>,
     pub errors: Mutex<u64>,
+    /// Calls answered 500 inside a burst.
+    pub burst_errors: Mutex<u64>,
+    /// Calls delayed by a spike.
+    pub spiked: Mutex<u64>,
 }
 
 impl ProxyStats {
@@ -84,6 +92,7 @@ struct State {
     buckets: Mutex<HashMap<String, Bucket>>,
     run_resource: Mutex<Bucket>,
     stats: Arc<ProxyStats>,
+    started: Instant,
 }
 
 /// Starts the proxy on 127.0.0.1 (port picked by the OS); answers its URL and its counters.
@@ -103,6 +112,7 @@ pub async fn start(upstream_url: &str, cfg: ProxyConfig) -> (String, Arc<ProxySt
         buckets: Mutex::new(HashMap::new()),
         run_resource: Mutex::new(Bucket::new(1000.0, 2.0)),
         stats: stats.clone(),
+        started: Instant::now(),
     });
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
@@ -188,9 +198,20 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         .unwrap()
         .entry(act.clone())
         .or_default() += 1;
-    tokio::time::sleep(st.cfg.latency).await;
-
     let roll = |pct: u32| pct > 0 && rand::random_range(0..100) < pct;
+    let mut delay = st.cfg.latency;
+    if let Some((pct, extra)) = st.cfg.spike {
+        if roll(pct) {
+            *st.stats.spiked.lock().unwrap() += 1;
+            delay += extra;
+        }
+    }
+    tokio::time::sleep(delay).await;
+    let in_burst = st.cfg.burst.is_some_and(|(every, length)| {
+        let t = st.started.elapsed().as_nanos() % every.as_nanos().max(1);
+        t < length.as_nanos()
+    });
+
     let mut throttled = roll(st.cfg.throttle_percent);
     if !throttled && st.cfg.buckets {
         let (size, refill) = if act == "RunInstances" {
@@ -218,6 +239,13 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         .map(|(_, code)| code.clone());
     let reply = if let Some(code) = fail {
         ec2_error("400 Bad Request", &code, "injected by the test proxy")
+    } else if in_burst {
+        *st.stats.burst_errors.lock().unwrap() += 1;
+        ec2_error(
+            "500 Internal Server Error",
+            "InternalError",
+            "An internal error has occurred.",
+        )
     } else if throttled {
         *st.stats.throttled.lock().unwrap().entry(act).or_default() += 1;
         ec2_error(

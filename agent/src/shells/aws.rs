@@ -27,6 +27,8 @@ pub struct AwsSettings {
     pub endpoint_url: String,
     /// Attempts per call for throttling and 5xx (SDK standard retry mode).
     pub max_attempts: u32,
+    /// Longest single attempt of a call (then it is abandoned and retried); zero = 30 s.
+    pub call_timeout: Duration,
     /// Concurrent EC2 calls of one job (e.g. RunInstances of a DeploySandbox).
     pub concurrency: usize,
     /// Pace requests with EC2's default token buckets (see `limiter.rs`).
@@ -90,11 +92,21 @@ impl Aws {
         if settings.concurrency == 0 {
             settings.concurrency = 16;
         }
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(settings.max_attempts)
-                .with_initial_backoff(Duration::from_millis(200)),
-        );
+        if settings.call_timeout.is_zero() {
+            settings.call_timeout = Duration::from_secs(30);
+        }
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(settings.max_attempts)
+                    .with_initial_backoff(Duration::from_millis(200)),
+            )
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5).min(settings.call_timeout))
+                    .operation_attempt_timeout(settings.call_timeout)
+                    .build(),
+            );
         if !settings.region.is_empty() {
             loader = loader.region(Region::new(settings.region.clone()));
         }
