@@ -101,6 +101,12 @@ pub struct AgentConfig {
     /// Pace EC2 requests with EC2's default token buckets, agent-wide.
     #[serde(default = "default_true")]
     pub aws_rate_limit: bool,
+    /// es-commands over SSH: an OpenSSH known_hosts file with the instances' host keys.
+    #[serde(default)]
+    pub ssh_known_hosts: String,
+    /// es-commands over SSH: refuse hosts whose key is not known (job or known_hosts).
+    #[serde(default)]
+    pub ssh_require_known_host_key: bool,
 }
 
 fn default_true() -> bool {
@@ -257,6 +263,15 @@ impl AgentConfig {
                 ),
             ));
         }
+        if !self.ssh_known_hosts.is_empty() && !Path::new(&self.ssh_known_hosts).is_file() {
+            return Err(bad(
+                "ssh_known_hosts",
+                format!(
+                    "{:?} is not a readable file; give an OpenSSH known_hosts file or leave it empty",
+                    self.ssh_known_hosts
+                ),
+            ));
+        }
         if self.backoff_cap > Duration::from_secs(600) {
             return Err(bad(
                 "backoff_cap",
@@ -277,6 +292,14 @@ impl AgentConfig {
         }
     }
 
+    pub fn ssh_settings(&self) -> crate::commands::SshSettings {
+        crate::commands::SshSettings {
+            known_hosts: (!self.ssh_known_hosts.is_empty())
+                .then(|| std::path::PathBuf::from(&self.ssh_known_hosts)),
+            require_known_host_key: self.ssh_require_known_host_key,
+        }
+    }
+
     pub fn role(&self) -> Role {
         Role::parse(&self.role).expect("validated")
     }
@@ -286,7 +309,7 @@ impl AgentConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\n",
             self.name,
             self.role().name(),
             self.server,
@@ -306,6 +329,8 @@ impl AgentConfig {
             humantime::format_duration(self.aws_call_timeout).to_string(),
             self.aws_concurrency,
             self.aws_rate_limit,
+            self.ssh_known_hosts,
+            self.ssh_require_known_host_key,
         )
     }
 }

@@ -42,21 +42,34 @@ pub fn result(state: JobState, output: impl Into<String>, error: impl Into<Strin
         output: output.into(),
         error: error.into(),
         shells: None,
+        commands: None,
     }
 }
 
-/// Runs jobs of every kind this agent knows. The AWS clients of es-shells are built on the
-/// first es-shells job, so an agent starts (and serves diagnostic jobs) without AWS settings.
+/// Runs jobs of every kind this agent knows. The AWS clients of es-shells and es-commands are
+/// built on their first job, so an agent starts (and serves diagnostic jobs) without AWS
+/// settings.
 pub struct Executor {
     aws: crate::shells::AwsSettings,
+    ssh: crate::commands::SshSettings,
     shells: tokio::sync::OnceCell<crate::shells::Shells>,
+    commands: tokio::sync::OnceCell<crate::commands::Commands>,
 }
 
 impl Executor {
     pub fn new(aws: crate::shells::AwsSettings) -> Executor {
+        Executor::with_ssh(aws, Default::default())
+    }
+
+    pub fn with_ssh(
+        aws: crate::shells::AwsSettings,
+        ssh: crate::commands::SshSettings,
+    ) -> Executor {
         Executor {
             aws,
+            ssh,
             shells: tokio::sync::OnceCell::new(),
+            commands: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -65,6 +78,15 @@ impl Executor {
         match job.spec.as_ref().and_then(|s| s.kind.as_ref()) {
             Some(job_spec::Kind::Echo(e)) => result(JobState::Succeeded, e.message.clone(), ""),
             Some(job_spec::Kind::Sleep(s)) => sleep(s, ctx).await,
+            Some(job_spec::Kind::RunCommand(rc)) => {
+                let commands = self
+                    .commands
+                    .get_or_init(|| {
+                        crate::commands::Commands::new(self.aws.clone(), self.ssh.clone())
+                    })
+                    .await;
+                commands.run(job, rc, &ctx).await
+            }
             Some(kind) => {
                 let shells = self
                     .shells

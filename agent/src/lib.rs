@@ -7,6 +7,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod executor;
 mod health;

@@ -240,7 +240,10 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         cfg: cfg.clone(),
     });
     let slots = Arc::new(Semaphore::new(cfg.slots as usize));
-    let executor = Arc::new(executor::Executor::new(cfg.aws_settings()));
+    let executor = Arc::new(executor::Executor::with_ssh(
+        cfg.aws_settings(),
+        cfg.ssh_settings(),
+    ));
     let hb_stop = CancellationToken::new();
     let hb = crate::heartbeat::spawn(shared.clone(), endpoint.clone(), hb_stop.clone());
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);

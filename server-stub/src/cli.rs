@@ -447,6 +447,7 @@ pub fn kind_name(j: &Job) -> &'static str {
         Some(job_spec::Kind::DeleteApp(_)) => "delete_app",
         Some(job_spec::Kind::CleanupSandbox(_)) => "cleanup_sandbox",
         Some(job_spec::Kind::SweepOrphans(_)) => "sweep_orphans",
+        Some(job_spec::Kind::RunCommand(_)) => "run_command",
         None => "-",
     }
 }

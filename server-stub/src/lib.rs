@@ -16,6 +16,7 @@ pub mod selector;
 pub mod service;
 pub mod store;
 pub mod validate;
+pub mod validate_commands;
 pub mod validate_shells;
 
 use std::net::SocketAddr;

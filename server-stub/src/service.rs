@@ -193,6 +193,22 @@ pub struct JobApi {
     pub d: Arc<Dispatcher>,
 }
 
+/// What a submitter reads back: secret values of a job's variables are masked. Only the agent
+/// that runs the job receives them (in its lease).
+pub fn redact(mut job: Job) -> Job {
+    if let Some(es_proto::v1::job_spec::Kind::RunCommand(rc)) =
+        job.spec.as_mut().and_then(|s| s.kind.as_mut())
+    {
+        for v in rc.env.iter_mut().filter(|v| v.secret) {
+            v.value = MASK.into();
+        }
+    }
+    job
+}
+
+/// Replaces a secret value wherever it is shown.
+pub const MASK: &str = "***";
+
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit(
@@ -216,7 +232,7 @@ impl JobService for JobApi {
         };
         let (job, created) = self.d.submit(job).await?;
         Ok(Response::new(SubmitResponse {
-            job: Some(job),
+            job: Some(redact(job)),
             created,
         }))
     }
@@ -224,7 +240,7 @@ impl JobService for JobApi {
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<Job>, Status> {
         let id = req.into_inner().job_id;
         require("job_id", &id)?;
-        Ok(Response::new(self.d.get(&id).await?))
+        Ok(Response::new(redact(self.d.get(&id).await?)))
     }
 
     type WatchStream = BoxStream<JobEvent>;
@@ -296,7 +312,9 @@ impl JobService for JobApi {
         let req = req.into_inner();
         require("job_id", &req.job_id)?;
         let job = self.d.cancel(&req.job_id, &req.reason).await?;
-        Ok(Response::new(CancelResponse { job: Some(job) }))
+        Ok(Response::new(CancelResponse {
+            job: Some(redact(job)),
+        }))
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
@@ -338,7 +356,9 @@ impl JobService for JobApi {
             .list(filter)
             .await
             .map_err(DispatchError::from)?;
-        Ok(Response::new(ListResponse { jobs }))
+        Ok(Response::new(ListResponse {
+            jobs: jobs.into_iter().map(redact).collect(),
+        }))
     }
 
     async fn agents(

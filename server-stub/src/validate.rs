@@ -122,7 +122,7 @@ pub fn spec(spec: Option<&JobSpec>) -> Result<&JobSpec, FieldError> {
             }
             Ok(spec)
         }
-        // The es-shells kinds are checked with the rest of the submission (`submit`).
+        // The es-shells and es-commands kinds are checked with the rest of the submission.
         Some(_) => Ok(spec),
     }
 }
@@ -157,6 +157,9 @@ pub fn submit(req: &SubmitRequest) -> Result<Role, FieldError> {
     if let Some(kind) = &spec.kind {
         if crate::validate_shells::is_shells(kind) {
             crate::validate_shells::submit(req, kind)?;
+        }
+        if crate::validate_commands::is_commands(kind) {
+            crate::validate_commands::submit(req, kind)?;
         }
     }
     Ok(role)

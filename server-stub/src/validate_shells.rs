@@ -70,29 +70,35 @@ pub fn cidr(field: &str, v: &str) -> Result<Ipv4Net, FieldError> {
 
 /// True for the es-shells kinds.
 pub fn is_shells(kind: &Kind) -> bool {
-    !matches!(kind, Kind::Sleep(_) | Kind::Echo(_))
+    !matches!(kind, Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_))
+}
+
+/// Checks `spec.target` (an assumed role and region), shared with the es-commands kinds.
+pub fn target(t: &es_proto::v1::AwsTarget) -> Result<(), FieldError> {
+    if !t.role_arn.is_empty() && !t.role_arn.starts_with("arn:") {
+        return Err(bad(
+            "spec.target.role_arn",
+            "must be an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
+        ));
+    }
+    if !t.region.is_empty()
+        && !t
+            .region
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(bad(
+            "spec.target.region",
+            format!("{:?} is not a region like us-east-1", t.region),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks an es-shells submission (role, sandbox id, target, and the kind's own fields).
 pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
     if let Some(t) = req.spec.as_ref().and_then(|s| s.target.as_ref()) {
-        if !t.role_arn.is_empty() && !t.role_arn.starts_with("arn:") {
-            return Err(bad(
-                "spec.target.role_arn",
-                "must be an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
-            ));
-        }
-        if !t.region.is_empty()
-            && !t
-                .region
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
-            return Err(bad(
-                "spec.target.region",
-                format!("{:?} is not a region like us-east-1", t.region),
-            ));
-        }
+        target(t)?;
     }
     if req.role != es_proto::Role::Shells as i32 {
         return Err(bad(
@@ -163,7 +169,7 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
             }
             Ok(())
         }
-        Kind::Sleep(_) | Kind::Echo(_) => Ok(()),
+        Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_) => Ok(()),
     }
 }
 

@@ -50,8 +50,9 @@ impl CallCounter {
     }
 }
 
+/// Interceptor that counts each attempt of a call into a [`CallCounter`] (any AWS SDK client).
 #[derive(Debug)]
-struct Count(Arc<CallCounter>);
+pub(crate) struct Count(pub Arc<CallCounter>);
 
 impl Intercept for Count {
     fn name(&self) -> &'static str {
@@ -134,12 +135,8 @@ impl Aws {
         Aws { base, settings }
     }
 
-    /// An EC2 client for `target` (assumed role and region) that counts calls into `calls`.
-    pub async fn client(
-        &self,
-        target: Option<&AwsTarget>,
-        calls: Arc<CallCounter>,
-    ) -> Result<aws_sdk_ec2::Client> {
+    /// The SDK configuration for `target` (assumed role and region), or the agent's own.
+    pub async fn sdk_config(&self, target: Option<&AwsTarget>) -> SdkConfig {
         let mut sdk = self.base.clone();
         if let Some(t) = target {
             let region = if t.region.is_empty() {
@@ -149,7 +146,7 @@ impl Aws {
             };
             if !t.role_arn.is_empty() {
                 let mut b = aws_config::sts::AssumeRoleProvider::builder(t.role_arn.clone())
-                    .session_name("es-shells")
+                    .session_name("es-agent")
                     .configure(&sdk);
                 if !t.external_id.is_empty() {
                     b = b.external_id(t.external_id.clone());
@@ -169,6 +166,16 @@ impl Aws {
                 sdk = sdk.into_builder().region(r).build();
             }
         }
+        sdk
+    }
+
+    /// An EC2 client for `target` (assumed role and region) that counts calls into `calls`.
+    pub async fn client(
+        &self,
+        target: Option<&AwsTarget>,
+        calls: Arc<CallCounter>,
+    ) -> Result<aws_sdk_ec2::Client> {
+        let sdk = self.sdk_config(target).await;
         let conf = aws_sdk_ec2::config::Builder::from(&sdk)
             .interceptor(Count(calls))
             .build();

@@ -130,7 +130,10 @@ impl HttpConnector for PacedConnector {
             .unwrap_or_else(|| "Unknown".into());
         let (inner, limiter) = (self.inner.clone(), self.limiter.clone());
         HttpConnectorFuture::new(async move {
-            limiter.acquire(&action).await;
+            // EC2's buckets only: other services (SSM, Instance Connect, S3) pass unpaced.
+            if action != "Unknown" {
+                limiter.acquire(&action).await;
+            }
             inner.call(request).await
         })
     }

@@ -12,7 +12,7 @@
 //! - each job counts its EC2 calls by operation (reported in the result).
 
 mod apps;
-mod aws;
+pub(crate) mod aws;
 mod limiter;
 mod network;
 mod teardown;
@@ -112,6 +112,7 @@ impl Shells {
                         format!("{failures} resources could not be deleted; see the report")
                     },
                     shells: None,
+                    commands: None,
                 };
                 res.shells = Some(ShellsResult {
                     result: Some(r),
@@ -129,6 +130,7 @@ impl Shells {
                     result: None,
                     api_calls: calls.snapshot(),
                 }),
+                commands: None,
             },
             Err(e) => failed(e, &calls, None),
         }
@@ -144,6 +146,7 @@ fn failed(e: ShellsError, calls: &CallCounter, r: Option<shells_result::Result>)
             result: r,
             api_calls: calls.snapshot(),
         }),
+        commands: None,
     }
 }
 
@@ -173,7 +176,9 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
         Kind::SweepOrphans(s) => {
             R::Deleted(teardown::sweep(cx, &s.live_sandbox_ids, s.dry_run).await?)
         }
-        Kind::Sleep(_) | Kind::Echo(_) => unreachable!("diagnostic kinds are not es-shells jobs"),
+        Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_) => {
+            unreachable!("not an es-shells job kind")
+        }
     })
 }
 
