@@ -41,7 +41,7 @@ fn ok_result() -> JobResult {
         state: JobState::Succeeded as i32,
         output: "done".into(),
         error: String::new(),
-        shells: None,
+        ..Default::default()
     }
 }
 

@@ -2,6 +2,7 @@
 //! files in temporary directories. One test binary, so the workspace links it once.
 
 mod bad_input;
+mod commands;
 mod dispatch;
 mod drain;
 mod durability;

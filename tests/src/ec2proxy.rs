@@ -16,8 +16,20 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Sees each request (head, body) before it is forwarded; answers a reply to send instead, if any.
+#[derive(Clone)]
+pub struct Hook(pub Arc<dyn Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ProxyConfig {
+    /// Called for every request (e.g. to play EC2 Instance Connect for test sshd servers).
+    pub hook: Option<Hook>,
     /// Added before each call is forwarded.
     pub latency: Duration,
     /// Enforce the EC2 token buckets.
@@ -191,6 +203,10 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
     let Some((head, body)) = read_message(&mut sock).await? else {
         return Ok(());
     };
+    if let Some(reply) = st.cfg.hook.as_ref().and_then(|h| (h.0)(&head, &body)) {
+        sock.write_all(&reply).await?;
+        return sock.shutdown().await;
+    }
     let (act, count) = action(&body);
     *st.stats
         .calls

@@ -3,6 +3,7 @@
 //! failed test leaves nothing running. On a panic, the tail of each process's log is printed.
 
 pub mod ec2proxy;
+pub mod sshd;
 pub mod tcpproxy;
 
 use std::io::{BufRead, BufReader};
@@ -54,6 +55,16 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Takes charge of a child started elsewhere (killed when dropped; `log` shown on a panic).
+    pub fn adopt(name: String, child: Child, log: PathBuf) -> Proc {
+        Proc {
+            name,
+            child,
+            log,
+            exited: None,
+        }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

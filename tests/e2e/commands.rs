@@ -1,0 +1,454 @@
+//! es-commands end to end, with real execution: RunCommand over SSH to real OpenSSH servers
+//! (Debian's openssh-server), one per "instance" on its own loopback address 127.0.0.N. The
+//! instances exist in the moto emulator with those private IPs (found by their sandbox and app
+//! tags); EC2 Instance Connect is played by a hook in the proxy in front of moto, which writes
+//! each pushed key into that sshd's authorized_keys for 60 s (`tests/src/sshd.rs`).
+//!
+//! The SSM transport is tested against the SDK's test utilities in `agent/src/commands/ssm.rs`
+//! (moto's SSM executes nothing and answers 500 to the calls the adapter polls with).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use es_proto::v1::*;
+use es_tests::sshd::{self, Sshd};
+use es_tests::*;
+
+use crate::Env;
+
+const LONG: Duration = Duration::from_secs(60);
+
+pub struct Fleet {
+    pub env: Env,
+    pub moto: Moto,
+    pub agent: Proc,
+    pub sshds: Vec<Sshd>,
+    /// instance id -> sshd
+    pub ids: Vec<String>,
+    pub port: u16,
+    pub pushes: Arc<AtomicU64>,
+    pub user: String,
+}
+
+/// `n` instances of sandbox `sb` (apps app-0..), each an sshd on 127.0.0.(base+i).
+pub async fn fleet(sb: &str, n: usize, base: u8, slots: u32) -> Fleet {
+    let env = Env::start(&[]);
+    let moto = start_moto(env.dir.path());
+    let ec2 = moto.ec2().await;
+    let ips: Vec<String> = (0..n)
+        .map(|i| format!("127.0.0.{}", base as usize + i))
+        .collect();
+    let port = sshd::free_port_on(&ips);
+    let sshds: Vec<Sshd> = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| sshd::start_sshd(&env.dir.path().join(format!("sshd-{i}")), ip, port))
+        .collect();
+    // The instances, in a VPC whose range holds the loopback addresses.
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("127.0.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(&vpc_id)
+        .cidr_block("127.0.0.0/24")
+        .send()
+        .await
+        .unwrap();
+    let subnet_id = subnet.subnet().unwrap().subnet_id().unwrap().to_owned();
+    let map = Arc::new(Mutex::new(HashMap::<String, PathBuf>::new()));
+    let mut ids = Vec::new();
+    for (i, s) in sshds.iter().enumerate() {
+        let tags = TagSpecification::builder()
+            .resource_type(ResourceType::Instance)
+            .tags(Tag::builder().key("ReservationId").value(sb).build())
+            .tags(
+                Tag::builder()
+                    .key("AppName")
+                    .value(format!("app-{i}"))
+                    .build(),
+            )
+            .build();
+        let r = ec2
+            .run_instances()
+            .image_id("ami-0123456789abcdef0")
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(&subnet_id)
+            .private_ip_address(&s.ip)
+            .tag_specifications(tags)
+            .send()
+            .await
+            .unwrap();
+        let id = r.instances()[0].instance_id().unwrap().to_owned();
+        map.lock().unwrap().insert(id.clone(), s.dir.clone());
+        ids.push(id);
+    }
+    let pushes = Arc::new(AtomicU64::new(0));
+    let (url, _stats) = ec2proxy::start(
+        &moto.url,
+        ec2proxy::ProxyConfig {
+            hook: Some(sshd::instance_connect(map, pushes.clone())),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut spec = moto.agent_env(AgentSpec::new("es-commands", "commands").slots(slots));
+    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
+    let agent = env.agent(&spec.env("ES_AGENT_AWS_ENDPOINT_URL", &url));
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-commands"]).await;
+    Fleet {
+        env,
+        moto,
+        agent,
+        sshds,
+        ids,
+        port,
+        pushes,
+        user: sshd::login_user(),
+    }
+}
+
+impl Fleet {
+    pub fn ssh_job(&self, script: &str) -> RunCommand {
+        RunCommand {
+            script: script.into(),
+            transport: CommandTransport::Ssh as i32,
+            ssh: Some(SshOptions {
+                user: self.user.clone(),
+                port: self.port as u32,
+                host_keys: HashMap::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    pub async fn run(&self, sb: &str, rc: RunCommand) -> Job {
+        let mut c = self.env.server.client().await;
+        let j = submit(&mut c, commands_req(sb, rc)).await;
+        wait_done(&mut c, &j.id, LONG).await
+    }
+}
+
+pub fn commands_req(sb: &str, rc: RunCommand) -> SubmitRequest {
+    SubmitRequest {
+        role: role("commands"),
+        sandbox_id: sb.into(),
+        spec: Some(JobSpec {
+            kind: Some(job_spec::Kind::RunCommand(rc)),
+            target: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn outputs(j: &Job) -> HashMap<String, InstanceOutput> {
+    j.result
+        .as_ref()
+        .and_then(|r| r.commands.as_ref())
+        .unwrap_or_else(|| panic!("no commands result: {j:?}"))
+        .instances
+        .iter()
+        .map(|o| (o.app.clone(), o.clone()))
+        .collect()
+}
+
+fn status(o: &InstanceOutput) -> CommandStatus {
+    CommandStatus::try_from(o.status).unwrap()
+}
+
+/// No process of the test's scripts (marked by `marker`) is left on the machine.
+async fn no_process_left(marker: &str) {
+    let marker = marker.to_owned();
+    wait_until(
+        "the remote script to be stopped",
+        Duration::from_secs(20),
+        move || {
+            let m = marker.clone();
+            async move {
+                let out = std::process::Command::new("pgrep")
+                    .args(["-f", &m])
+                    .output()
+                    .unwrap();
+                out.stdout.is_empty()
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secrets() {
+    let sb = "sb-ssh";
+    let f = fleet(sb, 3, 11, 4).await;
+    let mut rc = f.ssh_job(
+        "echo \"out $GREETING $TOKEN\"\necho \"err on $(hostname)\" >&2\npwd\n\
+         case \"$SSH_CONNECTION\" in *127.0.0.13*) exit 3;; esac\n",
+    );
+    rc.working_directory = "/tmp".into();
+    rc.env = vec![
+        CommandVariable {
+            name: "GREETING".into(),
+            value: "it's hello".into(),
+            secret: false,
+        },
+        CommandVariable {
+            name: "TOKEN".into(),
+            value: "s3cr3t-v4lue".into(),
+            secret: true,
+        },
+    ];
+    // The first instance's host key is known (and checked); the others are reported unverified.
+    rc.ssh
+        .as_mut()
+        .unwrap()
+        .host_keys
+        .insert(f.ids[0].clone(), f.sshds[0].host_key.clone());
+    let mut c = f.env.server.client().await;
+    let job = submit(&mut c, commands_req(sb, rc)).await;
+    let j = wait_done(&mut c, &job.id, LONG).await;
+    assert_eq!(j.state, JobState::Failed as i32, "one instance exits 3");
+    let err = &j.result.as_ref().unwrap().error;
+    assert!(err.contains("1 of 3") && err.contains("app-2"), "{err}");
+    let o = outputs(&j);
+    for app in ["app-0", "app-1"] {
+        let x = &o[app];
+        assert_eq!(
+            (status(x), x.exit_code),
+            (CommandStatus::Success, 0),
+            "{x:?}"
+        );
+        assert_eq!(x.stdout, "out it's hello ***\n/tmp\n", "{x:?}");
+        assert!(x.stderr.starts_with("err on "), "{x:?}");
+        assert!(!x.stdout_truncated && !x.stderr_truncated);
+    }
+    assert_eq!(
+        (status(&o["app-2"]), o["app-2"].exit_code),
+        (CommandStatus::Failed, 3)
+    );
+    assert!(o["app-0"].reason.is_empty(), "known host key verified");
+    assert!(
+        o["app-1"].reason.contains("host key not verified: SHA256:"),
+        "{:?}",
+        o["app-1"]
+    );
+    assert_eq!(
+        f.pushes.load(Ordering::SeqCst),
+        3,
+        "one key pushed per instance"
+    );
+    let calls = &j
+        .result
+        .as_ref()
+        .unwrap()
+        .commands
+        .as_ref()
+        .unwrap()
+        .api_calls;
+    assert_eq!(calls.get("SendSSHPublicKey"), Some(&3), "{calls:?}");
+
+    // The secret never shows: not in the job read back, its events, or the agent's log.
+    let back = get(&mut c, &job.id).await;
+    let Some(job_spec::Kind::RunCommand(rc)) = back.spec.unwrap().kind else {
+        panic!()
+    };
+    assert_eq!(rc.env[1].value, "***");
+    let mut events = c
+        .watch(WatchRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Ok(Some(ev)) = events.message().await {
+        n += 1;
+        assert!(!format!("{ev:?}").contains("s3cr3t"), "{ev:?}");
+        if matches!(ev.event, Some(job_event::Event::Result(_))) {
+            break;
+        }
+    }
+    assert!(n >= 4, "a progress event per instance and the result");
+    assert!(!f.agent.log().contains("s3cr3t"));
+    assert!(!f.env.server.proc.log().contains("s3cr3t"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
+    let sb = "sb-ssh2";
+    let f = fleet(sb, 2, 21, 4).await;
+    let mut c = f.env.server.client().await;
+
+    // Execution timeout: stopped on the instance, reported per instance.
+    let mut rc = f.ssh_job("echo started\nexec -a es-test-marker-timeout sleep 60\n");
+    rc.execution_timeout_s = 2;
+    rc.apps = vec!["app-0".into()];
+    let j = f.run(sb, rc).await;
+    let o = &outputs(&j)["app-0"];
+    assert_eq!(status(o), CommandStatus::TimedOut, "{o:?}");
+    assert_eq!(o.stdout, "started\n");
+    assert!(o.reason.contains("execution timeout (2 s)"), "{}", o.reason);
+    no_process_left("es-test-marker-timeout").await;
+
+    // Cancel of the job: the script is stopped on the instance.
+    let rc = f.ssh_job("exec -a es-test-marker-cancel sleep 60\n");
+    let job = submit(&mut c, commands_req(sb, rc)).await;
+    wait_state(&mut c, &job.id, JobState::Running, LONG).await;
+    let m = "es-test-marker-cancel".to_owned();
+    wait_until("the script running on the instances", LONG, move || {
+        let m = m.clone();
+        async move {
+            let out = std::process::Command::new("pgrep")
+                .args(["-f", &m])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).lines().count() == 2
+        }
+    })
+    .await;
+    c.cancel(CancelRequest {
+        job_id: job.id.clone(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    let j = wait_done(&mut c, &job.id, LONG).await;
+    assert_eq!(j.state, JobState::Cancelled as i32, "{j:?}");
+    no_process_left("es-test-marker-cancel").await;
+
+    // A large output: the inline text is capped and marked truncated; with a bucket, the full
+    // text goes to S3.
+    let s3 = {
+        let conf = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&f.moto.url)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "testing", "testing", None, None, "es-tests",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    };
+    s3.create_bucket().bucket("es-output").send().await.unwrap();
+    let mut rc = f.ssh_job("head -c 3000000 /dev/zero | tr '\\0' a\necho tail >&2\n");
+    rc.apps = vec!["app-1".into()];
+    rc.output_s3_bucket = "es-output".into();
+    rc.output_s3_prefix = "runs".into();
+    let j = f.run(sb, rc.clone()).await;
+    let o = &outputs(&j)["app-1"];
+    assert_eq!(status(o), CommandStatus::Success, "{o:?}");
+    assert!(
+        o.stdout_truncated && o.stdout.len() == 256 * 1024,
+        "{}",
+        o.stdout.len()
+    );
+    assert_eq!(o.stderr, "tail\n");
+    let key = o
+        .stdout_url
+        .strip_prefix("s3://es-output/")
+        .expect("s3 url");
+    let obj = s3
+        .get_object()
+        .bucket("es-output")
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    let full = obj.body.collect().await.unwrap().into_bytes();
+    assert_eq!(full.len(), 3_000_000, "the full output is in S3");
+    // Without a bucket: SSM-like inline limits.
+    rc.output_s3_bucket.clear();
+    rc.output_s3_prefix.clear();
+    let j = f.run(sb, rc).await;
+    let o = &outputs(&j)["app-1"];
+    assert!(
+        o.stdout_truncated && o.stdout.len() == 24_000,
+        "{}",
+        o.stdout.len()
+    );
+
+    // A host presenting another key than the job expects is refused, nothing runs.
+    let mut rc = f.ssh_job("touch /tmp/es-test-should-not-exist\n");
+    rc.apps = vec!["app-0".into()];
+    rc.ssh
+        .as_mut()
+        .unwrap()
+        .host_keys
+        .insert(f.ids[0].clone(), f.sshds[1].host_key.clone());
+    let j = f.run(sb, rc).await;
+    let o = &outputs(&j)["app-0"];
+    assert_eq!(status(o), CommandStatus::Undeliverable);
+    assert!(o.reason.contains("host key mismatch"), "{}", o.reason);
+    assert!(!std::path::Path::new("/tmp/es-test-should-not-exist").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_run_commands_are_refused_with_the_field_named() {
+    let env = Env::start(&[]);
+    let mut c = env.server.client().await;
+    let base = RunCommand {
+        script: "true".into(),
+        ..Default::default()
+    };
+    let cases: Vec<(SubmitRequest, &str)> = vec![
+        (
+            commands_req(
+                "sb-1",
+                RunCommand {
+                    script: "".into(),
+                    ..base.clone()
+                },
+            ),
+            "spec.run_command.script",
+        ),
+        (
+            commands_req("", base.clone()),
+            "spec.run_command.instance_ids",
+        ),
+        (
+            commands_req(
+                "",
+                RunCommand {
+                    instance_ids: (0..501).map(|i| format!("i-{i:017x}")).collect(),
+                    ..base.clone()
+                },
+            ),
+            "spec.run_command.instance_ids",
+        ),
+        (
+            commands_req(
+                "sb-1",
+                RunCommand {
+                    shell: 9,
+                    ..base.clone()
+                },
+            ),
+            "spec.run_command.shell",
+        ),
+    ];
+    for (req, field) in cases {
+        let e = c.submit(req).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    // Nothing was stored.
+    let all = c
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(all.is_empty());
+}
