@@ -1,6 +1,7 @@
 //! `es-server sandbox ...`: the es-shells jobs from the command line. `up` takes a blueprint
 //! (YAML or JSON), prepares the network and deploys the apps, showing per-app progress and a
-//! summary table; `power`, `ips`, `details`, `delete-app`, `down` and `sweep` act on a sandbox.
+//! summary table; `power`, `ips`, `details`, `delete-app`, `down` and `sweep` act on a sandbox;
+//! `run` runs a script on its instances (es-commands, SSM or SSH) and prints each one's output.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +68,8 @@ pub enum SandboxCmd {
         #[arg(long, default_value = "")]
         selector: String,
     },
+    /// Run a script on the sandbox's apps (es-commands): per-instance status, exit code, output.
+    Run(Box<RunArgs>),
     /// Delete resources tagged with any sandbox not in --live (--dry-run lists them).
     Sweep {
         #[arg(long, value_delimiter = ',')]
@@ -76,6 +79,140 @@ pub enum SandboxCmd {
         #[arg(long, default_value = "")]
         selector: String,
     },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[arg(long)]
+    sandbox: String,
+    /// Only these apps (default: every running app of the sandbox).
+    #[arg(long)]
+    app: Vec<String>,
+    /// These instances instead of the sandbox's apps.
+    #[arg(long, conflicts_with = "app")]
+    instance: Vec<String>,
+    /// The script text.
+    #[arg(
+        long,
+        required_unless_present = "script_file",
+        conflicts_with = "script_file"
+    )]
+    script: Option<String>,
+    /// A file holding the script.
+    #[arg(long)]
+    script_file: Option<PathBuf>,
+    #[arg(long, value_parser = ["bash", "powershell"], default_value = "bash")]
+    shell: String,
+    #[arg(long, value_parser = ["ssm", "ssh"], default_value = "ssm")]
+    transport: String,
+    /// NAME=VALUE exported to the script (repeat).
+    #[arg(long)]
+    env: Vec<String>,
+    /// NAME=VALUE exported to the script, never shown (repeat).
+    #[arg(long)]
+    secret_env: Vec<String>,
+    #[arg(long, default_value = "")]
+    workdir: String,
+    /// Longest run on one instance (e.g. 10m); default 1h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    execution_timeout: Option<std::time::Duration>,
+    /// SSM: longest wait for delivery; SSH: connect timeout.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    delivery_timeout: Option<std::time::Duration>,
+    /// Instances at once ("50" or "10%").
+    #[arg(long, default_value = "")]
+    max_concurrency: String,
+    /// Errors after which no new instance starts ("0", "10%"); default: run everywhere.
+    #[arg(long, default_value = "")]
+    max_errors: String,
+    /// S3 bucket (and --output-prefix) for the full output.
+    #[arg(long, default_value = "")]
+    output_bucket: String,
+    #[arg(long, default_value = "")]
+    output_prefix: String,
+    /// SSH login user (default ec2-user).
+    #[arg(long, default_value = "")]
+    ssh_user: String,
+    #[arg(long, default_value_t = 0)]
+    ssh_port: u32,
+    /// INSTANCE_OR_IP=PUBLIC_KEY: a known host key (repeat).
+    #[arg(long)]
+    host_key: Vec<String>,
+    #[arg(long, default_value = "")]
+    selector: String,
+}
+
+impl RunArgs {
+    /// The RunCommand, or an error naming the flag.
+    fn run_command(&self) -> Result<RunCommand, String> {
+        let script = match (&self.script, &self.script_file) {
+            (Some(s), _) => s.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| format!("--script-file {}: {e}", f.display()))?,
+            (None, None) => return Err("give --script or --script-file".into()),
+        };
+        let mut env = Vec::new();
+        for (flag, list, secret) in [
+            ("--env", &self.env, false),
+            ("--secret-env", &self.secret_env, true),
+        ] {
+            for kv in list {
+                let (name, value) = kv.split_once('=').ok_or_else(|| {
+                    format!(
+                        "{flag}: expected NAME=VALUE, got {:?}",
+                        kv.split('=').next().unwrap_or("")
+                    )
+                })?;
+                env.push(CommandVariable {
+                    name: name.to_owned(),
+                    value: value.to_owned(),
+                    secret,
+                });
+            }
+        }
+        let mut host_keys = std::collections::HashMap::new();
+        for kv in &self.host_key {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--host-key: expected INSTANCE=KEY, got {kv:?}"))?;
+            host_keys.insert(k.to_owned(), v.to_owned());
+        }
+        let ssh = self.transport == "ssh";
+        Ok(RunCommand {
+            instance_ids: self.instance.clone(),
+            apps: self.app.clone(),
+            script,
+            shell: if self.shell == "powershell" {
+                Shell::Powershell as i32
+            } else {
+                Shell::Bash as i32
+            },
+            working_directory: self.workdir.clone(),
+            env,
+            execution_timeout_s: self
+                .execution_timeout
+                .map(|d| d.as_secs() as u32)
+                .unwrap_or(0),
+            delivery_timeout_s: self
+                .delivery_timeout
+                .map(|d| d.as_secs() as u32)
+                .unwrap_or(0),
+            max_concurrency: self.max_concurrency.clone(),
+            max_errors: self.max_errors.clone(),
+            output_s3_bucket: self.output_bucket.clone(),
+            output_s3_prefix: self.output_prefix.clone(),
+            transport: if ssh {
+                CommandTransport::Ssh as i32
+            } else {
+                CommandTransport::Ssm as i32
+            },
+            ssh: ssh.then(|| SshOptions {
+                user: self.ssh_user.clone(),
+                port: self.ssh_port,
+                host_keys,
+            }),
+        })
+    }
 }
 
 fn req(
@@ -187,6 +324,17 @@ pub async fn run(
             job_spec::Kind::CleanupSandbox(CleanupSandbox {}),
             None,
         )),
+        SandboxCmd::Run(args) => {
+            let rc = args.run_command().map_err(usage)?;
+            let mut r = req(
+                &args.sandbox,
+                &args.selector,
+                job_spec::Kind::RunCommand(rc),
+                None,
+            );
+            r.role = Role::Commands as i32;
+            jobs.push(r);
+        }
         SandboxCmd::Sweep {
             live,
             dry_run,
@@ -276,6 +424,9 @@ fn print_result(j: &Job) {
     } else {
         println!("  {st}: {}", r.error);
     }
+    if let Some(cm) = &r.commands {
+        print_commands(cm);
+    }
     let Some(sh) = &r.shells else { return };
     match &sh.result {
         Some(shells_result::Result::Apps(a)) => {
@@ -335,5 +486,55 @@ fn print_result(j: &Job) {
         let total: u64 = calls.iter().map(|(_, n)| **n).sum();
         let list: Vec<String> = calls.iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!("  EC2 calls: {total} ({})", list.join(", "));
+    }
+}
+
+fn print_commands(cm: &CommandsResult) {
+    println!(
+        "  {:<16} {:<21} {:<20} {:>5}  REASON",
+        "APP", "INSTANCE", "STATUS", "EXIT"
+    );
+    for o in &cm.instances {
+        let status = CommandStatus::try_from(o.status)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("COMMAND_STATUS_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<16} {:<21} {:<20} {:>5}  {}",
+            o.app,
+            o.instance_id,
+            status,
+            if o.exit_code >= 0 {
+                o.exit_code.to_string()
+            } else {
+                "-".into()
+            },
+            o.reason
+        );
+    }
+    for o in &cm.instances {
+        for (name, text, cut, url) in [
+            ("stdout", &o.stdout, o.stdout_truncated, &o.stdout_url),
+            ("stderr", &o.stderr, o.stderr_truncated, &o.stderr_url),
+        ] {
+            if text.is_empty() {
+                continue;
+            }
+            println!("  ---- {} {} {name} ----", o.app, o.instance_id);
+            for line in text.lines() {
+                println!("  | {line}");
+            }
+            if cut {
+                let full = if url.is_empty() {
+                    "set an output bucket for the full text".to_owned()
+                } else {
+                    format!("full text: {url}")
+                };
+                println!("  (truncated; {full})");
+            }
+        }
     }
 }

@@ -8,131 +8,49 @@
 //! (moto's SSM executes nothing and answers 500 to the calls the adapter polls with).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use es_proto::v1::*;
-use es_tests::sshd::{self, Sshd};
+use es_tests::sshd;
 use es_tests::*;
 
 use crate::Env;
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// A server in a temporary directory and a fleet of sshd "instances" with an es-commands agent.
 pub struct Fleet {
     pub env: Env,
-    pub moto: Moto,
-    pub agent: Proc,
-    pub sshds: Vec<Sshd>,
-    /// instance id -> sshd
-    pub ids: Vec<String>,
-    pub port: u16,
-    pub pushes: Arc<AtomicU64>,
-    pub user: String,
+    pub kit: sshd::Fleet,
+}
+
+impl std::ops::Deref for Fleet {
+    type Target = sshd::Fleet;
+    fn deref(&self) -> &sshd::Fleet {
+        &self.kit
+    }
 }
 
 /// `n` instances of sandbox `sb` (apps app-0..), each an sshd on 127.0.0.(base+i).
 pub async fn fleet(sb: &str, n: usize, base: u8, slots: u32) -> Fleet {
     let env = Env::start(&[]);
-    let moto = start_moto(env.dir.path());
-    let ec2 = moto.ec2().await;
-    let ips: Vec<String> = (0..n)
-        .map(|i| format!("127.0.0.{}", base as usize + i))
-        .collect();
-    let port = sshd::free_port_on(&ips);
-    let sshds: Vec<Sshd> = ips
-        .iter()
-        .enumerate()
-        .map(|(i, ip)| sshd::start_sshd(&env.dir.path().join(format!("sshd-{i}")), ip, port))
-        .collect();
-    // The instances, in a VPC whose range holds the loopback addresses.
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("127.0.0.0/16")
-        .send()
-        .await
-        .unwrap();
-    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
-    let subnet = ec2
-        .create_subnet()
-        .vpc_id(&vpc_id)
-        .cidr_block("127.0.0.0/24")
-        .send()
-        .await
-        .unwrap();
-    let subnet_id = subnet.subnet().unwrap().subnet_id().unwrap().to_owned();
-    let map = Arc::new(Mutex::new(HashMap::<String, PathBuf>::new()));
-    let mut ids = Vec::new();
-    for (i, s) in sshds.iter().enumerate() {
-        let tags = TagSpecification::builder()
-            .resource_type(ResourceType::Instance)
-            .tags(Tag::builder().key("ReservationId").value(sb).build())
-            .tags(
-                Tag::builder()
-                    .key("AppName")
-                    .value(format!("app-{i}"))
-                    .build(),
-            )
-            .build();
-        let r = ec2
-            .run_instances()
-            .image_id("ami-0123456789abcdef0")
-            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-            .min_count(1)
-            .max_count(1)
-            .subnet_id(&subnet_id)
-            .private_ip_address(&s.ip)
-            .tag_specifications(tags)
-            .send()
-            .await
-            .unwrap();
-        let id = r.instances()[0].instance_id().unwrap().to_owned();
-        map.lock().unwrap().insert(id.clone(), s.dir.clone());
-        ids.push(id);
-    }
-    let pushes = Arc::new(AtomicU64::new(0));
-    let (url, _stats) = ec2proxy::start(
-        &moto.url,
-        ec2proxy::ProxyConfig {
-            hook: Some(sshd::instance_connect(map, pushes.clone())),
-            ..Default::default()
-        },
+    let kit = sshd::start_fleet(
+        &crate::bins(),
+        env.dir.path(),
+        &env.server.url(),
+        sb,
+        n,
+        base,
+        slots,
     )
     .await;
-    let mut spec = moto.agent_env(AgentSpec::new("es-commands", "commands").slots(slots));
-    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
-    let agent = env.agent(&spec.env("ES_AGENT_AWS_ENDPOINT_URL", &url));
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-commands"]).await;
-    Fleet {
-        env,
-        moto,
-        agent,
-        sshds,
-        ids,
-        port,
-        pushes,
-        user: sshd::login_user(),
-    }
+    Fleet { env, kit }
 }
 
 impl Fleet {
-    pub fn ssh_job(&self, script: &str) -> RunCommand {
-        RunCommand {
-            script: script.into(),
-            transport: CommandTransport::Ssh as i32,
-            ssh: Some(SshOptions {
-                user: self.user.clone(),
-                port: self.port as u32,
-                host_keys: HashMap::new(),
-            }),
-            ..Default::default()
-        }
-    }
-
     pub async fn run(&self, sb: &str, rc: RunCommand) -> Job {
         let mut c = self.env.server.client().await;
         let j = submit(&mut c, commands_req(sb, rc)).await;
@@ -282,6 +200,46 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
     assert!(n >= 4, "a progress event per instance and the result");
     assert!(!f.agent.log().contains("s3cr3t"));
     assert!(!f.env.server.proc.log().contains("s3cr3t"));
+
+    // The same from the command line: a table per instance and each one's output.
+    let out = std::process::Command::new(crate::bins().server)
+        .args([
+            "sandbox",
+            "run",
+            "--server",
+            &f.env.server.url(),
+            "--sandbox",
+            sb,
+        ])
+        .args([
+            "--app",
+            "app-0",
+            "--transport",
+            "ssh",
+            "--ssh-user",
+            &f.user,
+        ])
+        .args([
+            "--ssh-port",
+            &f.port.to_string(),
+            "--secret-env",
+            "PW=hunter22",
+        ])
+        .args(["--script", "echo via-cli $PW"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("success") && text.contains("| via-cli ***"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter22"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use es_proto::v1::{CommandTransport, RunCommand, SshOptions};
+
 use crate::ec2proxy::Hook;
-use crate::Proc;
+use crate::{ec2proxy, start_agent, start_moto, AgentSpec, Bins, Moto, Proc};
 
 /// A running sshd.
 pub struct Sshd {
@@ -152,4 +154,131 @@ pub fn instance_connect(
         }
         None
     }))
+}
+
+/// Sandbox instances played by sshd servers, registered in a moto emulator, and an
+/// es-commands agent whose AWS endpoint is the Instance Connect-playing proxy in front of moto.
+pub struct Fleet {
+    pub moto: Moto,
+    pub agent: Proc,
+    pub sshds: Vec<Sshd>,
+    /// Instance ids, in the order of `sshds`.
+    pub ids: Vec<String>,
+    pub port: u16,
+    /// Keys pushed through Instance Connect.
+    pub pushes: Arc<AtomicU64>,
+    /// The login user (the one running the tests).
+    pub user: String,
+}
+
+/// `n` instances of sandbox `sb` (apps app-0, app-1, ...), each an sshd on 127.0.0.(base+i),
+/// and an agent `es-commands` with `slots` slots connected to `server_url`.
+pub async fn start_fleet(
+    bins: &Bins,
+    dir: &Path,
+    server_url: &str,
+    sb: &str,
+    n: usize,
+    base: u8,
+    slots: u32,
+) -> Fleet {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let moto = start_moto(dir);
+    let ec2 = moto.ec2().await;
+    let ips: Vec<String> = (0..n)
+        .map(|i| format!("127.0.0.{}", base as usize + i))
+        .collect();
+    let port = free_port_on(&ips);
+    let sshds: Vec<Sshd> = ips
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| start_sshd(&dir.join(format!("sshd-{i}")), ip, port))
+        .collect();
+    // The instances, in a VPC whose range holds the loopback addresses.
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("127.0.0.0/16")
+        .send()
+        .await
+        .unwrap();
+    let vpc_id = vpc.vpc().unwrap().vpc_id().unwrap().to_owned();
+    let subnet = ec2
+        .create_subnet()
+        .vpc_id(&vpc_id)
+        .cidr_block("127.0.0.0/24")
+        .send()
+        .await
+        .unwrap();
+    let subnet_id = subnet.subnet().unwrap().subnet_id().unwrap().to_owned();
+    let map = Arc::new(Mutex::new(HashMap::<String, PathBuf>::new()));
+    let mut ids = Vec::new();
+    for (i, s) in sshds.iter().enumerate() {
+        let tags = TagSpecification::builder()
+            .resource_type(ResourceType::Instance)
+            .tags(Tag::builder().key("ReservationId").value(sb).build())
+            .tags(
+                Tag::builder()
+                    .key("AppName")
+                    .value(format!("app-{i}"))
+                    .build(),
+            )
+            .build();
+        let r = ec2
+            .run_instances()
+            .image_id("ami-0123456789abcdef0")
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(&subnet_id)
+            .private_ip_address(&s.ip)
+            .tag_specifications(tags)
+            .send()
+            .await
+            .unwrap();
+        let id = r.instances()[0].instance_id().unwrap().to_owned();
+        map.lock().unwrap().insert(id.clone(), s.dir.clone());
+        ids.push(id);
+    }
+    let pushes = Arc::new(AtomicU64::new(0));
+    let (url, _stats) = ec2proxy::start(
+        &moto.url,
+        ec2proxy::ProxyConfig {
+            hook: Some(instance_connect(map, pushes.clone())),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut spec = moto.agent_env(AgentSpec::new("es-commands", "commands").slots(slots));
+    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
+    let agent = start_agent(
+        bins,
+        dir,
+        server_url,
+        &spec.env("ES_AGENT_AWS_ENDPOINT_URL", &url),
+    );
+    Fleet {
+        moto,
+        agent,
+        sshds,
+        ids,
+        port,
+        pushes,
+        user: login_user(),
+    }
+}
+
+impl Fleet {
+    /// A RunCommand of `script` over SSH to this fleet (every app of the sandbox).
+    pub fn ssh_job(&self, script: &str) -> RunCommand {
+        RunCommand {
+            script: script.into(),
+            transport: CommandTransport::Ssh as i32,
+            ssh: Some(SshOptions {
+                user: self.user.clone(),
+                port: self.port as u32,
+                host_keys: HashMap::new(),
+            }),
+            ..Default::default()
+        }
+    }
 }

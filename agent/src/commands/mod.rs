@@ -30,7 +30,7 @@ use crate::shells::{AwsSettings, CallCounter, TAG_APP, TAG_SANDBOX};
 
 pub use script::{render_ssh, shell_quote, ssm_commands};
 pub use ssh::SshSettings;
-pub use ssm::{run_ssm, SsmClients};
+pub use ssm::{run_ssm, PollPace, SsmClients, BATCH as SSM_BATCH};
 
 /// Defaults of a RunCommand when the submitter gives none.
 pub const DEFAULT_EXECUTION_TIMEOUT_S: u32 = 3600;

@@ -6,7 +6,7 @@
 //!    AWS-RunPowerShellScript; the script is the `commands` parameter).
 //! 3. Polling: one paged `ListCommandInvocations` (with details) per command per round, rounds
 //!    spaced by a growing interval (1 s, x1.5, up to 10 s), never one call per instance per
-//!    round. As an invocation finishes, its output is fetched once: from S3 when an output
+//!    round. As an invocation finishes, its output is fetched once (4 fetches at a time): from S3 when an output
 //!    bucket is set (full text, up to the inline cap), else with one `GetCommandInvocation`
 //!    (SSM's inline 24,000/8,000 characters); truncation is marked.
 //! 4. Cancel: `CancelCommand` for each command still running, then a short wait for SSM to
@@ -29,6 +29,8 @@ use super::{
 
 /// Most instance ids per SendCommand (and per DescribeInstanceInformation filter).
 pub const BATCH: usize = 50;
+/// Output fetches (GetCommandInvocation or S3 reads) in flight at once per job.
+const OUTPUT_FETCHES: usize = 4;
 /// SSM's inline output limits in GetCommandInvocation.
 const SSM_INLINE_STDOUT: usize = 24_000;
 const SSM_INLINE_STDERR: usize = 8_000;
@@ -272,11 +274,16 @@ pub async fn run_ssm(
                 continue;
             }
             let finished = poll_command(c.ssm, cid, &open).await?;
-            let fetched = futures::future::join_all(finished.into_iter().map(|f| async {
-                let t = by_id.get(f.instance_id.as_str()).copied();
-                fetch_output(c, rc, cid, f, t, caps).await
-            }))
-            .await;
+            // One output fetch per finished instance, a few at a time.
+            use futures::StreamExt;
+            let fetched: Vec<InstanceOutput> = futures::stream::iter(finished)
+                .map(|f| async {
+                    let t = by_id.get(f.instance_id.as_str()).copied();
+                    fetch_output(c, rc, cid, f, t, caps).await
+                })
+                .buffer_unordered(OUTPUT_FETCHES)
+                .collect()
+                .await;
             for mut o in fetched {
                 open.remove(&(cid.clone(), o.instance_id.clone()));
                 report.finished(&mut o);
