@@ -386,7 +386,7 @@ impl Commands {
                     ssm: &ssm,
                     s3: s3.as_ref(),
                 },
-                &job.id,
+                job,
                 rc,
                 &targets,
                 caps,

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use aws_sdk_ssm::types::{CommandInvocationStatus, InstanceInformationStringFilter, PingStatus};
-use es_proto::v1::{CommandStatus, InstanceOutput, RunCommand, Shell};
+use es_proto::v1::{CommandStatus, InstanceOutput, Job, RunCommand, Shell};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -118,7 +118,7 @@ fn reason_of(status: CommandStatus, details: &str) -> String {
 #[allow(clippy::too_many_arguments)]
 pub async fn run_ssm(
     c: &SsmClients<'_>,
-    job_id: &str,
+    job: &Job,
     rc: &RunCommand,
     targets: &[Target],
     caps: OutputCaps,
@@ -132,10 +132,33 @@ pub async fn run_ssm(
         .collect();
     let mut outs: Vec<InstanceOutput> = Vec::new();
 
+    // 0. A later attempt (the agent that ran the job was lost) takes over the commands the
+    //    earlier attempt sent, found by their comment, instead of running the script twice.
+    let comment = format!("es job {}", job.id);
+    let mut command_ids: Vec<(String, Vec<&Target>)> = Vec::new();
+    if job.attempt > 1 {
+        for (cid, ids) in earlier_commands(c.ssm, &comment, job.created_at_us).await? {
+            let ts: Vec<&Target> = targets
+                .iter()
+                .filter(|t| ids.contains(&t.instance_id))
+                .collect();
+            if !ts.is_empty() {
+                log::info!(job_id = job.id.as_str(); "job {}: following SSM command {cid} of an earlier attempt ({} instances)", job.id, ts.len());
+                command_ids.push((cid, ts));
+            }
+        }
+    }
+    let adopted = |t: &Target| {
+        command_ids
+            .iter()
+            .any(|(_, ts)| ts.iter().any(|x| x.instance_id == t.instance_id))
+    };
+    let rest: Vec<Target> = targets.iter().filter(|t| !adopted(t)).cloned().collect();
+
     // 1. Pre-flight.
-    let online = preflight(c.ssm, targets).await?;
+    let online = preflight(c.ssm, &rest).await?;
     let mut send: Vec<&Target> = Vec::new();
-    for t in targets {
+    for t in targets.iter().filter(|t| !adopted(t)) {
         match online.get(t.instance_id.as_str()) {
             Some((PingStatus::Online, _)) => send.push(t),
             Some((ping, last)) => {
@@ -161,10 +184,10 @@ pub async fn run_ssm(
             }
         }
     }
-    if send.is_empty() {
+    if send.is_empty() && command_ids.is_empty() {
         return Ok((outs, vec![]));
     }
-    if cancel.is_cancelled() {
+    if cancel.is_cancelled() && command_ids.is_empty() {
         for t in send {
             let mut o = not_run(t, CommandStatus::Cancelled, "cancelled before it was sent");
             report.finished(&mut o);
@@ -195,7 +218,6 @@ pub async fn run_ssm(
     } else {
         &rc.max_errors
     };
-    let mut command_ids = Vec::new();
     for batch in send.chunks(BATCH) {
         let mut req = c
             .ssm
@@ -207,7 +229,7 @@ pub async fn run_ssm(
             .timeout_seconds(delivery as i32)
             .max_concurrency(max_conc)
             .max_errors(max_err)
-            .comment(format!("es job {job_id}"));
+            .comment(&comment);
         if !rc.working_directory.is_empty() {
             req = req.parameters("workingDirectory", vec![rc.working_directory.clone()]);
         }
@@ -306,6 +328,43 @@ pub async fn run_ssm(
         }
     }
     Ok((outs, command_ids.into_iter().map(|(c, _)| c).collect()))
+}
+
+/// Commands an earlier attempt of the job sent (matched by `comment`, listed since the job was
+/// created): their ids and instance ids.
+async fn earlier_commands(
+    ssm: &aws_sdk_ssm::Client,
+    comment: &str,
+    created_at_us: i64,
+) -> Result<Vec<(String, Vec<String>)>, CommandsError> {
+    use aws_sdk_ssm::types::{CommandFilter, CommandFilterKey};
+    let since = aws_smithy_types::DateTime::from_secs(created_at_us / 1_000_000 - 60)
+        .fmt(aws_smithy_types::date_time::Format::DateTime)
+        .map_err(|e| CommandsError::Other(e.to_string()))?;
+    let filter = CommandFilter::builder()
+        .key(CommandFilterKey::InvokedAfter)
+        .value(since)
+        .build()
+        .map_err(|e| CommandsError::Other(e.to_string()))?;
+    let mut out = Vec::new();
+    let mut pages = ssm
+        .list_commands()
+        .filters(filter)
+        .max_results(50)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| aws_err("SSM ListCommands", e))?;
+        for cmd in page.commands() {
+            if cmd.comment() == Some(comment) {
+                out.push((
+                    cmd.command_id().unwrap_or_default().to_owned(),
+                    cmd.instance_ids().to_vec(),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Ping status (and last ping time) of each target registered with SSM.
@@ -576,6 +635,15 @@ mod tests {
         cancel_wait: Duration::from_millis(200),
     };
 
+    fn job(id: &str, attempt: u32) -> Job {
+        Job {
+            id: id.into(),
+            attempt,
+            created_at_us: 1_700_000_000_000_000,
+            ..Default::default()
+        }
+    }
+
     fn targets(ids: &[&str]) -> Vec<Target> {
         ids.iter()
             .map(|id| Target {
@@ -712,7 +780,7 @@ mod tests {
                 ssm: &client,
                 s3: None,
             },
-            "job-1",
+            &job("job-1", 1),
             &rc,
             &t,
             OutputCaps::new(7, false),
@@ -847,7 +915,7 @@ mod tests {
                 ssm: &client,
                 s3: None,
             },
-            "job-2",
+            &job("job-2", 1),
             &rc,
             &t,
             OutputCaps::new(t.len(), false),
@@ -921,7 +989,7 @@ mod tests {
                 ssm: &client,
                 s3: None,
             },
-            "job-3",
+            &job("job-3", 1),
             &rc,
             &t,
             OutputCaps::new(2, false),
@@ -940,6 +1008,92 @@ mod tests {
         // i-2 never confirmed: reported cancelled with the reason.
         let i2 = outs.iter().find(|o| o.instance_id == "i-2").unwrap();
         assert!(i2.reason.contains("had not confirmed"), "{}", i2.reason);
+    }
+
+    #[tokio::test]
+    async fn a_later_attempt_follows_the_earlier_command_instead_of_sending_again() {
+        use aws_sdk_ssm::operation::list_commands::ListCommandsOutput;
+        let rc = RunCommand {
+            script: "do-once".into(),
+            ..Default::default()
+        };
+        // The lost attempt had sent to i-1 and i-2 (comment "es job job-r"); i-3 is new work.
+        let earlier = mock!(Client::list_commands)
+            .match_requests(|r| {
+                r.filters().first().is_some_and(|f| {
+                    f.key() == &aws_sdk_ssm::types::CommandFilterKey::InvokedAfter
+                        && f.value() == "2023-11-14T22:12:20Z"
+                })
+            })
+            .then_output(|| {
+                ListCommandsOutput::builder()
+                    .commands(
+                        Command::builder()
+                            .command_id("cmd-other")
+                            .comment("es job someone-else")
+                            .instance_ids("i-1")
+                            .build(),
+                    )
+                    .commands(
+                        Command::builder()
+                            .command_id("cmd-old")
+                            .comment("es job job-r")
+                            .instance_ids("i-1")
+                            .instance_ids("i-2")
+                            .build(),
+                    )
+                    .build()
+            });
+        let describe = describe_all_online();
+        let send = mock!(Client::send_command)
+            .match_requests(|r| r.instance_ids() == ["i-3"])
+            .then_output(|| {
+                SendCommandOutput::builder()
+                    .command(Command::builder().command_id("cmd-new").build())
+                    .build()
+            });
+        let list = mock!(Client::list_command_invocations).then_compute_output(|r| {
+            let ids: &[&str] = if r.command_id() == Some("cmd-old") {
+                &["i-1", "i-2"]
+            } else {
+                &["i-3"]
+            };
+            ListCommandInvocationsOutput::builder()
+                .set_command_invocations(Some(
+                    ids.iter()
+                        .map(|id| inv(id, CommandInvocationStatus::Success, "Success", 0))
+                        .collect(),
+                ))
+                .build()
+        });
+        let get = mock!(Client::get_command_invocation)
+            .then_output(|| GetCommandInvocationOutput::builder().build());
+        let client = ssm(&[&earlier, &describe, &send, &list, &get]);
+        let (c, _events) = ctx();
+        let scrub = Scrubber::new(&rc);
+        let t = targets(&["i-1", "i-2", "i-3"]);
+        let rep = Reporter::new(&c, &scrub, 3);
+        let (outs, ids) = run_ssm(
+            &SsmClients {
+                ssm: &client,
+                s3: None,
+            },
+            &job("job-r", 2),
+            &rc,
+            &t,
+            OutputCaps::new(3, false),
+            &rep,
+            &c.cancel,
+            FAST,
+        )
+        .await
+        .unwrap();
+        assert_eq!(ids, ["cmd-old", "cmd-new"]);
+        assert_eq!(send.num_calls(), 1, "only the instance not reached before");
+        assert_eq!(outs.len(), 3);
+        assert!(outs
+            .iter()
+            .all(|o| o.status == CommandStatus::Success as i32));
     }
 
     #[test]
