@@ -373,7 +373,7 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                     } else {
                         "unhealthy"
                     };
-                    let n = a.counters.clone().unwrap_or_default();
+                    let n = a.counters.unwrap_or_default();
                     println!(
                         "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {:>8}  {:>8}  {:>7}  {:>7}  {}",
                         id.name,

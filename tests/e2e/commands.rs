@@ -58,18 +58,6 @@ impl Fleet {
     }
 }
 
-pub fn commands_req(sb: &str, rc: RunCommand) -> SubmitRequest {
-    SubmitRequest {
-        role: role("commands"),
-        sandbox_id: sb.into(),
-        spec: Some(JobSpec {
-            kind: Some(job_spec::Kind::RunCommand(rc)),
-            target: None,
-        }),
-        ..Default::default()
-    }
-}
-
 fn outputs(j: &Job) -> HashMap<String, InstanceOutput> {
     j.result
         .as_ref()
@@ -181,22 +169,11 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
         panic!()
     };
     assert_eq!(rc.env[1].value, "***");
-    let mut events = c
-        .watch(WatchRequest {
-            job_id: job.id.clone(),
-            after_seq: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0;
-    while let Ok(Some(ev)) = events.message().await {
-        n += 1;
+    let events = job_events(&mut c, &job.id).await;
+    for ev in &events {
         assert!(!format!("{ev:?}").contains("s3cr3t"), "{ev:?}");
-        if matches!(ev.event, Some(job_event::Event::Result(_))) {
-            break;
-        }
     }
+    let n = events.len();
     assert!(n >= 4, "a progress event per instance and the result");
     assert!(!f.agent.log().contains("s3cr3t"));
     assert!(!f.env.server.proc.log().contains("s3cr3t"));

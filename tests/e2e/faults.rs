@@ -28,27 +28,6 @@ async fn counters(c: &mut JobServiceClient<Channel>) -> HashMap<String, AgentCou
         .collect()
 }
 
-/// Every stored event of a finished job, in order.
-async fn events(c: &mut JobServiceClient<Channel>, id: &str) -> Vec<JobEvent> {
-    let mut stream = c
-        .watch(WatchRequest {
-            job_id: id.into(),
-            after_seq: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let mut out = Vec::new();
-    while let Ok(Ok(Some(ev))) = tokio::time::timeout(LONG, stream.message()).await {
-        let last = matches!(ev.event, Some(job_event::Event::Result(_)));
-        out.push(ev);
-        if last {
-            break;
-        }
-    }
-    out
-}
-
 /// After the job was re-leased to `new_holder`, every event (progress, log, result) came from it:
 /// nothing of the old holder's copy was accepted.
 fn nothing_accepted_after_the_re_lease(evs: &[JobEvent], new_holder: &str) {
@@ -147,7 +126,7 @@ async fn lose_primary_holding_jobs(fault: Fault) {
             (JobState::Succeeded as i32, "es-shells-b", 2),
             "{j:?}"
         );
-        nothing_accepted_after_the_re_lease(&events(&mut c, id).await, "es-shells-b");
+        nothing_accepted_after_the_re_lease(&job_events(&mut c, id).await, "es-shells-b");
         // The woken or reconnected primary stopped its copy (fenced by its own clock, by the
         // heartbeat's lost-lease answer, or by a refused write).
         let want = format!("stopping job {id}");

@@ -18,7 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Sees each request (head, body) before it is forwarded; answers a reply to send instead, if any.
 #[derive(Clone)]
-pub struct Hook(pub Arc<dyn Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync>);
+pub struct Hook(pub Arc<HookFn>);
+
+/// (request head, request body) -> a reply to send instead of forwarding, if any.
+pub type HookFn = dyn Fn(&str, &[u8]) -> Option<Vec<u8>> + Send + Sync;
 
 impl std::fmt::Debug for Hook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

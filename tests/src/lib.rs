@@ -402,6 +402,42 @@ pub async fn submit(c: &mut JobServiceClient<Channel>, req: SubmitRequest) -> Jo
         .expect("job")
 }
 
+/// Every stored event of a finished job, in order (up to its result).
+pub async fn job_events(c: &mut JobServiceClient<Channel>, id: &str) -> Vec<JobEvent> {
+    let mut stream = c
+        .watch(WatchRequest {
+            job_id: id.into(),
+            after_seq: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(ev))) =
+        tokio::time::timeout(Duration::from_secs(30), stream.message()).await
+    {
+        let last = matches!(ev.event, Some(job_event::Event::Result(_)));
+        out.push(ev);
+        if last {
+            break;
+        }
+    }
+    out
+}
+
+/// A RunCommand submission for sandbox `sb` (role commands).
+pub fn commands_req(sb: &str, rc: RunCommand) -> SubmitRequest {
+    SubmitRequest {
+        role: role("commands"),
+        sandbox_id: sb.into(),
+        spec: Some(JobSpec {
+            kind: Some(job_spec::Kind::RunCommand(rc)),
+            target: None,
+        }),
+        ..Default::default()
+    }
+}
+
 pub async fn get(c: &mut JobServiceClient<Channel>, id: &str) -> Job {
     c.get(GetRequest { job_id: id.into() })
         .await
