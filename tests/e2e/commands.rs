@@ -73,6 +73,17 @@ fn status(o: &InstanceOutput) -> CommandStatus {
     CommandStatus::try_from(o.status).unwrap()
 }
 
+/// Processes whose command line starts with `name` (read from /proc: no procps needed).
+fn processes_named(name: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+                .filter(|c| c.starts_with(name.as_bytes()))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// No process of the test's scripts (marked by `marker`) is left on the machine.
 async fn no_process_left(marker: &str) {
     let marker = marker.to_owned();
@@ -81,13 +92,7 @@ async fn no_process_left(marker: &str) {
         Duration::from_secs(20),
         move || {
             let m = marker.clone();
-            async move {
-                let out = std::process::Command::new("pgrep")
-                    .args(["-f", &m])
-                    .output()
-                    .unwrap();
-                out.stdout.is_empty()
-            }
+            async move { processes_named(&m) == 0 }
         },
     )
     .await;
@@ -98,7 +103,7 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
     let sb = "sb-ssh";
     let f = fleet(sb, 3, 11, 4).await;
     let mut rc = f.ssh_job(
-        "echo \"out $GREETING $TOKEN\"\necho \"err on $(hostname)\" >&2\npwd\n\
+        "echo \"out $GREETING $TOKEN\"\necho \"err as $(id -un)\" >&2\npwd\n\
          case \"$SSH_CONNECTION\" in *127.0.0.13*) exit 3;; esac\n",
     );
     rc.working_directory = "/tmp".into();
@@ -135,7 +140,7 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
             "{x:?}"
         );
         assert_eq!(x.stdout, "out it's hello ***\n/tmp\n", "{x:?}");
-        assert!(x.stderr.starts_with("err on "), "{x:?}");
+        assert!(x.stderr.starts_with("err as "), "{x:?}");
         assert!(!x.stdout_truncated && !x.stderr_truncated);
     }
     assert_eq!(
@@ -243,13 +248,7 @@ async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
     let m = "es-test-marker-cancel".to_owned();
     wait_until("the script running on the instances", LONG, move || {
         let m = m.clone();
-        async move {
-            let out = std::process::Command::new("pgrep")
-                .args(["-f", &m])
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&out.stdout).lines().count() == 2
-        }
+        async move { processes_named(&m) == 2 }
     })
     .await;
     c.cancel(CancelRequest {
