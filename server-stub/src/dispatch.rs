@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use es_proto::v1::{
-    job_event, job_spec, server_message, AgentCounters, AgentEvent, AgentIdentity, AgentStatus,
-    CancelJob, HeldLease, Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
+    job_event, server_message, AgentCounters, AgentEvent, AgentIdentity, AgentStatus, CancelJob,
+    HeldLease, Job, JobEvent, JobResult, JobState, Lease, Offer, Ping, ServerMessage,
 };
 use tokio::sync::{broadcast, mpsc};
 
@@ -137,7 +137,7 @@ impl Active {
             .spec
             .as_ref()
             .and_then(|s| s.kind.as_ref())
-            .is_some_and(|k| !matches!(k, job_spec::Kind::Sleep(_) | job_spec::Kind::Echo(_)));
+            .is_some_and(crate::validate_shells::is_shells);
         (shells && !self.job.sandbox_id.is_empty()).then_some(self.job.sandbox_id.as_str())
     }
 }
@@ -1562,7 +1562,7 @@ mod tests {
     #[tokio::test]
     async fn shells_jobs_of_one_sandbox_run_one_at_a_time() {
         let (_dir, d) = setup().await;
-        let a = agent(&d, "a", false, 4).await;
+        let a = agent(&d, "a", false, 5).await;
         let shells_job = |id: &str, sb: &str| Job {
             sandbox_id: sb.into(),
             spec: Some(JobSpec {
@@ -1575,10 +1575,22 @@ mod tests {
         d.submit(shells_job("second", "sb-1")).await.unwrap();
         d.submit(shells_job("other", "sb-2")).await.unwrap();
         d.submit(job("diag", 3)).await.unwrap();
-        // first, other and diag are offered; second waits for first.
+        // A RunCommand on the same sandbox is not a provisioning job: it is not held back.
+        d.submit(Job {
+            sandbox_id: "sb-1".into(),
+            spec: Some(JobSpec {
+                kind: Some(job_spec::Kind::RunCommand(Default::default())),
+                target: None,
+            }),
+            ..job("script", 3)
+        })
+        .await
+        .unwrap();
+        // first, other, diag and script are offered; second waits for first.
         let l1 = d.acquire(&a, "first").await.unwrap();
         d.acquire(&a, "other").await.unwrap();
         d.acquire(&a, "diag").await.unwrap();
+        d.acquire(&a, "script").await.unwrap();
         let err = d.acquire(&a, "second").await.unwrap_err();
         assert!(
             matches!(err, DispatchError::OfferedElsewhere { .. }),

@@ -1096,6 +1096,108 @@ mod tests {
             .all(|o| o.status == CommandStatus::Success as i32));
     }
 
+    #[tokio::test]
+    async fn with_an_output_bucket_the_full_text_comes_from_s3() {
+        use aws_sdk_s3::operation::get_object::{GetObjectError, GetObjectOutput};
+        let rc = RunCommand {
+            script: "make-lots-of-output".into(),
+            output_s3_bucket: "out-bucket".into(),
+            output_s3_prefix: "runs".into(),
+            ..Default::default()
+        };
+        let describe = describe_all_online();
+        let send = mock!(Client::send_command)
+            .match_requests(|r| {
+                r.output_s3_bucket_name() == Some("out-bucket")
+                    && r.output_s3_key_prefix() == Some("runs")
+            })
+            .then_output(|| {
+                SendCommandOutput::builder()
+                    .command(Command::builder().command_id("cmd-s3").build())
+                    .build()
+            });
+        let list = mock!(Client::list_command_invocations).then_output(|| {
+            ListCommandInvocationsOutput::builder()
+                .command_invocations(
+                    CommandInvocation::builder()
+                        .instance_id("i-1")
+                        .status(CommandInvocationStatus::Success)
+                        .status_details("Success")
+                        .command_plugins(
+                            CommandPlugin::builder()
+                                .response_code(0)
+                                .standard_output_url("https://s3.us-east-1.amazonaws.com/out-bucket/runs/cmd-s3/i-1/awsrunShellScript/0.awsrunShellScript/stdout")
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build()
+        });
+        let client = ssm(&[&describe, &send, &list]);
+        // S3 answers the first 256 KiB + 1 of a 3 MB stdout; there is no stderr object.
+        let stdout = mock!(aws_sdk_s3::Client::get_object)
+            .match_requests(|r| {
+                r.key() == Some("runs/cmd-s3/i-1/awsrunShellScript/0.awsrunShellScript/stdout")
+                    && r.range() == Some("bytes=0-262144")
+            })
+            .then_output(|| {
+                GetObjectOutput::builder()
+                    .content_range("bytes 0-262144/3000000")
+                    .body(aws_sdk_s3::primitives::ByteStream::from(vec![
+                        b'a';
+                        262_145
+                    ]))
+                    .build()
+            });
+        let stderr = mock!(aws_sdk_s3::Client::get_object)
+            .match_requests(|r| r.key().is_some_and(|k| k.ends_with("/stderr")))
+            .then_error(|| {
+                GetObjectError::NoSuchKey(aws_sdk_s3::types::error::NoSuchKey::builder().build())
+            });
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::new()
+                .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+                .region(aws_sdk_s3::config::Region::new("us-east-1"))
+                .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                    "t", "t", None, None, "test",
+                ))
+                .http_client(aws_smithy_mocks::create_mock_http_client())
+                .interceptor(
+                    aws_smithy_mocks::MockResponseInterceptor::new()
+                        .rule_mode(RuleMode::MatchAny)
+                        .with_rule(&stdout)
+                        .with_rule(&stderr),
+                )
+                .build(),
+        );
+        let (c, _events) = ctx();
+        let scrub = Scrubber::new(&rc);
+        let t = targets(&["i-1"]);
+        let rep = Reporter::new(&c, &scrub, 1);
+        let (outs, _) = run_ssm(
+            &SsmClients {
+                ssm: &client,
+                s3: Some(&s3),
+            },
+            &job("job-s3", 1),
+            &rc,
+            &t,
+            OutputCaps::new(1, true),
+            &rep,
+            &c.cancel,
+            FAST,
+        )
+        .await
+        .unwrap();
+        let o = &outs[0];
+        assert_eq!(o.status, CommandStatus::Success as i32);
+        assert_eq!(o.stdout.len(), 256 * 1024);
+        assert!(o.stdout_truncated, "3 MB in S3, 256 KiB inline");
+        assert!(o.stdout_url.ends_with("/stdout") && o.stdout_url.starts_with("https://"));
+        assert_eq!((o.stderr.as_str(), o.stderr_truncated), ("", false));
+        assert_eq!(stdout.num_calls(), 1);
+    }
+
     #[test]
     fn every_ssm_status_maps() {
         use CommandStatus as C;
