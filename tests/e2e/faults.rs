@@ -266,11 +266,9 @@ async fn kill_9_mid_deploy_sandbox_completes_on_the_fallback_with_each_app_once(
     )
     .await;
     let via_proxy = |name: &str, fallback: bool| {
-        let mut spec = moto.agent_env(AgentSpec::new(name, "shells").slots(2));
+        let mut spec = moto.agent_env_via(AgentSpec::new(name, "shells").slots(2), &slow);
         spec.fallback = fallback;
-        spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
-        spec.env("ES_AGENT_AWS_ENDPOINT_URL", &slow)
-            .env("ES_AGENT_AWS_CONCURRENCY", "2")
+        spec.env("ES_AGENT_AWS_CONCURRENCY", "2")
     };
     let mut primary = env.agent(&via_proxy("es-shells", false));
     let _fallback = env.agent(&via_proxy("es-shells-b", true));
@@ -333,9 +331,8 @@ async fn aws_faults_fail_nothing_and_leak_nothing() {
         },
     )
     .await;
-    let mut spec = moto.agent_env(AgentSpec::new("es-shells", "shells").slots(2));
-    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
-    let _agent = env.agent(&spec.env("ES_AGENT_AWS_ENDPOINT_URL", &faulty));
+    let _agent =
+        env.agent(&moto.agent_env_via(AgentSpec::new("es-shells", "shells").slots(2), &faulty));
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-shells"]).await;
 

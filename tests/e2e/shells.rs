@@ -716,11 +716,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
 
 /// An agent whose EC2 endpoint is the fault-injecting proxy in front of `moto`.
 fn agent_via_proxy(env: &Env, moto: &Moto, proxy_url: &str, name: &str) -> Proc {
-    let mut spec = moto.agent_env(AgentSpec::new(name, "shells").slots(2));
-    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
-    spec.env
-        .push(("ES_AGENT_AWS_ENDPOINT_URL".into(), proxy_url.into()));
-    env.agent(&spec)
+    env.agent(&moto.agent_env_via(AgentSpec::new(name, "shells").slots(2), proxy_url))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1148,9 +1144,7 @@ async fn burst_through_bucket_proxy(rate_limit: bool) -> (Job, u64) {
         },
     )
     .await;
-    let mut spec = moto.agent_env(AgentSpec::new("es-shells", "shells").slots(2));
-    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
-    spec.env.push(("ES_AGENT_AWS_ENDPOINT_URL".into(), url));
+    let mut spec = moto.agent_env_via(AgentSpec::new("es-shells", "shells").slots(2), &url);
     spec.env
         .push(("ES_AGENT_AWS_RATE_LIMIT".into(), rate_limit.to_string()));
     spec.env

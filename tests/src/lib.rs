@@ -615,7 +615,12 @@ impl Moto {
 
     /// Environment for an es-shells agent that talks to this emulator.
     pub fn agent_env(&self, spec: AgentSpec) -> AgentSpec {
-        spec.env("ES_AGENT_AWS_ENDPOINT_URL", &self.url)
+        self.agent_env_via(spec, &self.url)
+    }
+
+    /// Environment for an agent that talks to this emulator through `endpoint` (a proxy).
+    pub fn agent_env_via(&self, spec: AgentSpec, endpoint: &str) -> AgentSpec {
+        spec.env("ES_AGENT_AWS_ENDPOINT_URL", endpoint)
             .env("ES_AGENT_AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")

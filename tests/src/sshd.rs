@@ -248,14 +248,8 @@ pub async fn start_fleet(
         },
     )
     .await;
-    let mut spec = moto.agent_env(AgentSpec::new("es-commands", "commands").slots(slots));
-    spec.env.retain(|(k, _)| k != "ES_AGENT_AWS_ENDPOINT_URL");
-    let agent = start_agent(
-        bins,
-        dir,
-        server_url,
-        &spec.env("ES_AGENT_AWS_ENDPOINT_URL", &url),
-    );
+    let spec = moto.agent_env_via(AgentSpec::new("es-commands", "commands").slots(slots), &url);
+    let agent = start_agent(bins, dir, server_url, &spec);
     Fleet {
         moto,
         agent,
