@@ -42,6 +42,7 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
     let mut client = AgentServiceClient::new(endpoint.connect_lazy());
     let mut failures = 0u32;
     let mut fenced_for_silence = false;
+    let mut known: Option<(Duration, Duration)> = None;
     loop {
         let interval = shared
             .session()
@@ -50,6 +51,14 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.cancelled() => return,
+        }
+        // The silence check runs even while the agent has no session (re-registering through
+        // a cut link): a cut-off agent must still stop its jobs before the server re-lets them.
+        if let Some(s) = shared.session() {
+            known = Some((s.lease_ttl, s.heartbeat_interval));
+        }
+        if let Some((ttl, hb)) = known {
+            fence_if_silent(&shared, ttl, hb, &mut fenced_for_silence);
         }
         let Some(session) = shared.session() else {
             continue;
@@ -92,17 +101,24 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
                 }
             }
         }
-        let silent = shared.last_renew().elapsed();
-        let limit = session
-            .lease_ttl
-            .saturating_sub(session.heartbeat_interval / 2);
-        if silent > limit && !fenced_for_silence && shared.in_flight() > 0 {
-            fenced_for_silence = true;
-            shared.fence_all(&format!(
-                "no lease renewal for {} ms (lease TTL {} ms): another agent may own these jobs now",
-                silent.as_millis(),
-                session.lease_ttl.as_millis()
-            ));
-        }
+        fence_if_silent(
+            &shared,
+            session.lease_ttl,
+            session.heartbeat_interval,
+            &mut fenced_for_silence,
+        );
+    }
+}
+
+/// Fences every job once no renewal has succeeded for `lease_ttl - heartbeat_interval / 2`.
+fn fence_if_silent(shared: &Shared, ttl: Duration, hb: Duration, fenced: &mut bool) {
+    let silent = shared.last_renew().elapsed();
+    if silent > ttl.saturating_sub(hb / 2) && !*fenced && shared.in_flight() > 0 {
+        *fenced = true;
+        shared.fence_all(&format!(
+            "no lease renewal for {} ms (lease TTL {} ms): another agent may own these jobs now",
+            silent.as_millis(),
+            ttl.as_millis()
+        ));
     }
 }
