@@ -107,6 +107,21 @@ pub struct AgentConfig {
     /// es-commands over SSH: refuse hosts whose key is not known (job or known_hosts).
     #[serde(default)]
     pub ssh_require_known_host_key: bool,
+    /// CA (PEM) that signed the server's certificate (https:// servers).
+    #[serde(default)]
+    pub tls_ca: String,
+    /// This agent's client certificate (PEM; subject CN = name, OU = role).
+    #[serde(default)]
+    pub tls_cert: String,
+    /// Private key of `tls_cert` (PEM). Read at start; never printed.
+    #[serde(default)]
+    pub tls_key: String,
+    /// Allow a plaintext http:// server (no TLS, no client certificate). Logs a warning.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`), host:port. Unset: none.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -211,9 +226,11 @@ impl AgentConfig {
                 format!("{:?} is not a valid URL", self.server),
             ));
         }
+        self.validate_tls()?;
         for (key, v) in [
             ("health_addr", &self.health_addr),
             ("advertise_health_addr", &self.advertise_health_addr),
+            ("metrics_addr", &self.metrics_addr),
         ] {
             if let Some(a) = v {
                 if a.parse::<SocketAddr>().is_err() {
@@ -281,6 +298,72 @@ impl AgentConfig {
         Ok(())
     }
 
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let files = [
+            ("tls_ca", &self.tls_ca),
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+        ];
+        if self.server.starts_with("http://") {
+            if !self.insecure {
+                return Err(bad(
+                    "server",
+                    format!(
+                        "{:?} is plaintext: use https:// with tls_ca, tls_cert and tls_key, or set insecure = true to accept plaintext",
+                        self.server
+                    ),
+                ));
+            }
+            if let Some((k, _)) = files.iter().find(|(_, v)| !v.is_empty()) {
+                return Err(bad(
+                    k,
+                    "is set but server is http:// (plaintext): use an https:// server URL",
+                ));
+            }
+            return Ok(());
+        }
+        if self.insecure {
+            return Err(bad(
+                "insecure",
+                "is true but server is https://: drop insecure (TLS is used)",
+            ));
+        }
+        for (k, v) in files {
+            if v.is_empty() {
+                return Err(bad(
+                    k,
+                    "is empty: an https:// server needs tls_ca, tls_cert and tls_key",
+                ));
+            }
+            if std::fs::File::open(v).is_err() {
+                return Err(bad(
+                    k,
+                    format!("{v:?} cannot be read (missing, or not readable by this user)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The TLS settings of the connection to the server, or `None` for plaintext.
+    pub fn client_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, ConfigError> {
+        if !self.server.starts_with("https://") {
+            return Ok(None);
+        }
+        let read = |k: &str, p: &str| std::fs::read(p).map_err(|e| bad(k, format!("{p:?}: {e}")));
+        Ok(Some(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(
+                    "tls_ca",
+                    &self.tls_ca,
+                )?))
+                .identity(tonic::transport::Identity::from_pem(
+                    read("tls_cert", &self.tls_cert)?,
+                    read("tls_key", &self.tls_key)?,
+                )),
+        ))
+    }
+
     pub fn aws_settings(&self) -> crate::shells::AwsSettings {
         crate::shells::AwsSettings {
             region: self.aws_region.clone(),
@@ -304,15 +387,15 @@ impl AgentConfig {
         Role::parse(&self.role).expect("validated")
     }
 
-    /// The effective configuration as TOML-like lines (for `check-config`). Nothing here is
-    /// secret yet; secrets added later must be masked here.
+    /// The effective configuration as TOML lines (for `check-config`). Secrets are masked:
+    /// passwords in URLs; the TLS key is shown by path only (its content is never read here).
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\n",
             self.name,
             self.role().name(),
-            self.server,
+            mask_url(&self.server),
             self.slots,
             self.selector,
             self.fallback,
@@ -324,14 +407,34 @@ impl AgentConfig {
             humantime::format_duration(self.backoff_base).to_string(),
             humantime::format_duration(self.backoff_cap).to_string(),
             self.aws_region,
-            self.aws_endpoint_url,
+            mask_url(&self.aws_endpoint_url),
             self.aws_max_attempts,
             humantime::format_duration(self.aws_call_timeout).to_string(),
             self.aws_concurrency,
             self.aws_rate_limit,
             self.ssh_known_hosts,
             self.ssh_require_known_host_key,
+            self.tls_ca,
+            self.tls_cert,
+            self.tls_key,
+            self.insecure,
+            opt(&self.metrics_addr),
         )
+    }
+}
+
+/// `scheme://user:secret@host` -> `scheme://user:***@host`.
+fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -358,6 +461,7 @@ mod tests {
         let c = AgentConfig::load(
             Some(&f),
             env(&[
+                ("ES_AGENT_INSECURE", "true"),
                 ("ES_AGENT_SLOTS", "16"),
                 ("ES_AGENT_FALLBACK", "true"),
                 ("ES_AGENT_CONFIG", "ignored"),
@@ -379,6 +483,7 @@ mod tests {
             ("ES_AGENT_NAME", "a"),
             ("ES_AGENT_ROLE", "shells"),
             ("ES_AGENT_SERVER", "http://127.0.0.1:1"),
+            ("ES_AGENT_INSECURE", "true"),
         ];
         let cases: Vec<(&str, &str, &str)> = vec![
             ("ES_AGENT_SLOTS", "0", "`slots`"),
@@ -388,6 +493,9 @@ mod tests {
             ("ES_AGENT_HEALTH_ADDR", "nope", "`health_addr`"),
             ("ES_AGENT_DRAIN_GRACE", "soon", "drain_grace"),
             ("ES_AGENT_COLOUR", "blue", "colour"),
+            ("ES_AGENT_INSECURE", "false", "insecure = true"),
+            ("ES_AGENT_TLS_CA", "/etc/ca.pem", "`tls_ca`"),
+            ("ES_AGENT_METRICS_ADDR", "x", "`metrics_addr`"),
         ];
         for (k, v, want) in cases {
             let mut e = env(&base);
@@ -401,13 +509,45 @@ mod tests {
     }
 
     #[test]
+    fn passwords_in_urls_are_masked() {
+        assert_eq!(mask_url("https://u:p4ss@h:1/x"), "https://u:***@h:1/x");
+        assert_eq!(mask_url("https://h:1"), "https://h:1");
+        let c = AgentConfig::load(
+            None,
+            env(&[
+                ("ES_AGENT_NAME", "a"),
+                ("ES_AGENT_ROLE", "shells"),
+                ("ES_AGENT_SERVER", "http://127.0.0.1:1"),
+                ("ES_AGENT_INSECURE", "true"),
+                (
+                    "ES_AGENT_AWS_ENDPOINT_URL",
+                    "http://k:s3cret@127.0.0.1:5000",
+                ),
+            ]),
+        )
+        .unwrap();
+        let d = c.describe();
+        assert!(!d.contains("s3cret") && d.contains("k:***@"), "{d}");
+    }
+
+    #[test]
     fn reference_config_is_valid_and_documents_every_key() {
         let path = Path::new(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../packaging/es-agent.toml"
         ));
-        let c = AgentConfig::load(Some(path), vec![]).unwrap();
         let text = std::fs::read_to_string(path).unwrap();
+        // The reference names the packaged TLS files; point them at files that exist here.
+        let dir = tempfile::tempdir().unwrap();
+        let mut local = text.clone();
+        for f in ["ca.pem", "agent.pem", "agent.key"] {
+            let p = dir.path().join(f);
+            std::fs::write(&p, "x").unwrap();
+            local = local.replace(&format!("/etc/es-agent/tls/{f}"), p.to_str().unwrap());
+        }
+        let copy = dir.path().join("es-agent.toml");
+        std::fs::write(&copy, local).unwrap();
+        let c = AgentConfig::load(Some(&copy), vec![]).unwrap();
         for line in c.describe().lines() {
             let key = line.split(" = ").next().unwrap();
             assert!(

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 pub enum JobEventOut {
     Progress(Progress),
     Log(String),
+    /// A mutating AWS call (for the server's audit trail).
+    AwsCall(es_proto::v1::AwsCall),
 }
 
 /// Handed to an executor: cancellation and an event sink.
@@ -20,9 +22,20 @@ pub enum JobEventOut {
 pub struct JobCtx {
     pub cancel: CancellationToken,
     pub events: mpsc::UnboundedSender<JobEventOut>,
+    /// The agent's metrics (AWS calls are counted into them).
+    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
 }
 
 impl JobCtx {
+    /// A context with a fresh cancel token and its own metrics (tests, benchmarks).
+    pub fn new(events: mpsc::UnboundedSender<JobEventOut>) -> JobCtx {
+        JobCtx {
+            cancel: CancellationToken::new(),
+            events,
+            metrics: Default::default(),
+        }
+    }
+
     pub fn progress(&self, done: u32, total: u32, message: impl Into<String>) {
         let _ = self.events.send(JobEventOut::Progress(Progress {
             done,
@@ -155,13 +168,7 @@ mod tests {
 
     fn ctx() -> (JobCtx, mpsc::UnboundedReceiver<JobEventOut>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (
-            JobCtx {
-                cancel: CancellationToken::new(),
-                events: tx,
-            },
-            rx,
-        )
+        (JobCtx::new(tx), rx)
     }
 
     #[tokio::test(start_paused = true)]

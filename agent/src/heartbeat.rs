@@ -69,6 +69,7 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
             slots_in_use: shared.in_flight() as u32,
             draining: shared.draining.load(Ordering::SeqCst),
         };
+        let req_leases = req.leases.len();
         let mut r = tonic::Request::new(req);
         r.set_timeout(interval.max(Duration::from_millis(500)));
         let sent = Instant::now();
@@ -77,7 +78,13 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
                 failures = 0;
                 fenced_for_silence = false;
                 shared.renewed(sent);
+                // systemd's watchdog is fed only while the server answers: an agent that cannot
+                // reach it for WatchdogSec is restarted.
+                crate::runtime::notify(&[sd_notify::NotifyState::Watchdog]);
                 let resp = resp.into_inner();
+                shared
+                    .metrics
+                    .heartbeat(true, req_leases.saturating_sub(resp.lost.len()));
                 for l in resp.lost {
                     shared.fence(&l.job_id, l.epoch, "the server says this lease is lost");
                 }
@@ -90,10 +97,12 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
                 }
             }
             Err(s) if s.code() == Code::Unauthenticated => {
+                shared.metrics.heartbeat(false, 0);
                 // The server does not know our session (it restarted): register again.
                 shared.reregister.notify_one();
             }
             Err(s) => {
+                shared.metrics.heartbeat(false, 0);
                 failures += 1;
                 log::warn!(agent = shared.cfg.name.as_str(); "heartbeat failed ({failures} in a row): {} ({})", s.message(), s.code());
                 if failures == RECONNECT_AFTER_FAILURES {

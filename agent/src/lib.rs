@@ -13,6 +13,7 @@ pub mod executor;
 mod health;
 mod heartbeat;
 pub mod logging;
+pub mod metrics;
 pub mod runtime;
 pub mod shells;
 

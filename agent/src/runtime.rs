@@ -45,6 +45,12 @@ pub enum AgentError {
     Refused(String),
     #[error("invalid server address {0:?}: {1}")]
     Server(String, String),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot serve health on {addr}: {source}")]
     Health {
         addr: String,
@@ -82,6 +88,7 @@ pub(crate) struct Shared {
     released: Mutex<Vec<HeldLease>>,
     last_renew: Mutex<Instant>,
     pub signals: Signals,
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 impl Shared {
@@ -124,6 +131,7 @@ impl Shared {
             if j.epoch == epoch && !j.fence.is_cancelled() {
                 log::warn!(job_id = job_id, sandbox_id = j.sandbox_id.as_str(), agent = self.cfg.name.as_str();
                     "stopping job {job_id} (epoch {epoch}): {why}");
+                self.metrics.fenced();
                 j.cancel.cancel();
                 j.fence.cancel();
                 if let Some(a) = &j.abort {
@@ -170,7 +178,10 @@ impl Shared {
     }
 
     fn remove(&self, job_id: &str) {
-        self.jobs().remove(job_id);
+        let mut jobs = self.jobs();
+        jobs.remove(job_id);
+        self.metrics.running(jobs.len());
+        drop(jobs);
         self.jobs_changed.notify_waiters();
     }
 
@@ -199,21 +210,80 @@ fn call<T>(msg: T) -> tonic::Request<T> {
 
 /// The endpoint the agent dials, with HTTP/2 keepalives so an idle connection survives load
 /// balancers (AWS NLB idle cut: 350 s) and a dead peer is noticed.
-pub fn endpoint(server: &str) -> Result<Endpoint, AgentError> {
-    Ok(Endpoint::from_shared(server.to_owned())
+pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, AgentError> {
+    let server = &cfg.server;
+    let mut ep = Endpoint::from_shared(server.to_owned())
         .map_err(|e| AgentError::Server(server.to_owned(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true))
+        .keep_alive_while_idle(true);
+    match cfg
+        .client_tls()
+        .map_err(|e| AgentError::Server(server.to_owned(), e.to_string()))?
+    {
+        Some(tls) => {
+            ep = ep
+                .tls_config(tls)
+                .map_err(|e| AgentError::Server(server.to_owned(), error_chain(&e)))?;
+        }
+        None => {
+            log::warn!(agent = cfg.name.as_str(); "INSECURE: talking plaintext to {server} without a client certificate (insecure = true)");
+        }
+    }
+    Ok(ep)
+}
+
+/// A gRPC status with the causes of a transport failure (TLS refusals are named there, e.g.
+/// "invalid peer certificate: UnknownIssuer" or "received fatal alert: CertificateExpired").
+pub(crate) fn status_text(s: &tonic::Status) -> String {
+    let mut out = s.message().to_owned();
+    if let Some(src) = std::error::Error::source(s) {
+        let chain = error_chain(src);
+        if !out.contains(&chain) {
+            out = format!("{out}: {chain}");
+        }
+    }
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+/// Tells systemd (Type=notify) how the agent is doing; a no-op outside systemd.
+pub(crate) fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        log::debug!("sd_notify failed: {e}");
+    }
 }
 
 /// Runs the agent until it has drained (after `signals.drain`) and said goodbye.
 pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
-    let endpoint = endpoint(&cfg.server)?;
+    let endpoint = endpoint(&cfg)?;
     let mut client = AgentServiceClient::new(endpoint.connect_lazy());
     let health = crate::health::start(&cfg).await?;
+    let metrics = Arc::new(crate::metrics::AgentMetrics::default());
+    if let Some(addr) = &cfg.metrics_addr {
+        let bound = crate::metrics::start(addr, metrics.clone())
+            .await
+            .map_err(|source| AgentError::Metrics {
+                addr: addr.clone(),
+                source,
+            })?;
+        log::info!(agent = cfg.name.as_str(); "metrics on http://{bound}/metrics");
+    }
     let identity = AgentIdentity {
         name: cfg.name.clone(),
         role: cfg.role() as i32,
@@ -238,6 +308,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         last_renew: Mutex::new(Instant::now()),
         signals: signals.clone(),
         cfg: cfg.clone(),
+        metrics,
     });
     let slots = Arc::new(Semaphore::new(cfg.slots as usize));
     let executor = Arc::new(executor::Executor::with_ssh(
@@ -269,8 +340,13 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
             }
             Err(s) => {
                 let delay = backoff.next_delay();
+                let why = status_text(&s);
                 log::warn!(agent = cfg.name.as_str(); "cannot register with {}: {} ({}); retrying in {} ms",
-                    cfg.server, s.message(), s.code(), delay.as_millis());
+                    cfg.server, why, s.code(), delay.as_millis());
+                notify(&[sd_notify::NotifyState::Status(&format!(
+                    "cannot register with {}: {why}",
+                    cfg.server
+                ))]);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
                     _ = drain.cancelled() => break,
@@ -297,6 +373,14 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         }
         log::info!(agent = cfg.name.as_str(), role = cfg.role().name(); "registered with {} as {} (session {}, {} slots, {} transport)",
             cfg.server, cfg.name, session.id, cfg.slots, format!("{:?}", cfg.transport).to_lowercase());
+        // systemd: started once registered (READY is idempotent on re-registration).
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!(
+                "registered with {} as {}",
+                cfg.server, cfg.name
+            )),
+        ]);
 
         match cfg.transport {
             Transport::Stream => {
@@ -467,9 +551,11 @@ async fn job_task(
         "running job {job_id} (attempt {}, epoch {epoch})", lease.attempt);
 
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    shared.metrics.running(shared.in_flight());
     let ctx = JobCtx {
         cancel: cancel.clone(),
         events: ev_tx,
+        metrics: shared.metrics.clone(),
     };
     let exec_job = job.clone();
     let mut exec = tokio::spawn(async move { executor.execute(&exec_job, ctx).await });
@@ -534,6 +620,7 @@ async fn job_task(
     // The result is resent until the server acknowledges it or refuses the lease.
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let state = JobState::try_from(result.state).unwrap_or_default();
+    shared.metrics.finished(state.name());
     let mut session_id = session.id;
     loop {
         if fence.is_cancelled() {
@@ -595,6 +682,7 @@ impl Reporter {
         let event = match ev {
             JobEventOut::Progress(p) => agent_event::Event::Progress(p),
             JobEventOut::Log(l) => agent_event::Event::Log(l),
+            JobEventOut::AwsCall(c) => agent_event::Event::AwsCall(c),
         };
         self.unacked.push(AgentEvent {
             seq: self.seq,
@@ -634,6 +722,10 @@ async fn drain_and_leave(
 ) {
     let cfg = &shared.cfg;
     shared.draining.store(true, Ordering::SeqCst);
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
     if let Some(h) = health {
         h.set_serving(false).await;
     }

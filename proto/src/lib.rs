@@ -3,6 +3,8 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod metrics;
+
 pub mod v1 {
     tonic::include_proto!("es.v1");
 }

@@ -42,7 +42,36 @@ pub struct ClientOpts {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Submitter token (see `es-server token new`).
+    #[arg(long, global = true, env = "ES_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) that signed the server's certificate (for an https:// server).
+    #[arg(long, global = true, env = "ES_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// Submitter client certificate (PEM, subject OU=submitter) instead of a token.
+    #[arg(long, global = true, env = "ES_CERT", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Private key of --cert (PEM).
+    #[arg(long, global = true, env = "ES_KEY", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
 }
+
+/// Adds the submitter's token to every call.
+#[derive(Clone)]
+pub struct Credentials(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The CLI's connection to the server's JobService.
+pub type Client =
+    JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Credentials>>;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -98,6 +127,42 @@ pub enum Command {
     Agents {
         #[command(flatten)]
         client: ClientOpts,
+    },
+    /// The audit trail of a sandbox or a job, oldest first (`--json`: JSON lines, for export).
+    Audit {
+        /// Entries of this sandbox.
+        #[arg(long, required_unless_present_any = ["job", "all"])]
+        sandbox: Option<String>,
+        /// Entries of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Every entry (export).
+        #[arg(long, conflicts_with_all = ["sandbox", "job"])]
+        all: bool,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Ask an agent to drain (finish its jobs, take no new ones, then exit), e.g. before an
+    /// upgrade; waits until it has left unless --no-wait.
+    Drain {
+        /// Agent name as shown by `es-server agents`.
+        name: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Return at once instead of waiting for the agent to leave.
+        #[arg(long)]
+        no_wait: bool,
+        /// Longest wait for the agent to leave.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[command(flatten)]
+        client: ClientOpts,
+    },
+    /// Make a submitter token: prints the token (give it to the submitter) and the line to
+    /// append to the server's --tokens file (only the token's SHA-256 is stored).
+    Token {
+        /// Submitter name, recorded in the audit trail (e.g. quali-server, alice).
+        name: String,
     },
     /// es-shells jobs on a sandbox: up (blueprint), power, ips, details, delete-app, down, sweep.
     Sandbox {
@@ -213,15 +278,66 @@ fn usage(message: String) -> CliError {
     }
 }
 
-async fn connect(opts: &ClientOpts) -> Result<JobServiceClient<Channel>, CliError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(opts.server.clone())
+async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(opts.server.clone())
         .map_err(|e| usage(format!("--server {:?}: {e}", opts.server)))?
         .connect_timeout(Duration::from_secs(5));
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| usage(format!("{flag} {}: {e}", p.display())))
+    };
+    if opts.server.starts_with("https://") {
+        let ca = opts.ca.as_ref().ok_or_else(|| {
+            usage(
+                "--ca (ES_CA) is needed for an https:// server: the CA that signed its certificate"
+                    .into(),
+            )
+        })?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
+        if let (Some(cert), Some(key)) = (&opts.cert, &opts.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("--cert", cert)?,
+                read("--key", key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| usage(format!("--ca/--cert/--key: {e}")))?;
+    } else if opts.cert.is_some() || opts.ca.is_some() {
+        return Err(usage(format!(
+            "--ca/--cert need an https:// --server (got {})",
+            opts.server
+        )));
+    }
+    let token = match &opts.token {
+        None => None,
+        Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+            usage("--token (ES_TOKEN) holds characters not allowed in a header".into())
+        })?),
+    };
     let channel = endpoint.connect().await.map_err(|e| CliError {
         code: EXIT_UNAVAILABLE,
-        message: format!("cannot reach {}: {e}", opts.server),
+        message: format!("cannot reach {}: {}", opts.server, error_chain(&e)),
     })?;
-    Ok(JobServiceClient::new(channel))
+    Ok(JobServiceClient::with_interceptor(
+        channel,
+        Credentials(token),
+    ))
+}
+
+/// An error with its causes ("transport error: ...: invalid peer certificate: ...").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 fn print_json(v: &Value) {
@@ -393,14 +509,127 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit {
+            sandbox,
+            job,
+            all,
+            client,
+        } => {
+            let mut c = connect(&client).await?;
+            let mut after_id = 0;
+            if !client.json {
+                println!(
+                    "{:<26}  {:<24}  {:<12}  {:<36}  DETAIL",
+                    "TIME", "ACTOR", "ACTION", "JOB"
+                );
+            }
+            loop {
+                let entries = c
+                    .audit(AuditRequest {
+                        sandbox_id: sandbox.clone().unwrap_or_default(),
+                        job_id: job.clone().unwrap_or_default(),
+                        all,
+                        after_id,
+                        limit: 1000,
+                    })
+                    .await?
+                    .into_inner()
+                    .entries;
+                for e in &entries {
+                    if client.json {
+                        // One object per line: `> audit.jsonl` is the export.
+                        println!("{}", audit_json(e));
+                    } else {
+                        println!(
+                            "{:<26}  {:<24}  {:<12}  {:<36}  {}",
+                            time(e.at_us).as_str().unwrap_or("-"),
+                            e.actor,
+                            e.action,
+                            e.job_id,
+                            e.detail_json
+                        );
+                    }
+                }
+                match entries.last() {
+                    Some(last) if entries.len() == 1000 => after_id = last.id,
+                    _ => break,
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Drain {
+            name,
+            reason,
+            no_wait,
+            timeout,
+            client,
+        } => {
+            let mut c = connect(&client).await?;
+            let a = c
+                .drain_agent(DrainAgentRequest {
+                    name: name.clone(),
+                    reason,
+                })
+                .await?
+                .into_inner()
+                .agent
+                .unwrap_or_default();
+            if !client.json {
+                println!(
+                    "{name}: draining ({} jobs in flight); it takes no new work",
+                    a.slots_in_use
+                );
+            }
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut last = a;
+            while !no_wait {
+                let agents = c.agents(AgentsRequest {}).await?.into_inner().agents;
+                let me = agents
+                    .into_iter()
+                    .find(|x| x.identity.as_ref().is_some_and(|i| i.name == name));
+                match me {
+                    Some(x) if x.connected => last = x,
+                    _ => {
+                        if !client.json {
+                            println!("{name}: drained and gone");
+                        }
+                        break;
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(CliError {
+                        code: 1,
+                        message: format!(
+                            "{name} is still draining after {} ({} jobs in flight)",
+                            humantime::format_duration(timeout),
+                            last.slots_in_use
+                        ),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            if client.json {
+                print_json(&agent_json(&last));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { name } => {
+            if name.is_empty() || name.chars().any(char::is_whitespace) {
+                return Err(usage(format!(
+                    "token name {name:?}: give a name without spaces"
+                )));
+            }
+            let (token, line) = crate::auth::new_token(&name);
+            println!("token for {name} (give it to the submitter as ES_TOKEN; it is not stored):");
+            println!("  {token}");
+            println!("line for the server's --tokens file:");
+            println!("  {line}");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
-async fn watch(
-    c: &mut JobServiceClient<Channel>,
-    job_id: &str,
-    as_json: bool,
-) -> Result<ExitCode, CliError> {
+async fn watch(c: &mut Client, job_id: &str, as_json: bool) -> Result<ExitCode, CliError> {
     let mut stream = c
         .watch(WatchRequest {
             job_id: job_id.to_owned(),
@@ -465,6 +694,20 @@ fn time(us: i64) -> Value {
     }
 }
 
+fn audit_json(e: &AuditEntry) -> String {
+    let detail: Value = serde_json::from_str(&e.detail_json).unwrap_or(Value::Null);
+    json!({
+        "id": e.id,
+        "time": time(e.at_us),
+        "sandbox_id": e.sandbox_id,
+        "job_id": e.job_id,
+        "actor": e.actor,
+        "action": e.action,
+        "detail": detail,
+    })
+    .to_string()
+}
+
 fn result_json(r: &JobResult) -> Value {
     json!({"state": state_name(r.state), "output": r.output, "error": r.error})
 }
@@ -526,6 +769,9 @@ fn event_json(ev: &JobEvent) -> Value {
         }
         Some(job_event::Event::Log(l)) => json!({"log": l}),
         Some(job_event::Event::Result(r)) => json!({"result": result_json(r)}),
+        Some(job_event::Event::AwsCall(c)) => json!({"aws_call": {
+            "service": c.service, "operation": c.operation,
+            "resource_ids": c.resource_ids, "error": c.error}}),
         None => Value::Null,
     };
     json!({"job_id": ev.job_id, "seq": ev.seq, "at": time(ev.at_us), "attempt": ev.attempt, "agent": ev.agent, "event": body})
@@ -554,6 +800,19 @@ pub fn event_line(ev: &JobEvent) -> String {
                 s.push_str(&format!(" (error: {})", r.error));
             }
             s
+        }
+        Some(job_event::Event::AwsCall(c)) => {
+            let outcome = if c.error.is_empty() {
+                "ok".to_owned()
+            } else {
+                format!("failed: {}", c.error)
+            };
+            format!(
+                "aws {}:{} [{}] {outcome}",
+                c.service,
+                c.operation,
+                c.resource_ids.join(" ")
+            )
         }
         None => "?".into(),
     };
@@ -637,7 +896,12 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("es-server: {e}");
-            return ExitCode::FAILURE;
+            return match e {
+                crate::ServerError::Config(_)
+                | crate::ServerError::File { .. }
+                | crate::ServerError::Auth(_) => ExitCode::from(EXIT_USAGE),
+                _ => ExitCode::FAILURE,
+            };
         }
     };
     // Tests and scripts read the bound address from this line (useful with port 0).

@@ -90,6 +90,8 @@ pub enum DispatchError {
     },
     #[error("job {job_id} is offered to another agent")]
     OfferedElsewhere { job_id: String },
+    #[error("no connected agent is named {0:?} (see `es-server agents`)")]
+    AgentNotFound(String),
     #[error("agent {0} has no free slot or is draining")]
     NoCapacity(String),
     #[error("invalid `{field}`: {reason}")]
@@ -126,6 +128,8 @@ struct Active {
     next_seq: u64,
     /// Highest agent seq accepted for the current epoch.
     agent_seq: u64,
+    /// When the job (re)entered the queue (for the dispatch-latency metric).
+    queued_at: Instant,
 }
 
 impl Active {
@@ -164,6 +168,8 @@ struct AgentEntry {
     probe: Probe,
     probe_detail: String,
     draining: bool,
+    /// An operator asked this agent to drain (`es-server drain`); told at each heartbeat.
+    drain_requested: bool,
     gone: bool,
     leased: HashSet<String>,
     offered: HashSet<String>,
@@ -217,6 +223,7 @@ struct Core {
     busy_sandboxes: HashMap<String, u32>,
     /// Per agent name, since the server started (survives re-registration).
     counters: HashMap<String, AgentCounters>,
+    metrics: Arc<crate::metrics::ServerMetrics>,
 }
 
 /// A committed-later write plus the events to publish once it is committed.
@@ -249,6 +256,7 @@ impl Dispatcher {
             picks: 0,
             busy_sandboxes: HashMap::new(),
             counters: HashMap::new(),
+            metrics: Arc::default(),
         };
         let (mut queued, mut running) = (0, 0);
         for (job, seq) in active {
@@ -263,6 +271,7 @@ impl Dispatcher {
                 cancel_reason: String::new(),
                 next_seq: seq,
                 agent_seq: u64::MAX, // unknown after restart: accept only seq we have not stored
+                queued_at: now,
                 job,
             };
             if state == JobState::Running {
@@ -313,6 +322,24 @@ impl Dispatcher {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn metrics(&self) -> Arc<crate::metrics::ServerMetrics> {
+        self.lock().metrics.clone()
+    }
+
+    /// Active jobs by (state, role) name.
+    pub fn active_counts(&self) -> HashMap<(&'static str, &'static str), usize> {
+        let core = self.lock();
+        let mut out = HashMap::new();
+        for a in core.jobs.values() {
+            let state = JobState::try_from(a.job.state).unwrap_or_default().name();
+            let role = es_proto::Role::try_from(a.job.role)
+                .unwrap_or_default()
+                .name();
+            *out.entry((state, role)).or_default() += 1;
+        }
+        out
     }
 
     /// Live job events (after commit). Watchers filter by job id.
@@ -376,12 +403,14 @@ impl Dispatcher {
                     cancel_reason: String::new(),
                     next_seq: 1,
                     agent_seq: 0,
+                    queued_at: Instant::now(),
                 },
             );
             core.queues
                 .entry(key.clone())
                 .or_default()
                 .push_back(stored.id.clone());
+            core.metrics.submitted();
             core.dispatch(&self.settings, &key, Instant::now());
             drop(core);
             let _ = self.events.send(ev);
@@ -549,6 +578,7 @@ impl Dispatcher {
                     probe: Probe::Unknown,
                     probe_detail: String::new(),
                     draining: false,
+                    drain_requested: false,
                     gone: false,
                     leased: kept,
                     offered: HashSet::new(),
@@ -716,10 +746,14 @@ impl Dispatcher {
                 _ => lost.push(h.clone()),
             }
         }
+        core.metrics
+            .renewals((leases.len() - lost.len()) as u64, lost.len() as u64);
         let entry = core.agents.get_mut(&name).expect("session maps to agent");
         let was_healthy = entry.health(&self.settings, now).is_ok();
         entry.last_heartbeat = now;
         entry.last_heartbeat_us = now_us();
+        let draining = draining || entry.drain_requested;
+        let drain = entry.drain_requested;
         let newly_draining = draining && !entry.draining;
         entry.draining = draining;
         let key = (entry.identity.role, entry.identity.selector.clone());
@@ -734,7 +768,45 @@ impl Dispatcher {
         if !was_healthy || newly_draining {
             core.dispatch(&self.settings, &key, now);
         }
-        Ok((lost, cancels, false))
+        Ok((lost, cancels, drain))
+    }
+
+    /// The agent name a session belongs to.
+    pub fn session_owner(&self, session: &str) -> Res<String> {
+        self.lock().session_agent(session)
+    }
+
+    /// Asks a connected agent to drain: it gets no new offers from now on and is told to drain
+    /// at its next heartbeat (it finishes its jobs, then leaves).
+    pub fn drain_agent(&self, name: &str, reason: &str) -> Res<AgentStatus> {
+        {
+            let mut core = self.lock();
+            let now = Instant::now();
+            let Some(entry) = core.agents.get_mut(name).filter(|e| !e.gone) else {
+                return Err(DispatchError::AgentNotFound(name.to_owned()));
+            };
+            entry.drain_requested = true;
+            entry.draining = true;
+            // At once on its stream (or next poll); the heartbeat answer repeats it.
+            entry.send(server_message::Msg::Drain(es_proto::v1::Drain {
+                reason: if reason.is_empty() {
+                    "operator request".into()
+                } else {
+                    reason.to_owned()
+                },
+            }));
+            let key = (entry.identity.role, entry.identity.selector.clone());
+            let withdrawn: Vec<String> = entry.offered.drain().collect();
+            for id in withdrawn {
+                core.unoffer(&id);
+            }
+            log::info!(agent = name; "operator asked agent {name} to drain");
+            core.dispatch(&self.settings, &key, now);
+        }
+        self.agents()
+            .into_iter()
+            .find(|a| a.identity.as_ref().is_some_and(|i| i.name == name))
+            .ok_or_else(|| DispatchError::AgentNotFound(name.to_owned()))
     }
 
     /// Stores progress/log events of a lease; resends (seq already stored) are dropped.
@@ -761,6 +833,9 @@ impl Dispatcher {
                         job_event::Event::Progress(p)
                     }
                     Some(es_proto::v1::agent_event::Event::Log(l)) => job_event::Event::Log(l),
+                    Some(es_proto::v1::agent_event::Event::AwsCall(c)) => {
+                        job_event::Event::AwsCall(c)
+                    }
                     None => continue,
                 };
                 a.next_seq += 1;
@@ -990,6 +1065,7 @@ impl Core {
         };
         if stale {
             self.counter(agent).writes_refused += 1;
+            self.metrics.refused_write();
         }
         let Some(a) = self.jobs.get_mut(job_id) else {
             return Err(DispatchError::StaleEpoch {
@@ -1190,6 +1266,8 @@ impl Core {
         a.lease_expires = Some(now + s.lease_ttl);
         a.deadline = Some(now + Duration::from_millis(a.job.timeout_ms));
         a.agent_seq = 0;
+        self.metrics
+            .dispatched(now.saturating_duration_since(a.queued_at));
         let ev = event(a, job_event::Event::State(JobState::Running as i32));
         let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
         let lease = lease(a);
@@ -1244,6 +1322,7 @@ impl Core {
         let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
         self.finished.insert(id.to_owned(), (a.job.epoch, now));
         let st = JobState::try_from(a.job.state).unwrap_or_default();
+        self.metrics.finished(st.name());
         log::info!(
             job_id = id,
             sandbox_id = a.job.sandbox_id.as_str(),
@@ -1289,6 +1368,7 @@ impl Core {
         }
         log::warn!(job_id = id, agent = holder.as_str(); "lease of job {id} on {holder} lost ({why}); offering it again");
         a.job.state = JobState::Queued as i32;
+        a.queued_at = now;
         a.lease_expires = None;
         a.deadline = None;
         busy(&mut self.busy_sandboxes, a.exclusive_sandbox(), false);
@@ -1376,6 +1456,7 @@ impl Core {
         for id in lost {
             let holder = self.jobs[&id].job.agent.clone();
             self.counter(&holder).leases_expired += 1;
+            self.metrics.expired();
             let why = format!("not renewed within {} ms", s.lease_ttl.as_millis());
             log::warn!(job_id = id.as_str(), agent = holder.as_str(); "lease of job {id} expired");
             pending.push(self.lease_lost(store, &id, &why, now));

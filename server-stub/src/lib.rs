@@ -7,10 +7,12 @@
 //!
 //! `main.rs` only parses the command line; [`run`] is what tests call in-process.
 
+pub mod auth;
 pub mod blueprint;
 pub mod cli;
 pub mod dispatch;
 pub mod logging;
+pub mod metrics;
 pub mod sandbox_cli;
 pub mod selector;
 pub mod service;
@@ -75,10 +77,33 @@ pub struct ServerConfig {
     /// Application keepalive on idle agent streams (below a load balancer's idle cut, 350 s on AWS).
     #[arg(long, env = "ES_SERVER_STREAM_PING", default_value = "30s", value_parser = humantime::parse_duration)]
     pub stream_ping: Duration,
+    /// Certificate chain the server presents (PEM). With --tls-key and --client-ca: mutual TLS.
+    #[arg(long, env = "ES_SERVER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "ES_SERVER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that issues the agents' and submitters' client certificates (subject CN = name,
+    /// OU = shells, commands or submitter).
+    #[arg(long, env = "ES_SERVER_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext without client certificates (demos, tests, a trusted loopback): agents
+    /// are trusted as they describe themselves. Logs a warning.
+    #[arg(long, env = "ES_SERVER_INSECURE")]
+    pub insecure: bool,
+    /// Submitter tokens (`NAME SHA256HEX` per line; `es-server token new NAME` makes one).
+    /// When set, every submitter call needs a token or a submitter certificate.
+    #[arg(long, env = "ES_SERVER_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`), e.g. 0.0.0.0:9700.
+    /// Unset: no metrics endpoint.
+    #[arg(long, env = "ES_SERVER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
-    /// Defaults of every setting, listening on `listen` with the store at `db`.
+    /// Defaults of every setting, listening on `listen` with the store at `db`, plaintext
+    /// (`insecure`): for in-process use in tests and benchmarks.
     pub fn new(listen: SocketAddr, db: PathBuf) -> ServerConfig {
         use clap::Parser;
         #[derive(clap::Parser)]
@@ -89,7 +114,32 @@ impl ServerConfig {
         let mut c = P::try_parse_from(["es-server"]).expect("defaults parse").c;
         c.listen = listen;
         c.db = db;
+        c.insecure = true;
         c
+    }
+
+    /// The TLS files, when TLS is configured; errors name the missing flag.
+    pub fn tls(&self) -> Result<Option<(&PathBuf, &PathBuf, &PathBuf)>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.client_ca, self.insecure) {
+            (None, None, None, true) => Ok(None),
+            (None, None, None, false) => Err(
+                "no TLS configured: set --tls-cert, --tls-key and --client-ca (ES_SERVER_TLS_CERT, ES_SERVER_TLS_KEY, ES_SERVER_CLIENT_CA), or --insecure for plaintext".into(),
+            ),
+            (Some(_), Some(_), Some(_), true) => Err(
+                "--insecure and --tls-cert/--tls-key/--client-ca exclude each other: drop --insecure to serve mutual TLS".into(),
+            ),
+            (Some(c), Some(k), Some(ca), false) => Ok(Some((c, k, ca))),
+            (c, k, ca, _) => {
+                let missing: Vec<&str> = [("--tls-cert", c.is_none()), ("--tls-key", k.is_none()), ("--client-ca", ca.is_none())]
+                    .into_iter()
+                    .filter_map(|(f, m)| m.then_some(f))
+                    .collect();
+                Err(format!(
+                    "mutual TLS needs --tls-cert, --tls-key and --client-ca together: {} missing",
+                    missing.join(", ")
+                ))
+            }
+        }
     }
 
     /// Checks that the timings fit together; the error names the setting.
@@ -118,6 +168,7 @@ impl ServerConfig {
         if self.offer_timeout.is_zero() || self.poll_wait.is_zero() || self.stream_ping.is_zero() {
             return Err("--offer-timeout, --poll-wait and --stream-ping must be above 0".into());
         }
+        self.tls()?;
         Ok(())
     }
 
@@ -156,6 +207,23 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error("{flag} {path}: {source}")]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+}
+
+fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|source| ServerError::File {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A running server: its bound address and the dispatcher (for in-process tests).
@@ -171,6 +239,27 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Running, ServerError> {
     config.validate().map_err(ServerError::Config)?;
+    let tls = match config.tls().map_err(ServerError::Config)? {
+        Some((cert, key, ca)) => Some(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(
+                    read_file("--tls-cert", cert)?,
+                    read_file("--tls-key", key)?,
+                ))
+                .client_ca_root(tonic::transport::Certificate::from_pem(read_file(
+                    "--client-ca",
+                    ca,
+                )?))
+                // Submitters may use a token instead; agents are refused without a certificate
+                // (auth.rs).
+                .client_auth_optional(true),
+        ),
+        None => {
+            log::warn!("INSECURE: serving plaintext without client certificates (--insecure); agents are trusted as they describe themselves");
+            None
+        }
+    };
+    let auth = Arc::new(auth::Auth::new(tls.is_some(), config.tokens.as_deref())?);
     let store = store::Store::open(&config.db, config.db_sync)?;
     let dispatcher = Dispatcher::recover(store, config.settings()).await?;
     let listener = TcpListener::bind(config.listen)
@@ -197,10 +286,24 @@ pub async fn start(
         .build_v1()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
+    if let Some(m) = config.metrics_listen {
+        let l = TcpListener::bind(m)
+            .await
+            .map_err(|source| ServerError::Bind { addr: m, source })?;
+        let bound = l
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr: m, source })?;
+        log::info!("metrics on http://{bound}/metrics");
+        metrics::spawn(l, dispatcher.clone());
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     spawn_background(dispatcher.clone(), &config, stop.clone());
 
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -208,9 +311,11 @@ pub async fn start(
         .add_service(reflection)
         .add_service(AgentServiceServer::new(service::AgentApi {
             d: dispatcher.clone(),
+            auth: auth.clone(),
         }))
         .add_service(JobServiceServer::new(service::JobApi {
             d: dispatcher.clone(),
+            auth,
         }));
     // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
     // small stream messages (offers) wait for delayed ACKs (~40 ms).

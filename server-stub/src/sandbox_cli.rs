@@ -7,9 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use es_proto::v1::job_service_client::JobServiceClient;
 use es_proto::v1::*;
-use tonic::transport::Channel;
 
 use crate::blueprint::Blueprint;
 use crate::cli::{job_json, state_name};
@@ -236,7 +234,7 @@ fn req(
 
 /// Runs a sandbox command; answers the exit code (1 when a job did not succeed).
 pub async fn run(
-    c: &mut JobServiceClient<Channel>,
+    c: &mut crate::cli::Client,
     cmd: SandboxCmd,
     json: bool,
 ) -> Result<ExitCode, (u8, String)> {

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use crate::auth::Auth;
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::store::ListFilter;
 use crate::validate::{self, FieldError};
@@ -24,7 +25,9 @@ impl From<DispatchError> for Status {
         let msg = e.to_string();
         match e {
             DispatchError::UnknownSession(_) => Status::unauthenticated(msg),
-            DispatchError::JobNotFound(_) => Status::not_found(msg),
+            DispatchError::JobNotFound(_) | DispatchError::AgentNotFound(_) => {
+                Status::not_found(msg)
+            }
             DispatchError::StaleEpoch { .. } | DispatchError::NotAcquirable { .. } => {
                 Status::failed_precondition(msg)
             }
@@ -54,6 +57,24 @@ fn require(field: &str, value: &str) -> Result<(), Status> {
 
 pub struct AgentApi {
     pub d: Arc<Dispatcher>,
+    pub auth: Arc<Auth>,
+}
+
+impl AgentApi {
+    /// With TLS, a session may only be used by the certificate that registered it.
+    fn check_session<T>(&self, req: &Request<T>, session: &str) -> Result<(), Status> {
+        require("session_id", session)?;
+        if let Some(cert) = self.auth.agent(req)? {
+            let owner = self.d.session_owner(session)?;
+            if owner != cert.name {
+                return Err(Status::permission_denied(format!(
+                    "session {session} belongs to agent {owner}, not to {} (the certificate's name)",
+                    cert.name
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -62,10 +83,28 @@ impl AgentService for AgentApi {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let cert = self.auth.agent(&req)?;
         let req = req.into_inner();
         let identity = validate::identity(req.identity.as_ref())
             .map_err(invalid)?
             .clone();
+        if let Some(cert) = cert {
+            let role = Role::try_from(identity.role).unwrap_or_default();
+            if cert.name != identity.name {
+                return Err(Status::permission_denied(format!(
+                    "certificate is for agent {}, but it registers as {}: set name = \"{}\" or use that agent's certificate",
+                    cert.name, identity.name, cert.name
+                )));
+            }
+            if cert.role() != Some(role) {
+                return Err(Status::permission_denied(format!(
+                    "certificate of {} is for role {}, but it registers as role {}: agents may only take jobs of their certificate's role",
+                    cert.name,
+                    cert.unit,
+                    role.name()
+                )));
+            }
+        }
         let (session_id, revoked) = self.d.register(identity, req.held).await?;
         let s = &self.d.settings;
         Ok(Response::new(RegisterResponse {
@@ -83,8 +122,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<ListenRequest>,
     ) -> Result<Response<Self::ListenStream>, Status> {
+        self.check_session(&req, &req.get_ref().session_id)?;
         let session = req.into_inner().session_id;
-        require("session_id", &session)?;
         let (name, generation, rx) = self.d.listen(&session)?;
         // Withdraws the stream's offers when the agent goes (the stream is dropped).
         struct Closed {
@@ -110,8 +149,8 @@ impl AgentService for AgentApi {
     }
 
     async fn poll(&self, req: Request<PollRequest>) -> Result<Response<PollResponse>, Status> {
+        self.check_session(&req, &req.get_ref().session_id)?;
         let req = req.into_inner();
-        require("session_id", &req.session_id)?;
         let messages = self
             .d
             .poll(&req.session_id, Duration::from_millis(req.wait_ms))
@@ -123,8 +162,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<AcquireRequest>,
     ) -> Result<Response<AcquireResponse>, Status> {
+        self.check_session(&req, &req.get_ref().session_id)?;
         let req = req.into_inner();
-        require("session_id", &req.session_id)?;
         require("job_id", &req.job_id)?;
         let lease = self.d.acquire(&req.session_id, &req.job_id).await?;
         Ok(Response::new(AcquireResponse { lease: Some(lease) }))
@@ -134,8 +173,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        self.check_session(&req, &req.get_ref().session_id)?;
         let req = req.into_inner();
-        require("session_id", &req.session_id)?;
         let (lost, cancel, drain) = self
             .d
             .heartbeat(&req.session_id, &req.leases, req.draining)?;
@@ -150,8 +189,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
+        self.check_session(&req, &req.get_ref().session_id)?;
         let req = req.into_inner();
-        require("session_id", &req.session_id)?;
         require("job_id", &req.job_id)?;
         let acked_seq = self
             .d
@@ -164,8 +203,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<CompleteRequest>,
     ) -> Result<Response<CompleteResponse>, Status> {
+        self.check_session(&req, &req.get_ref().session_id)?;
         let req = req.into_inner();
-        require("session_id", &req.session_id)?;
         require("job_id", &req.job_id)?;
         let result = req
             .result
@@ -180,8 +219,8 @@ impl AgentService for AgentApi {
         &self,
         req: Request<GoingAwayRequest>,
     ) -> Result<Response<GoingAwayResponse>, Status> {
+        self.check_session(&req, &req.get_ref().session_id)?;
         let req = req.into_inner();
-        require("session_id", &req.session_id)?;
         self.d
             .going_away(&req.session_id, &req.released, &req.reason)
             .await?;
@@ -191,6 +230,7 @@ impl AgentService for AgentApi {
 
 pub struct JobApi {
     pub d: Arc<Dispatcher>,
+    pub auth: Arc<Auth>,
 }
 
 /// What a submitter reads back: secret values of a job's variables are masked. Only the agent
@@ -215,6 +255,7 @@ impl JobService for JobApi {
         &self,
         req: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
+        let who = self.auth.submitter(&req, &req.get_ref().submitted_by)?;
         let req = req.into_inner();
         validate::submit(&req).map_err(invalid)?;
         let job = Job {
@@ -227,7 +268,7 @@ impl JobService for JobApi {
             spec: req.spec,
             timeout_ms: req.timeout_ms,
             max_attempts: req.max_attempts,
-            submitted_by: req.submitted_by,
+            submitted_by: who,
             ..Default::default()
         };
         let (job, created) = self.d.submit(job).await?;
@@ -238,6 +279,7 @@ impl JobService for JobApi {
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<Job>, Status> {
+        self.auth.submitter(&req, "")?;
         let id = req.into_inner().job_id;
         require("job_id", &id)?;
         Ok(Response::new(redact(self.d.get(&id).await?)))
@@ -249,6 +291,7 @@ impl JobService for JobApi {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        self.auth.submitter(&req, "")?;
         let req = req.into_inner();
         require("job_id", &req.job_id)?;
         // Subscribe first, then read history: nothing falls between the two.
@@ -309,15 +352,30 @@ impl JobService for JobApi {
         &self,
         req: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
+        let who = self.auth.submitter(&req, "")?;
         let req = req.into_inner();
         require("job_id", &req.job_id)?;
         let job = self.d.cancel(&req.job_id, &req.reason).await?;
+        self.d
+            .store()
+            .audit(vec![AuditEntry {
+                at_us: crate::dispatch::now_us(),
+                sandbox_id: job.sandbox_id.clone(),
+                job_id: job.id.clone(),
+                actor: who,
+                action: "cancel".into(),
+                detail_json: serde_json::json!({"reason": req.reason}).to_string(),
+                ..Default::default()
+            }])
+            .await
+            .map_err(DispatchError::from)?;
         Ok(Response::new(CancelResponse {
             job: Some(redact(job)),
         }))
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        self.auth.submitter(&req, "")?;
         let req = req.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
@@ -363,10 +421,59 @@ impl JobService for JobApi {
 
     async fn agents(
         &self,
-        _req: Request<AgentsRequest>,
+        req: Request<AgentsRequest>,
     ) -> Result<Response<AgentsResponse>, Status> {
+        self.auth.submitter(&req, "")?;
         Ok(Response::new(AgentsResponse {
             agents: self.d.agents(),
         }))
+    }
+
+    async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        self.auth.submitter(&req, "")?;
+        let req = req.into_inner();
+        if req.sandbox_id.is_empty() && req.job_id.is_empty() && !req.all {
+            return Err(Status::invalid_argument(
+                "invalid `sandbox_id`: give a sandbox id, a job id, or all = true",
+            ));
+        }
+        if req.limit > 10_000 {
+            return Err(Status::invalid_argument("invalid `limit`: at most 10000"));
+        }
+        let entries = self
+            .d
+            .store()
+            .audit_trail(
+                (!req.sandbox_id.is_empty()).then_some(req.sandbox_id),
+                (!req.job_id.is_empty()).then_some(req.job_id),
+                req.after_id,
+                if req.limit == 0 { 1000 } else { req.limit },
+            )
+            .await
+            .map_err(DispatchError::from)?;
+        Ok(Response::new(AuditResponse { entries }))
+    }
+
+    async fn drain_agent(
+        &self,
+        req: Request<DrainAgentRequest>,
+    ) -> Result<Response<DrainAgentResponse>, Status> {
+        let who = self.auth.submitter(&req, "")?;
+        let req = req.into_inner();
+        require("name", &req.name)?;
+        let agent = self.d.drain_agent(&req.name, &req.reason)?;
+        self.d
+            .store()
+            .audit(vec![AuditEntry {
+                at_us: crate::dispatch::now_us(),
+                actor: who,
+                action: "drain".into(),
+                detail_json: serde_json::json!({"agent": req.name, "reason": req.reason})
+                    .to_string(),
+                ..Default::default()
+            }])
+            .await
+            .map_err(DispatchError::from)?;
+        Ok(Response::new(DrainAgentResponse { agent: Some(agent) }))
     }
 }

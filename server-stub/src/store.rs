@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use es_proto::v1::{Job, JobEvent, JobResult, JobSpec, JobState, Role};
+use es_proto::v1::{job_event, AuditEntry, Job, JobEvent, JobResult, JobSpec, JobState, Role};
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
@@ -59,8 +59,11 @@ enum Op {
     Update(Box<Job>, Vec<JobEvent>, oneshot::Sender<Result<()>>),
     /// Append events only.
     Events(Vec<JobEvent>, oneshot::Sender<Result<()>>),
-    /// Delete finished jobs (and their events) finished before the given time.
+    /// Delete finished jobs (and their events) finished before the given time, and older
+    /// audit entries.
     Purge(i64, oneshot::Sender<Result<u64>>),
+    /// Append audit entries that no job write implies (cancel, drain).
+    Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
 }
 
 /// Handle to the store; cheap to clone.
@@ -128,6 +131,20 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
+-- The audit trail: append-only, kept apart from jobs so it reads the same after a job's
+-- events are purged (it has its own retention, see Store::purge).
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_us INTEGER NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_job ON audit(job_id, id);
+CREATE INDEX IF NOT EXISTS audit_sandbox ON audit(sandbox_id, id);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at_us);
 ";
 
 impl Store {
@@ -210,6 +227,49 @@ impl Store {
             sent.map_err(|_| StoreError::WriterGone)?;
             rx.await.map_err(|_| StoreError::WriterGone)?
         }
+    }
+
+    /// Appends audit entries (their `id` is assigned by the store).
+    pub async fn audit(&self, entries: Vec<AuditEntry>) -> Result<()> {
+        self.call(|tx| Op::Audit(entries, tx)).await
+    }
+
+    /// Audit entries of a sandbox and/or a job (both `None`: all), oldest first.
+    pub async fn audit_trail(
+        &self,
+        sandbox_id: Option<String>,
+        job_id: Option<String>,
+        after_id: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>> {
+        self.read(move |c| {
+            let mut sql = "SELECT id, at_us, sandbox_id, job_id, actor, action, detail FROM audit WHERE id > ?1".to_owned();
+            let mut args: Vec<rusqlite::types::Value> = vec![(after_id as i64).into()];
+            if let Some(sb) = sandbox_id {
+                args.push(sb.into());
+                sql.push_str(&format!(" AND sandbox_id = ?{}", args.len()));
+            }
+            if let Some(j) = job_id {
+                args.push(j.into());
+                sql.push_str(&format!(" AND job_id = ?{}", args.len()));
+            }
+            args.push((limit as i64).into());
+            sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
+            let mut st = c.prepare(&sql)?;
+            let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+                Ok(AuditEntry {
+                    id: r.get::<_, i64>(0)? as u64,
+                    at_us: r.get(1)?,
+                    sandbox_id: r.get(2)?,
+                    job_id: r.get(3)?,
+                    actor: r.get(4)?,
+                    action: r.get(5)?,
+                    detail_json: r.get(6)?,
+                })
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await
     }
 
     /// Deletes jobs that finished before `before_us`; answers how many.
@@ -480,7 +540,7 @@ fn answer(op: Op, res: Result<OpAnswer>) {
                 _ => unreachable!("insert answered with another kind"),
             }));
         }
-        Op::Update(_, _, tx) | Op::Events(_, tx) => {
+        Op::Update(_, _, tx) | Op::Events(_, tx) | Op::Audit(_, tx) => {
             let _ = tx.send(res.map(|_| ()));
         }
         Op::Purge(_, tx) => {
@@ -551,6 +611,26 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
                 job.finished_at_us,
                 job.submitted_by,
             ])?;
+            insert_audit(
+                c,
+                &AuditEntry {
+                    at_us: job.created_at_us,
+                    sandbox_id: job.sandbox_id.clone(),
+                    job_id: job.id.clone(),
+                    actor: job.submitted_by.clone(),
+                    action: "submit".into(),
+                    detail_json: serde_json::json!({
+                        "kind": crate::cli::kind_name(job),
+                        "role": Role::try_from(job.role).unwrap_or_default().name(),
+                        "selector": job.selector,
+                        "max_attempts": job.max_attempts,
+                        "timeout_ms": job.timeout_ms,
+                        "idempotency_key": job.idempotency_key,
+                    })
+                    .to_string(),
+                    ..Default::default()
+                },
+            )?;
             insert_events(c, events)?;
             Ok(OpAnswer::Inserted(job.clone(), true))
         }
@@ -584,7 +664,15 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
                     "DELETE FROM jobs WHERE finished_at_us > 0 AND finished_at_us < ?1",
                 )?
                 .execute([before])?;
+            c.prepare_cached("DELETE FROM audit WHERE at_us < ?1")?
+                .execute([before])?;
             Ok(OpAnswer::Purged(n as u64))
+        }
+        Op::Audit(entries, _) => {
+            for e in entries {
+                insert_audit(c, e)?;
+            }
+            Ok(OpAnswer::Done)
         }
     }
 }
@@ -597,13 +685,98 @@ fn insert_events(c: &rusqlite::Transaction<'_>, events: &[JobEvent]) -> rusqlite
         "INSERT OR IGNORE INTO events (job_id, seq, at_us, body) VALUES (?1, ?2, ?3, ?4)",
     )?;
     for ev in events {
-        st.execute(params![
+        let new = st.execute(params![
             ev.job_id,
             ev.seq as i64,
             ev.at_us,
             ev.encode_to_vec()
-        ])?;
+        ])? == 1;
+        if new {
+            if let Some(entry) = audit_of(ev) {
+                insert_audit(c, &entry)?;
+            }
+        }
     }
+    Ok(())
+}
+
+/// The audit entry a job event implies: leases, state changes, results and AWS calls (progress
+/// and log lines are not audited). The sandbox id is filled in from the job's row.
+fn audit_of(ev: &JobEvent) -> Option<AuditEntry> {
+    let agent_actor = || {
+        if ev.agent.is_empty() {
+            "server".to_owned()
+        } else {
+            format!("agent:{}", ev.agent)
+        }
+    };
+    let (actor, action, detail) = match ev.event.as_ref()? {
+        job_event::Event::State(s) => {
+            let state = JobState::try_from(*s).unwrap_or_default();
+            if state == JobState::Queued && ev.attempt == 0 {
+                return None; // the submit entry says it
+            }
+            if state == JobState::Running {
+                (
+                    agent_actor(),
+                    "lease",
+                    serde_json::json!({"attempt": ev.attempt, "agent": ev.agent}),
+                )
+            } else {
+                (
+                    "server".to_owned(),
+                    "state",
+                    serde_json::json!({"state": state.name(), "attempt": ev.attempt}),
+                )
+            }
+        }
+        job_event::Event::Result(r) => (
+            agent_actor(),
+            "result",
+            serde_json::json!({
+                "state": JobState::try_from(r.state).unwrap_or_default().name(),
+                "error": r.error,
+                "attempt": ev.attempt,
+            }),
+        ),
+        job_event::Event::AwsCall(c) => (
+            agent_actor(),
+            "aws_call",
+            serde_json::json!({
+                "service": c.service,
+                "operation": c.operation,
+                "resource_ids": c.resource_ids,
+                "outcome": if c.error.is_empty() { "ok" } else { c.error.as_str() },
+                "attempt": ev.attempt,
+            }),
+        ),
+        job_event::Event::Progress(_) | job_event::Event::Log(_) => return None,
+    };
+    Some(AuditEntry {
+        at_us: ev.at_us,
+        job_id: ev.job_id.clone(),
+        actor,
+        action: action.into(),
+        detail_json: detail.to_string(),
+        ..Default::default()
+    })
+}
+
+/// Appends one audit entry; an empty sandbox id is taken from the job's row.
+fn insert_audit(c: &rusqlite::Transaction<'_>, e: &AuditEntry) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
+         VALUES (?1, CASE WHEN ?2 = '' THEN COALESCE((SELECT sandbox_id FROM jobs WHERE id = ?3), '') ELSE ?2 END,
+                 ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        e.at_us,
+        e.sandbox_id,
+        e.job_id,
+        e.actor,
+        e.action,
+        e.detail_json
+    ])?;
     Ok(())
 }
 

@@ -208,8 +208,11 @@ fn agent_with_bad_configuration_exits_64_naming_the_key() {
         ("ES_AGENT_NAME", "a"),
         ("ES_AGENT_ROLE", "shells"),
         ("ES_AGENT_SERVER", "http://127.0.0.1:1"),
+        ("ES_AGENT_INSECURE", "true"),
     ];
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("ES_AGENT_INSECURE", "false")], "insecure = true"),
+        (vec![("ES_AGENT_SERVER", "https://127.0.0.1:1")], "`tls_ca`"),
         (vec![("ES_AGENT_SLOTS", "0")], "`slots`"),
         (vec![("ES_AGENT_ROLE", "shell")], "`role`"),
         (vec![("ES_AGENT_NAME", "")], "`name`"),
@@ -249,7 +252,7 @@ fn agent_with_bad_configuration_exits_64_naming_the_key() {
     );
     std::fs::write(
         &f,
-        "name = \"a\"\nrole = \"shells\"\nserver = \"http://127.0.0.1:1\"\nslots = 3\n",
+        "name = \"a\"\nrole = \"shells\"\nserver = \"http://127.0.0.1:1\"\ninsecure = true\nslots = 3\n",
     )
     .unwrap();
     let out = std::process::Command::new(bins().agent)

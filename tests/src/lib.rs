@@ -206,7 +206,8 @@ pub const FAST: &[&str] = &[
     "250ms",
 ];
 
-/// Starts `es-server serve` on `listen` (e.g. `127.0.0.1:0`) with the store at `db`.
+/// Starts `es-server serve` on `listen` (e.g. `127.0.0.1:0`) with the store at `db`; plaintext
+/// (`--insecure`) unless `args` configure TLS.
 pub fn start_server(bins: &Bins, dir: &Path, db: &Path, listen: &str, args: &[&str]) -> Server {
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
     let log = dir.join(format!("server-{n}.log"));
@@ -216,6 +217,7 @@ pub fn start_server(bins: &Bins, dir: &Path, db: &Path, listen: &str, args: &[&s
         .arg(listen)
         .arg("--db")
         .arg(db)
+        .args((!args.contains(&"--tls-cert")).then_some("--insecure"))
         .args(args)
         .env("RUST_LOG", "info")
         .env_remove("JOURNAL_STREAM")
@@ -322,7 +324,11 @@ pub fn start_agent(bins: &Bins, dir: &Path, server_url: &str, spec: &AgentSpec) 
         .env("ES_AGENT_FALLBACK", spec.fallback.to_string())
         .env("ES_AGENT_TRANSPORT", spec.transport)
         .env("ES_AGENT_BACKOFF_BASE", "50ms")
-        .env("ES_AGENT_BACKOFF_CAP", "1s");
+        .env("ES_AGENT_BACKOFF_CAP", "1s")
+        .env(
+            "ES_AGENT_INSECURE",
+            server_url.starts_with("http://").to_string(),
+        );
     if spec.health {
         cmd.env("ES_AGENT_HEALTH_ADDR", "127.0.0.1:0");
     }

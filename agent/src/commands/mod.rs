@@ -283,7 +283,7 @@ impl Commands {
 
     /// Runs one RunCommand job.
     pub async fn run(&self, job: &Job, rc: &RunCommand, ctx: &JobCtx) -> JobResult {
-        let calls = Arc::new(CallCounter::default());
+        let calls = CallCounter::for_job(ctx);
         let scrub = Scrubber::new(rc);
         let target = job.spec.as_ref().and_then(|s| s.target.clone());
         let sdk = self.aws.sdk_config(target.as_ref()).await;

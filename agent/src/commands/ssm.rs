@@ -685,13 +685,7 @@ mod tests {
 
     fn ctx() -> (JobCtx, mpsc::UnboundedReceiver<JobEventOut>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (
-            JobCtx {
-                cancel: CancellationToken::new(),
-                events: tx,
-            },
-            rx,
-        )
+        (JobCtx::new(tx), rx)
     }
 
     fn describe_all_online() -> Rule {

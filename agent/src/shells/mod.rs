@@ -18,7 +18,6 @@ mod network;
 mod teardown;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use es_proto::v1::{job_spec::Kind, shells_result, Job, JobResult, JobState, ShellsResult};
 
@@ -70,7 +69,7 @@ impl Shells {
 
     /// Runs one es-shells job.
     pub async fn run(&self, job: &Job, kind: &Kind, ctx: &JobCtx) -> JobResult {
-        let calls = Arc::new(CallCounter::default());
+        let calls = CallCounter::for_job(ctx);
         let target = job.spec.as_ref().and_then(|s| s.target.clone());
         let ec2 = match self.aws.client(target.as_ref(), calls.clone()).await {
             Ok(c) => c,

@@ -174,10 +174,7 @@ async fn ssm_fanout(n: usize) {
         ..Default::default()
     };
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-    let ctx = JobCtx {
-        cancel: Default::default(),
-        events: tx,
-    };
+    let ctx = JobCtx::new(tx);
     let scrub = Scrubber::new(&rc);
     let rep = Reporter::new(&ctx, &scrub, n);
     let started = Instant::now();

@@ -1,0 +1,62 @@
+//! The Prometheus endpoint both daemons serve: `GET /metrics` in the text exposition format
+//! (OpenMetrics 1.0 text, which Prometheus scrapes natively), `GET /healthz` for a load balancer.
+//! What is measured lives in each daemon; this module only serves what `render` returns.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Renders the current metrics as exposition text.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Content type of the OpenMetrics text format (what `prometheus_client::encoding::text` writes).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Serves `/metrics` on `listener` until the task is dropped. Each connection gets its own task;
+/// a slow scraper never holds up another.
+pub async fn serve(listener: TcpListener, render: Render) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("metrics: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let render = render.clone();
+                async move { Ok::<_, Infallible>(respond(&req, &render)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn respond(req: &Request<Incoming>, render: &Render) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => reply(StatusCode::OK, CONTENT_TYPE, render()),
+        (&Method::GET, "/healthz") => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try GET /metrics\n".into(),
+        ),
+    }
+}

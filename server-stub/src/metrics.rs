@@ -1,0 +1,178 @@
+//! The server's Prometheus metrics (`--metrics-listen`): jobs by state, dispatch latency,
+//! lease renewals, refusals and expiries, connected agents. Counters are updated where the
+//! dispatch core decides; gauges are read from the core when scraped.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::dispatch::Dispatcher;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Every metric of the server; cheap to update from any thread.
+pub struct ServerMetrics {
+    registry: Registry,
+    jobs_submitted: Counter,
+    jobs_finished: Family<Labels, Counter>,
+    jobs: Family<Labels, Gauge>,
+    dispatch_latency: Histogram,
+    lease_renewals: Counter,
+    lease_renewals_refused: Counter,
+    leases_expired: Counter,
+    writes_refused: Counter,
+    agents: Family<Labels, Gauge>,
+}
+
+impl Default for ServerMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("es_server");
+        let m = ServerMetrics {
+            jobs_submitted: Counter::default(),
+            jobs_finished: Family::default(),
+            jobs: Family::default(),
+            // 1 ms .. ~65 s
+            dispatch_latency: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            lease_renewals: Counter::default(),
+            lease_renewals_refused: Counter::default(),
+            leases_expired: Counter::default(),
+            writes_refused: Counter::default(),
+            agents: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "jobs_submitted",
+            "Jobs created by Submit",
+            m.jobs_submitted.clone(),
+        );
+        registry.register(
+            "jobs_finished",
+            "Jobs that reached a final state, by state",
+            m.jobs_finished.clone(),
+        );
+        registry.register(
+            "jobs",
+            "Jobs queued or running now, by state and role",
+            m.jobs.clone(),
+        );
+        registry.register(
+            "dispatch_latency_seconds",
+            "Time from a job (re)entering the queue to an agent acquiring its lease",
+            m.dispatch_latency.clone(),
+        );
+        registry.register(
+            "lease_renewals",
+            "Leases renewed by agent heartbeats",
+            m.lease_renewals.clone(),
+        );
+        registry.register(
+            "lease_renewals_refused",
+            "Renewals refused because the lease was no longer the agent's (the agent fences the job)",
+            m.lease_renewals_refused.clone(),
+        );
+        registry.register(
+            "leases_expired",
+            "Leases that ran out without renewal (the job is offered again or failed)",
+            m.leases_expired.clone(),
+        );
+        registry.register(
+            "writes_refused",
+            "Reports and results refused from an agent whose lease was fenced",
+            m.writes_refused.clone(),
+        );
+        registry.register(
+            "agents",
+            "Agents known to the server, by role, kind (primary/fallback) and health",
+            m.agents.clone(),
+        );
+        ServerMetrics { registry, ..m }
+    }
+}
+
+impl ServerMetrics {
+    pub fn submitted(&self) {
+        self.jobs_submitted.inc();
+    }
+    pub fn finished(&self, state: &str) {
+        self.jobs_finished
+            .get_or_create(&labels(&[("state", state)]))
+            .inc();
+    }
+    pub fn dispatched(&self, waited: std::time::Duration) {
+        self.dispatch_latency.observe(waited.as_secs_f64());
+    }
+    pub fn renewals(&self, ok: u64, refused: u64) {
+        self.lease_renewals.inc_by(ok);
+        self.lease_renewals_refused.inc_by(refused);
+    }
+    pub fn expired(&self) {
+        self.leases_expired.inc();
+    }
+    pub fn refused_write(&self) {
+        self.writes_refused.inc();
+    }
+
+    /// The exposition text, with the gauges read from `d` now.
+    pub fn render(&self, d: &Dispatcher) -> String {
+        self.jobs.clear();
+        for ((state, role), n) in d.active_counts() {
+            self.jobs
+                .get_or_create(&labels(&[("state", state), ("role", role)]))
+                .set(n as i64);
+        }
+        // Both states always appear, so a dashboard shows 0 rather than nothing.
+        for state in ["queued", "running"] {
+            for role in ["shells", "commands"] {
+                let _ = self
+                    .jobs
+                    .get_or_create(&labels(&[("state", state), ("role", role)]));
+            }
+        }
+        self.agents.clear();
+        for a in d.agents() {
+            let id = a.identity.unwrap_or_default();
+            let health = if !a.connected {
+                "disconnected"
+            } else if a.draining {
+                "draining"
+            } else if a.healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            self.agents
+                .get_or_create(&labels(&[
+                    (
+                        "role",
+                        es_proto::Role::try_from(id.role).unwrap_or_default().name(),
+                    ),
+                    ("kind", if id.fallback { "fallback" } else { "primary" }),
+                    ("health", health),
+                ]))
+                .inc();
+        }
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            log::error!("metrics: encoding failed: {e}");
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` for `d` on `listener` (spawned; ends with the process).
+pub fn spawn(listener: tokio::net::TcpListener, d: Arc<Dispatcher>) {
+    let render: es_proto::metrics::Render = Arc::new(move || d.metrics().render(&d));
+    tokio::spawn(es_proto::metrics::serve(listener, render));
+}
