@@ -1,7 +1,8 @@
 //! The `es-agent` command line: loads the configuration, installs signal handlers, runs the agent.
 //!
-//! Exit codes: 0 after a drain, 64 (EX_USAGE) for a bad configuration (the key is named),
-//! 1 when the server refuses the agent or the agent cannot start.
+//! Exit codes: 0 after a drain, 64 (EX_USAGE) for a bad configuration (the key is named, or
+//! the TLS files cannot be used), 1 when the server refuses the agent (e.g. its certificate is for
+//! another name or role) or the agent cannot start.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -90,7 +91,12 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("es-agent: {e}");
-                ExitCode::FAILURE
+                // Unusable settings are a configuration error: systemd does not restart on 64.
+                if matches!(e, crate::AgentError::Server(..)) {
+                    ExitCode::from(EXIT_USAGE)
+                } else {
+                    ExitCode::FAILURE
+                }
             }
         }
     })

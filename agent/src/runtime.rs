@@ -43,7 +43,8 @@ pub struct Signals {
 pub enum AgentError {
     #[error("the server refused this agent: {0}")]
     Refused(String),
-    #[error("invalid server address {0:?}: {1}")]
+    /// The server URL or the TLS files (`server`, `tls_ca`, `tls_cert`, `tls_key`) are unusable.
+    #[error("cannot set up the connection to {0:?} (check server, tls_ca, tls_cert, tls_key): {1}")]
     Server(String, String),
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {

@@ -58,7 +58,7 @@ pub struct ClientOpts {
 
 /// Adds the submitter's token to every call.
 #[derive(Clone)]
-pub struct Credentials(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+pub struct Credentials(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl tonic::service::Interceptor for Credentials {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {

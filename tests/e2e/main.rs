@@ -9,6 +9,9 @@ mod durability;
 mod fallback;
 mod faults;
 mod leases;
+mod ops;
+mod packaging;
+mod security;
 mod shells;
 
 use std::time::Duration;

@@ -21,6 +21,8 @@ struct Aws {
     ec2: aws_sdk_ec2::Client,
     _agent: Proc,
     mgmt: ManagementNetwork,
+    /// Every EC2 operation the agent made for the jobs of this test.
+    ops: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 async fn setup() -> Aws {
@@ -41,6 +43,7 @@ async fn setup() -> Aws {
             cidr: "10.0.0.0/16".into(),
             route_table_ids: vec![main_rt],
         },
+        ops: Default::default(),
     }
 }
 
@@ -63,7 +66,65 @@ fn shells_req(sandbox: &str, kind: job_spec::Kind) -> SubmitRequest {
 async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
     let mut c = a.env.server.client().await;
     let job = submit(&mut c, shells_req(sandbox, kind)).await;
-    wait_done(&mut c, &job.id, LONG).await
+    let done = wait_done(&mut c, &job.id, LONG).await;
+    if let Some(s) = done.result.as_ref().and_then(|r| r.shells.as_ref()) {
+        a.ops.lock().unwrap().extend(s.api_calls.keys().cloned());
+    }
+    done
+}
+
+/// The sandbox's audit trail (exported with the CLI as JSON lines) names who submitted each
+/// job, the agent that leased it, every mutating EC2 call with its resource ids, and the
+/// outcome; and the es-shells IAM policy allows every operation the agent made.
+async fn check_audit_and_policy(a: &Aws, sandbox: &str, instances: &[String]) {
+    let ops = a.ops.lock().unwrap().clone();
+    assert_policy_allows("es-shells-policy.json", "ec2", &ops);
+
+    let out = std::process::Command::new(bins().server)
+        .args(["audit", "--sandbox", sandbox, "--json", "--server"])
+        .arg(a.env.server.url())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let entries: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let of = |action: &str| -> Vec<&serde_json::Value> {
+        entries.iter().filter(|e| e["action"] == action).collect()
+    };
+    let submits = of("submit");
+    assert!(!submits.is_empty());
+    assert!(submits
+        .iter()
+        .all(|e| e["actor"].as_str().unwrap().starts_with("anonymous:")));
+    assert!(of("lease").iter().all(|e| e["actor"] == "agent:es-shells"));
+    assert_eq!(of("result").len(), submits.len(), "one outcome per job");
+    let calls = of("aws_call");
+    let ids_of = |op: &str| -> Vec<String> {
+        calls
+            .iter()
+            .filter(|e| e["detail"]["operation"] == op)
+            .flat_map(|e| e["detail"]["resource_ids"].as_array().unwrap().clone())
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    for op in ["CreateSubnet", "CreateSecurityGroup", "RunInstances", "TerminateInstances"] {
+        assert!(!ids_of(op).is_empty(), "no audited {op}: {calls:?}");
+    }
+    for i in instances {
+        assert!(ids_of("RunInstances").contains(i), "launch of {i} not audited");
+        assert!(ids_of("TerminateInstances").contains(i), "termination of {i} not audited");
+    }
+    assert!(
+        calls.iter().all(|e| !e["detail"]["operation"]
+            .as_str()
+            .unwrap()
+            .starts_with("Describe")),
+        "reads are not audited"
+    );
+    assert!(entries.iter().all(|e| e["sandbox_id"] == sandbox));
 }
 
 fn shells(j: &Job) -> &ShellsResult {
@@ -165,6 +226,7 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
     ok(&deploy);
     let apps = apps_of(&deploy);
     assert_eq!(apps.len(), 3);
+    let instances: Vec<String> = apps.iter().map(|r| r.instance_id.clone()).collect();
     for r in &apps {
         assert_eq!(r.state, "running", "{r:?}");
         assert!(!r.private_ips.is_empty(), "{r:?}");
@@ -313,6 +375,7 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
         "{:?}",
         shells(&clean2).result
     );
+    check_audit_and_policy(a, sandbox, &instances).await;
 }
 
 fn mgmt_routes_to(
@@ -755,6 +818,7 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
         ec2,
         _agent: _a,
         mgmt: mgmt.clone(),
+        ops: Default::default(),
     };
     let sb = "sb-flaky";
     let prepare = PrepareSandboxNetwork {

@@ -3,6 +3,7 @@
 //! failed test leaves nothing running. On a panic, the tail of each process's log is printed.
 
 pub mod ec2proxy;
+pub mod pki;
 pub mod sshd;
 pub mod tcpproxy;
 
@@ -188,6 +189,104 @@ pub async fn connect(url: &str) -> JobServiceClient<Channel> {
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
+}
+
+/// A submitter client for a TLS server: trusts `ca`, presents `identity` (if any) and sends
+/// `token` (if any). Errors are returned, not panicked on: tests check refusals.
+pub async fn tls_client(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<&pki::CertFiles>,
+    token: Option<&str>,
+) -> Result<es_server::cli::Client, String> {
+    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(std::fs::read(ca).map_err(|e| e.to_string())?),
+    );
+    if let Some(id) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(&id.cert).map_err(|e| e.to_string())?,
+            std::fs::read(&id.key).map_err(|e| e.to_string())?,
+        ));
+    }
+    let ch = Channel::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let token = token.map(|t| format!("Bearer {t}").parse().expect("ascii token"));
+    Ok(JobServiceClient::with_interceptor(
+        ch,
+        es_server::cli::Credentials(token),
+    ))
+}
+
+/// The `Action` names of an IAM policy document in `packaging/iam/` (e.g. `ec2:RunInstances`).
+pub fn policy_actions(file: &str) -> std::collections::BTreeSet<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/iam")
+        .join(file);
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("policy file"))
+            .expect("policy JSON");
+    let mut out = std::collections::BTreeSet::new();
+    for st in doc["Statement"].as_array().expect("Statement list") {
+        if st["Effect"] != "Allow" {
+            continue;
+        }
+        match &st["Action"] {
+            serde_json::Value::String(a) => {
+                out.insert(a.clone());
+            }
+            serde_json::Value::Array(a) => {
+                out.extend(a.iter().filter_map(|x| x.as_str().map(str::to_owned)));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Panics unless every operation in `ops` (SDK operation names, e.g. `RunInstances`) is
+/// allowed by the policy `file` under `prefix` (e.g. `ec2`).
+pub fn assert_policy_allows<'a>(
+    file: &str,
+    prefix: &str,
+    ops: impl IntoIterator<Item = &'a String>,
+) {
+    let actions = policy_actions(file);
+    let missing: Vec<String> = ops
+        .into_iter()
+        .map(|op| format!("{prefix}:{op}"))
+        .filter(|a| !actions.contains(a))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "packaging/iam/{file} does not allow {missing:?}, which the agent called"
+    );
+}
+
+/// Scrapes `GET /metrics` at `addr` (plain HTTP/1.1 over a TCP socket).
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read metrics");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the sample `name{labels}` (exact text before the value) in exposition `text`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Test timings: short enough for quick tests, long enough for a loaded 2-core machine.

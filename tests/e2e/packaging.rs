@@ -1,0 +1,169 @@
+//! What ships in `packaging/`: the systemd units (`systemd-analyze verify` clean, exposure score
+//! at most 2.0), the server's environment file (every setting documented), the IAM policies and
+//! their CloudFormation twin (identical statements, `cfn-lint` clean), and the .deb packages.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|f| f.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!("{name} is not installed; scripts/test installs it (see README, Tests)")
+    })
+}
+
+/// A copy of `unit` named `as_name` whose ExecStart runs `exe` (verify wants an existing
+/// executable; the packaged path /usr/bin/... does not exist on a build machine).
+fn unit_copy(dir: &Path, unit: &str, as_name: &str, from: &str, exe: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo().join("packaging/systemd").join(unit)).unwrap();
+    assert!(text.contains(&format!("ExecStart={from} ")), "{unit}");
+    let text = text.replace(
+        &format!("ExecStart={from} "),
+        &format!("ExecStart={} ", exe.display()),
+    );
+    let path = dir.join(as_name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn systemd_units_verify_clean_with_exposure_at_most_2() {
+    let analyze = tool("systemd-analyze");
+    let dir = tempfile::tempdir().unwrap();
+    let bins = crate::bins();
+    let mut units = vec![unit_copy(
+        dir.path(),
+        "es-server.service",
+        "es-server.service",
+        "/usr/bin/es-server",
+        &bins.server,
+    )];
+    for name in ["es-shells", "es-shells-b", "es-commands", "es-commands-b"] {
+        units.push(unit_copy(
+            dir.path(),
+            "es-agent@.service",
+            &format!("es-agent@{name}.service"),
+            "/usr/bin/es-agent",
+            &bins.agent,
+        ));
+    }
+    for u in &units {
+        let out = Command::new(&analyze)
+            .args(["verify", "--man=no"])
+            .arg(u)
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        // verify exits 0 on mere warnings (unknown keys, bad values): require silence too.
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "{}: {out:?}",
+            u.display()
+        );
+        let out = Command::new(&analyze)
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(u)
+            .env("LC_ALL", "C")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let score: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|r| r.split(": ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure score for {}: {out:?}", u.display()));
+        assert!(score <= 2.0, "{}: exposure {score} > 2.0\n{text}", u.display());
+    }
+    // The agent's stop timeout outlasts the default drain and cancel graces (60 s + 10 s).
+    let unit = std::fs::read_to_string(repo().join("packaging/systemd/es-agent@.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "TimeoutStopSec=90s",
+        "WatchdogSec=",
+        "Restart=always",
+        "RestartPreventExitStatus=2 64",
+    ] {
+        assert!(unit.contains(line), "es-agent@.service lacks {line}");
+    }
+}
+
+#[test]
+fn server_environment_file_documents_every_setting() {
+    let src = std::fs::read_to_string(repo().join("server-stub/src/lib.rs")).unwrap();
+    let env = std::fs::read_to_string(repo().join("packaging/es-server.env")).unwrap();
+    let vars: Vec<&str> = src
+        .split("env = \"")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+        .filter(|v| v.starts_with("ES_SERVER_"))
+        .collect();
+    assert!(vars.len() >= 20, "{vars:?}");
+    for v in vars {
+        assert!(
+            env.lines()
+                .any(|l| l.starts_with(&format!("{v}=")) || l.starts_with(&format!("#{v}="))),
+            "packaging/es-server.env does not document {v}"
+        );
+    }
+}
+
+/// `!Sub` strings of the template with the substitutions its header promises.
+fn resolve(v: &serde_yaml::Value) -> serde_json::Value {
+    use serde_yaml::Value as Y;
+    match v {
+        Y::Tagged(t) if t.tag == "Sub" => {
+            let s = t.value.as_str().expect("!Sub of a string");
+            serde_json::Value::String(
+                s.replace("${AWS::Partition}", "aws")
+                    .replace("${AWS::AccountId}", "*")
+                    .replace("${OutputBucketName}", "es-command-output")
+                    .replace("${SandboxInstanceRoleNamePrefix}", "es-sandbox-")
+                    .replace("${TargetRoleNamePrefix}", "es-target-"),
+            )
+        }
+        Y::Tagged(t) => panic!("unexpected tag {} in a policy statement", t.tag),
+        Y::Sequence(s) => serde_json::Value::Array(s.iter().map(resolve).collect()),
+        Y::Mapping(m) => serde_json::Value::Object(
+            m.iter()
+                .map(|(k, v)| (k.as_str().expect("string key").to_owned(), resolve(v)))
+                .collect(),
+        ),
+        other => serde_json::to_value(other).unwrap(),
+    }
+}
+
+#[test]
+fn iam_policies_match_their_cloudformation_and_pass_cfn_lint() {
+    let dir = repo().join("packaging/iam");
+    let template: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("es-agent-roles.cfn.yaml")).unwrap())
+            .unwrap();
+    for (resource, file) in [
+        ("ShellsPolicy", "es-shells-policy.json"),
+        ("CommandsPolicy", "es-commands-policy.json"),
+    ] {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        let cfn = resolve(&template["Resources"][resource]["Properties"]["PolicyDocument"]);
+        assert_eq!(cfn, json, "{resource} differs from {file}");
+        // No wildcard actions: least privilege is listed action by action.
+        for a in es_tests::policy_actions(file) {
+            assert!(!a.contains('*'), "{file}: wildcard action {a}");
+        }
+    }
+    let out = Command::new(tool("cfn-lint"))
+        .arg(dir.join("es-agent-roles.cfn.yaml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cfn-lint: {out:?}");
+}
