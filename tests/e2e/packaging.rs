@@ -167,3 +167,112 @@ fn iam_policies_match_their_cloudformation_and_pass_cfn_lint() {
         .unwrap();
     assert!(out.status.success(), "cfn-lint: {out:?}");
 }
+
+/// Runs `cmd`, panicking with its output unless it succeeds; answers stdout.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `cargo deb --no-build` of the debug binaries that `cargo build --workspace --bins` made
+/// (scripts/test builds them before the tests). The packages are then read with dpkg-deb: the
+/// files, modes, conffiles, stripped binaries, and the maintainer script run against a scratch
+/// root (DPKG_ROOT) creates the system user and locks the configuration down.
+#[test]
+fn deb_packages_hold_binaries_units_config_and_create_the_user() {
+    let target = repo().join("target/debug");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    tool("cargo-deb");
+    let dir = tempfile::tempdir().unwrap();
+    for (pkg, unit, conf) in [
+        ("es-agent", "es-agent@.service", "es-agent.toml"),
+        ("es-server", "es-server.service", "es-server.env"),
+    ] {
+        assert!(
+            target.join(pkg).is_file(),
+            "target/debug/{pkg} is missing: run `cargo build --workspace --bins` first (scripts/test does)"
+        );
+        let out = run(Command::new(&cargo)
+            .current_dir(repo())
+            .args(["deb", "-p", pkg, "--no-build", "--profile", "dev", "-o"])
+            .arg(dir.path()));
+        let deb = PathBuf::from(out.lines().last().unwrap().trim());
+        assert!(deb.is_file(), "{out}");
+
+        let files = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
+        for (path, mode) in [
+            (format!("./usr/bin/{pkg}"), "-rwxr-xr-x"),
+            (format!("./lib/systemd/system/{unit}"), "-rw-r--r--"),
+            (format!("./etc/{pkg}/{conf}"), "-rw-r-----"),
+            (format!("./usr/share/doc/{pkg}/operations.md"), "-rw-r--r--"),
+        ] {
+            assert!(
+                files
+                    .lines()
+                    .any(|l| l.starts_with(mode) && l.ends_with(&path)),
+                "{pkg}: no {path} with mode {mode} in\n{files}"
+            );
+        }
+        let ctl = dir.path().join(format!("{pkg}-control"));
+        run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctl));
+        assert_eq!(
+            std::fs::read_to_string(ctl.join("conffiles")).unwrap().trim(),
+            format!("/etc/{pkg}/{conf}")
+        );
+        let control = std::fs::read_to_string(ctl.join("control")).unwrap();
+        assert!(control.contains(&format!("Package: {pkg}")), "{control}");
+        assert!(control.contains("passwd"), "useradd comes from passwd: {control}");
+
+        // The shipped files are the repository's, the binary without debug info.
+        let root = dir.path().join(format!("{pkg}-root"));
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+        assert_eq!(
+            std::fs::read(root.join("lib/systemd/system").join(unit)).unwrap(),
+            std::fs::read(repo().join("packaging/systemd").join(unit)).unwrap()
+        );
+        let sections = run(Command::new("readelf")
+            .arg("-S")
+            .arg(root.join("usr/bin").join(pkg)));
+        assert!(!sections.contains(".debug_info"), "{pkg} is not stripped");
+
+        // The maintainer script, against a scratch root with only root in its user database.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: the postinst run is skipped (CI runs as root)");
+            continue;
+        }
+        let etc = root.join("etc");
+        for db in ["passwd", "group", "shadow", "gshadow"] {
+            let host = std::fs::read_to_string(Path::new("/etc").join(db)).unwrap_or_default();
+            let first: String = host
+                .lines()
+                .filter(|l| l.starts_with("root:"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(etc.join(db), first).unwrap();
+        }
+        for _ in 0..2 {
+            // Twice: a reinstall or upgrade finds the user and changes nothing.
+            run(Command::new("sh")
+                .arg(ctl.join("postinst"))
+                .arg("configure")
+                .env("DPKG_ROOT", &root));
+        }
+        let passwd = std::fs::read_to_string(etc.join("passwd")).unwrap();
+        let users: Vec<&str> = passwd
+            .lines()
+            .filter(|l| l.starts_with(&format!("{pkg}:")))
+            .collect();
+        assert_eq!(users.len(), 1, "{passwd}");
+        let fields: Vec<&str> = users[0].split(':').collect();
+        let uid: u32 = fields[2].parse().unwrap();
+        assert!(uid < 1000, "a system user: {}", users[0]);
+        assert_eq!(fields[6], "/usr/sbin/nologin");
+        use std::os::unix::fs::MetadataExt;
+        let gid: u32 = fields[3].parse().unwrap();
+        let meta = std::fs::metadata(etc.join(pkg).join(conf)).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, gid, 0o640));
+        let meta = std::fs::metadata(etc.join(pkg)).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o777), (gid, 0o750));
+    }
+}
