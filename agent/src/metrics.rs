@@ -4,20 +4,12 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-type Labels = Vec<(String, String)>;
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use es_proto::metrics::{labels, Labels};
 
 /// Every metric of one agent (two agents in one process keep separate sets).
 pub struct AgentMetrics {
@@ -106,11 +98,7 @@ impl AgentMetrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = encode(&mut out, &self.registry) {
-            log::error!("metrics: encoding failed: {e}");
-        }
-        out
+        es_proto::metrics::encode(&self.registry)
     }
 }
 

@@ -28,6 +28,7 @@ use tonic::Code;
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, Transport};
 use crate::executor::{self, JobCtx, JobEventOut};
+use es_proto::error_chain;
 
 /// Time limit of a unary call to the server.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,7 +45,9 @@ pub enum AgentError {
     #[error("the server refused this agent: {0}")]
     Refused(String),
     /// The server URL or the TLS files (`server`, `tls_ca`, `tls_cert`, `tls_key`) are unusable.
-    #[error("cannot set up the connection to {0:?} (check server, tls_ca, tls_cert, tls_key): {1}")]
+    #[error(
+        "cannot set up the connection to {0:?} (check server, tls_ca, tls_cert, tls_key): {1}"
+    )]
     Server(String, String),
     #[error("cannot serve metrics on {addr}: {source}")]
     Metrics {
@@ -245,20 +248,6 @@ pub(crate) fn status_text(s: &tonic::Status) -> String {
         if !out.contains(&chain) {
             out = format!("{out}: {chain}");
         }
-    }
-    out
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !out.contains(&t) {
-            out.push_str(": ");
-            out.push_str(&t);
-        }
-        cur = c.source();
     }
     out
 }

@@ -14,6 +14,22 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("es_d
 
 pub use v1::{JobState, Role};
 
+/// An error with its causes, e.g. "transport error: ...: invalid peer certificate: UnknownIssuer"
+/// (TLS refusals are only named deep in the chain).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 impl Role {
     /// Parses `shells` / `commands` (case-insensitive; `es-` prefix allowed).
     pub fn parse(s: &str) -> Option<Role> {

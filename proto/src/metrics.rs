@@ -14,6 +14,25 @@ use tokio::net::TcpListener;
 /// Renders the current metrics as exposition text.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// A label set of a metric family, e.g. `[("state", "running")]`.
+pub type Labels = Vec<(String, String)>;
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The exposition text of `registry` (an encoding failure is logged and yields what was written).
+pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        log::error!("metrics: encoding failed: {e}");
+    }
+    out
+}
+
 /// Content type of the OpenMetrics text format (what `prometheus_client::encoding::text` writes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tonic::transport::Channel;
 
 use crate::ServerConfig;
+use es_proto::error_chain;
 
 /// EX_USAGE: bad command line or configuration, or input the server refused as invalid.
 pub const EXIT_USAGE: u8 = 64;
@@ -49,11 +50,11 @@ pub struct ClientOpts {
     #[arg(long, global = true, env = "ES_CA")]
     pub ca: Option<std::path::PathBuf>,
     /// Submitter client certificate (PEM, subject OU=submitter) instead of a token.
-    #[arg(long, global = true, env = "ES_CERT", requires = "key")]
+    #[arg(long, global = true, env = "ES_CERT", requires = "cert_key")]
     pub cert: Option<std::path::PathBuf>,
     /// Private key of --cert (PEM).
-    #[arg(long, global = true, env = "ES_KEY", requires = "cert")]
-    pub key: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "ES_CERT_KEY", requires = "cert")]
+    pub cert_key: Option<std::path::PathBuf>,
 }
 
 /// Adds the submitter's token to every call.
@@ -294,15 +295,15 @@ async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
         })?;
         let mut tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
-        if let (Some(cert), Some(key)) = (&opts.cert, &opts.key) {
+        if let (Some(cert), Some(key)) = (&opts.cert, &opts.cert_key) {
             tls = tls.identity(tonic::transport::Identity::from_pem(
                 read("--cert", cert)?,
-                read("--key", key)?,
+                read("--cert-key", key)?,
             ));
         }
         endpoint = endpoint
             .tls_config(tls)
-            .map_err(|e| usage(format!("--ca/--cert/--key: {e}")))?;
+            .map_err(|e| usage(format!("--ca/--cert/--cert-key: {e}")))?;
     } else if opts.cert.is_some() || opts.ca.is_some() {
         return Err(usage(format!(
             "--ca/--cert need an https:// --server (got {})",
@@ -323,21 +324,6 @@ async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
         channel,
         Credentials(token),
     ))
-}
-
-/// An error with its causes ("transport error: ...: invalid peer certificate: ...").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 fn print_json(v: &Value) {
@@ -581,14 +567,19 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                 );
             }
             let deadline = tokio::time::Instant::now() + timeout;
+            let session = a.session_id.clone();
             let mut last = a;
-            while !no_wait {
+            // Gone, or back under a new session (systemd restarted it after the drain).
+            loop {
+                if no_wait {
+                    break;
+                }
                 let agents = c.agents(AgentsRequest {}).await?.into_inner().agents;
                 let me = agents
                     .into_iter()
                     .find(|x| x.identity.as_ref().is_some_and(|i| i.name == name));
                 match me {
-                    Some(x) if x.connected => last = x,
+                    Some(x) if x.connected && x.session_id == session => last = x,
                     _ => {
                         if !client.json {
                             println!("{name}: drained and gone");

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,14 +12,7 @@ use prometheus_client::registry::Registry;
 
 use crate::dispatch::Dispatcher;
 
-type Labels = Vec<(String, String)>;
-
-fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use es_proto::metrics::{labels, Labels};
 
 /// Every metric of the server; cheap to update from any thread.
 pub struct ServerMetrics {
@@ -163,11 +155,7 @@ impl ServerMetrics {
                 ]))
                 .inc();
         }
-        let mut out = String::new();
-        if let Err(e) = encode(&mut out, &self.registry) {
-            log::error!("metrics: encoding failed: {e}");
-        }
-        out
+        es_proto::metrics::encode(&self.registry)
     }
 }
 

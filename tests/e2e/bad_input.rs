@@ -212,7 +212,13 @@ fn agent_with_bad_configuration_exits_64_naming_the_key() {
     ];
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![("ES_AGENT_INSECURE", "false")], "insecure = true"),
-        (vec![("ES_AGENT_SERVER", "https://127.0.0.1:1")], "`tls_ca`"),
+        (
+            vec![
+                ("ES_AGENT_SERVER", "https://127.0.0.1:1"),
+                ("ES_AGENT_INSECURE", "false"),
+            ],
+            "`tls_ca`",
+        ),
         (vec![("ES_AGENT_SLOTS", "0")], "`slots`"),
         (vec![("ES_AGENT_ROLE", "shell")], "`role`"),
         (vec![("ES_AGENT_NAME", "")], "`name`"),

@@ -304,7 +304,14 @@ async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
     assert_eq!(full.len(), 3_000_000, "the full output is in S3");
     // The es-commands IAM policy allows every call this job made, and the audit trail records
     // the mutating ones (key pushed to the instance, object written).
-    let calls = &j.result.as_ref().unwrap().commands.as_ref().unwrap().api_calls;
+    let calls = &j
+        .result
+        .as_ref()
+        .unwrap()
+        .commands
+        .as_ref()
+        .unwrap()
+        .api_calls;
     for (prefix, op) in [
         ("ec2", "DescribeInstances"),
         ("ec2-instance-connect", "SendSSHPublicKey"),
@@ -313,7 +320,11 @@ async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
         assert!(calls.contains_key(op), "{calls:?}");
         assert_policy_allows("es-commands-policy.json", prefix, [&op.to_owned()]);
     }
-    assert_eq!(calls.len(), 3, "a call the policy test does not know: {calls:?}");
+    assert_eq!(
+        calls.len(),
+        3,
+        "a call the policy test does not know: {calls:?}"
+    );
     let mut c = f.env.server.client().await;
     let trail = c
         .audit(AuditRequest {
@@ -330,7 +341,9 @@ async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
         .map(|e| e.detail_json.clone())
         .collect();
     assert!(
-        audited.iter().any(|d| d.contains("SendSSHPublicKey") && d.contains("\"i-"))
+        audited
+            .iter()
+            .any(|d| d.contains("SendSSHPublicKey") && d.contains("\"i-"))
             && audited
                 .iter()
                 .any(|d| d.contains("PutObject") && d.contains(&format!("s3://es-output/{key}"))),

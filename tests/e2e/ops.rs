@@ -21,7 +21,10 @@ fn wait_metrics_addr(what: &str, log: impl Fn() -> String) -> String {
         if let Some(a) = metrics_addr(&log()) {
             return a;
         }
-        assert!(std::time::Instant::now() < until, "{what} logged no metrics address");
+        assert!(
+            std::time::Instant::now() < until,
+            "{what} logged no metrics address"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -58,7 +61,11 @@ async fn drain_command_metrics_and_audit_of_operator_actions() {
 
     // Metrics while the agent is busy.
     let m = scrape(&server_metrics);
-    assert_eq!(sample(&m, "es_server_jobs_submitted_total"), Some(3.0), "{m}");
+    assert_eq!(
+        sample(&m, "es_server_jobs_submitted_total"),
+        Some(3.0),
+        "{m}"
+    );
     assert_eq!(
         sample(&m, r#"es_server_jobs{state="running",role="shells"}"#),
         Some(1.0),

@@ -82,7 +82,11 @@ fn systemd_units_verify_clean_with_exposure_at_most_2() {
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no exposure score for {}: {out:?}", u.display()));
-        assert!(score <= 2.0, "{}: exposure {score} > 2.0\n{text}", u.display());
+        assert!(
+            score <= 2.0,
+            "{}: exposure {score} > 2.0\n{text}",
+            u.display()
+        );
     }
     // The agent's stop timeout outlasts the default drain and cancel graces (60 s + 10 s).
     let unit = std::fs::read_to_string(repo().join("packaging/systemd/es-agent@.service")).unwrap();
@@ -145,9 +149,10 @@ fn resolve(v: &serde_yaml::Value) -> serde_json::Value {
 #[test]
 fn iam_policies_match_their_cloudformation_and_pass_cfn_lint() {
     let dir = repo().join("packaging/iam");
-    let template: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(dir.join("es-agent-roles.cfn.yaml")).unwrap())
-            .unwrap();
+    let template: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(dir.join("es-agent-roles.cfn.yaml")).unwrap(),
+    )
+    .unwrap();
     for (resource, file) in [
         ("ShellsPolicy", "es-shells-policy.json"),
         ("CommandsPolicy", "es-commands-policy.json"),
@@ -217,12 +222,17 @@ fn deb_packages_hold_binaries_units_config_and_create_the_user() {
         let ctl = dir.path().join(format!("{pkg}-control"));
         run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctl));
         assert_eq!(
-            std::fs::read_to_string(ctl.join("conffiles")).unwrap().trim(),
+            std::fs::read_to_string(ctl.join("conffiles"))
+                .unwrap()
+                .trim(),
             format!("/etc/{pkg}/{conf}")
         );
         let control = std::fs::read_to_string(ctl.join("control")).unwrap();
         assert!(control.contains(&format!("Package: {pkg}")), "{control}");
-        assert!(control.contains("passwd"), "useradd comes from passwd: {control}");
+        assert!(
+            control.contains("passwd"),
+            "useradd comes from passwd: {control}"
+        );
 
         // The shipped files are the repository's, the binary without debug info.
         let root = dir.path().join(format!("{pkg}-root"));
@@ -271,7 +281,10 @@ fn deb_packages_hold_binaries_units_config_and_create_the_user() {
         use std::os::unix::fs::MetadataExt;
         let gid: u32 = fields[3].parse().unwrap();
         let meta = std::fs::metadata(etc.join(pkg).join(conf)).unwrap();
-        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (0, gid, 0o640));
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o777),
+            (0, gid, 0o640)
+        );
         let meta = std::fs::metadata(etc.join(pkg)).unwrap();
         assert_eq!((meta.gid(), meta.mode() & 0o777), (gid, 0o750));
     }

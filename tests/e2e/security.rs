@@ -191,7 +191,10 @@ async fn agents_are_known_by_their_certificate_and_refused_with_a_reason() {
                 assert_eq!(j.submitted_by, "submitter:ci");
                 break;
             }
-            assert!(std::time::Instant::now() < until, "job {id} not done: {j:?}");
+            assert!(
+                std::time::Instant::now() < until,
+                "job {id} not done: {j:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -110,12 +110,23 @@ async fn check_audit_and_policy(a: &Aws, sandbox: &str, instances: &[String]) {
             .map(|v| v.as_str().unwrap().to_owned())
             .collect()
     };
-    for op in ["CreateSubnet", "CreateSecurityGroup", "RunInstances", "TerminateInstances"] {
+    for op in [
+        "CreateSubnet",
+        "CreateSecurityGroup",
+        "RunInstances",
+        "TerminateInstances",
+    ] {
         assert!(!ids_of(op).is_empty(), "no audited {op}: {calls:?}");
     }
     for i in instances {
-        assert!(ids_of("RunInstances").contains(i), "launch of {i} not audited");
-        assert!(ids_of("TerminateInstances").contains(i), "termination of {i} not audited");
+        assert!(
+            ids_of("RunInstances").contains(i),
+            "launch of {i} not audited"
+        );
+        assert!(
+            ids_of("TerminateInstances").contains(i),
+            "termination of {i} not audited"
+        );
     }
     assert!(
         calls.iter().all(|e| !e["detail"]["operation"]

@@ -285,8 +285,13 @@ pub fn scrape(addr: &str) -> String {
 
 /// The value of the sample `name{labels}` (exact text before the value) in exposition `text`.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Test timings: short enough for quick tests, long enough for a loaded 2-core machine.
