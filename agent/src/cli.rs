@@ -47,7 +47,10 @@ pub fn main() -> ExitCode {
         print!("{}", cfg.describe());
         return ExitCode::SUCCESS;
     }
-    crate::logging::init(&cfg.name);
+    crate::logging::init(
+        &cfg.name,
+        &[("AGENT", cfg.name.as_str()), ("ROLE", cfg.role().name())],
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -12,7 +12,7 @@ pub mod config;
 pub mod executor;
 mod health;
 mod heartbeat;
-pub mod logging;
+pub use es_proto::logging;
 pub mod metrics;
 pub mod runtime;
 pub mod shells;

@@ -862,7 +862,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(config) => {
-            crate::logging::init("es-server");
+            crate::logging::init("es-server", &[]);
             rt.block_on(serve(config))
         }
         other => rt.block_on(run_client(other)),

@@ -11,7 +11,7 @@ pub mod auth;
 pub mod blueprint;
 pub mod cli;
 pub mod dispatch;
-pub mod logging;
+pub use es_proto::logging;
 pub mod metrics;
 pub mod sandbox_cli;
 pub mod selector;

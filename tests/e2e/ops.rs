@@ -154,3 +154,106 @@ async fn drain_command_metrics_and_audit_of_operator_actions() {
         .expect_err("a filter is required");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 }
+
+/// A journald stand-in: a datagram socket at /run/systemd/journal/socket inside a private mount
+/// namespace (tmpfs on /run; nothing on the host changes) that writes each entry it receives,
+/// in journald's native protocol, to a file.
+const JOURNAL_LISTENER: &str = r#"
+import ctypes, json, socket, sys
+ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: SIGKILL when the shell that started it goes
+
+def fields(d):
+    # journald's native protocol: KEY=value lines, or KEY, a 64-bit LE length, the value, newline.
+    out, i = {}, 0
+    while i < len(d):
+        nl = d.index(b"\n", i)
+        line = d[i:nl]
+        if b"=" in line:
+            k, v = line.split(b"=", 1)
+            i = nl + 1
+        else:
+            n = int.from_bytes(d[nl + 1:nl + 9], "little")
+            k, v = line, d[nl + 9:nl + 9 + n]
+            i = nl + 9 + n + 1
+        out[k.decode()] = v.decode(errors="replace")
+    return out
+
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(sys.argv[1])
+open(sys.argv[2] + ".ready", "w").close()
+with open(sys.argv[2], "a", buffering=1) as out:
+    while True:
+        out.write(json.dumps(fields(s.recv(1 << 20))) + "\n")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_agent_logs_to_the_journal_with_job_fields() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: no mount namespace for a journald stand-in (CI runs as root)");
+        return;
+    }
+    let env = Env::start(&[]);
+    let dir = env.dir.path();
+    std::fs::write(dir.join("journal.py"), JOURNAL_LISTENER).unwrap();
+    let entries = dir.join("journal.entries");
+    // stderr is a file whose device:inode is JOURNAL_STREAM: what systemd sets up.
+    // The shell stays as the agent's parent (SIGTERM is passed on) so that the listener dies
+    // with it.
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/journal; \
+         python3 {py} /run/systemd/journal/socket {out} >/dev/null 2>&1 & \
+         while [ ! -e {out}.ready ]; do sleep 0.05; done; \
+         exec 2>>{log}; export JOURNAL_STREAM=$(stat -L -c %d:%i /proc/self/fd/2); \
+         {agent} & A=$!; trap 'kill -TERM $A' TERM; \
+         wait $A || wait $A || true",
+        py = dir.join("journal.py").display(),
+        out = entries.display(),
+        log = dir.join("agent-stderr.log").display(),
+        agent = bins().agent.display(),
+    );
+    let spec = AgentSpec::new("es-shells-j", "shells");
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("RUST_LOG", "info")
+        .env("ES_AGENT_NAME", &spec.name)
+        .env("ES_AGENT_ROLE", spec.role)
+        .env("ES_AGENT_SERVER", env.server.url())
+        .env("ES_AGENT_INSECURE", "true")
+        .env("ES_AGENT_BACKOFF_CAP", "1s")
+        .stdout(std::process::Stdio::null());
+    let child = cmd.spawn().expect("unshare");
+    let mut agent = Proc::adopt("es-shells-j".into(), child, dir.join("agent-stderr.log"));
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-j"]).await;
+    let mut req = submission("shells", echo("journal"));
+    req.sandbox_id = "sb-journal".into();
+    let job = submit(&mut c, req).await;
+    wait_done(&mut c, &job.id, LONG).await;
+    agent.sigterm();
+    agent.wait_exit(LONG).expect("agent exits");
+
+    let text = std::fs::read_to_string(&entries).unwrap_or_default();
+    let about_job: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("entry JSON"))
+        .filter(|e| e["JOB_ID"] == job.id.as_str())
+        .collect();
+    assert!(about_job.len() >= 2, "running and done lines: {text}");
+    for e in &about_job {
+        for (k, v) in [
+            ("AGENT", "es-shells-j"),
+            ("ROLE", "shells"),
+            ("SYSLOG_IDENTIFIER", "es-shells-j"),
+            ("SANDBOX_ID", "sb-journal"),
+        ] {
+            assert_eq!(e[k], v, "{k} in {e}");
+        }
+        assert!(e["MESSAGE"].as_str().unwrap().contains(&job.id), "{e}");
+    }
+    // Nothing went to stderr while the journal was there.
+    assert!(
+        !agent.log().contains(&job.id),
+        "job lines went to stderr: {}",
+        agent.log()
+    );
+}

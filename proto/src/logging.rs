@@ -2,15 +2,18 @@
 //! under systemd with its stderr connected to the journal; plain stderr otherwise.
 //! The level comes from `RUST_LOG` (default `info`).
 
-/// Installs the logger once; later calls are ignored.
-pub fn init(identifier: &str) {
+/// Installs the logger once; later calls are ignored. `fields` go on every journal entry (the
+/// agent adds `AGENT` and `ROLE`, so `journalctl AGENT=es-shells` needs no unit name).
+pub fn init(identifier: &str, fields: &[(&str, &str)]) {
     let level = std::env::var("RUST_LOG")
         .ok()
         .and_then(|l| l.parse::<log::LevelFilter>().ok())
         .unwrap_or(log::LevelFilter::Info);
     if systemd_journal_logger::connected_to_journal() {
         if let Ok(logger) = systemd_journal_logger::JournalLog::new() {
-            let logger = logger.with_syslog_identifier(identifier.to_owned());
+            let logger = logger
+                .with_syslog_identifier(identifier.to_owned())
+                .with_extra_fields(fields.iter().map(|(k, v)| (k.to_string(), v.to_string())));
             if logger.install().is_ok() {
                 log::set_max_level(level);
                 return;
