@@ -8,7 +8,7 @@
 //! certificate that opened it.
 //!
 //! Tokens are kept as SHA-256 digests in a file (`--tokens`), one `NAME HEX` pair per line;
-//! `es-server token new NAME` prints a fresh token and its line.
+//! `es-server token NAME` prints a fresh token and its line.
 //!
 //! With `--insecure` (plaintext) agents are trusted as they describe themselves; submitters still
 //! need a token when a tokens file is configured.
@@ -83,7 +83,7 @@ pub fn parse_tokens(text: &str, path: &Path) -> Result<HashMap<[u8; 32], String>
         let (Some(name), Some(hexd), None) = (parts.next(), parts.next(), parts.next()) else {
             return Err(bad(
                 i + 1,
-                "expected `NAME SHA256HEX` (make one with `es-server token new NAME`)".into(),
+                "expected `NAME SHA256HEX` (make one with `es-server token NAME`)".into(),
             ));
         };
         if hexd.len() != 64 || !hexd.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -43,7 +43,7 @@ pub struct ClientOpts {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Submitter token (see `es-server token new`).
+    /// Submitter token (see `es-server token NAME`).
     #[arg(long, global = true, env = "ES_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// CA certificate (PEM) that signed the server's certificate (for an https:// server).

@@ -91,7 +91,7 @@ pub struct ServerConfig {
     /// are trusted as they describe themselves. Logs a warning.
     #[arg(long, env = "ES_SERVER_INSECURE")]
     pub insecure: bool,
-    /// Submitter tokens (`NAME SHA256HEX` per line; `es-server token new NAME` makes one).
+    /// Submitter tokens (`NAME SHA256HEX` per line; `es-server token NAME` makes one).
     /// When set, every submitter call needs a token or a submitter certificate.
     #[arg(long, env = "ES_SERVER_TOKENS")]
     pub tokens: Option<PathBuf>,
