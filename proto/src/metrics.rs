@@ -36,10 +36,20 @@ pub fn encode(registry: &prometheus_client::registry::Registry) -> String {
 /// Content type of the OpenMetrics text format (what `prometheus_client::encoding::text` writes).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Connections served at once; more wait to be accepted.
+const MAX_CONNECTIONS: usize = 32;
+/// A connection is closed after this long, whatever it is doing (a scrape takes milliseconds).
+const CONNECTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `/metrics` on `listener` until the task is dropped. Each connection gets its own task;
-/// a slow scraper never holds up another.
+/// a slow scraper never holds up another, and idle or slow clients cannot pile up (bounded
+/// connections, a header read timeout and a time limit per connection).
 pub async fn serve(listener: TcpListener, render: Render) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -50,13 +60,16 @@ pub async fn serve(listener: TcpListener, render: Render) {
         };
         let render = render.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let render = render.clone();
                 async move { Ok::<_, Infallible>(respond(&req, &render)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_LIMIT, conn).await;
         });
     }
 }

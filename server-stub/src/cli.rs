@@ -312,9 +312,20 @@ async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
     }
     let token = match &opts.token {
         None => None,
-        Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
-            usage("--token (ES_TOKEN) holds characters not allowed in a header".into())
-        })?),
+        Some(t) => {
+            if opts.server.starts_with("http://") {
+                eprintln!(
+                    "es-server: warning: sending the token in plaintext to {}",
+                    opts.server
+                );
+            }
+            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                    usage("--token (ES_TOKEN) holds characters not allowed in a header".into())
+                })?;
+            v.set_sensitive(true);
+            Some(v)
+        }
     };
     let channel = endpoint.connect().await.map_err(|e| CliError {
         code: EXIT_UNAVAILABLE,

@@ -771,9 +771,16 @@ impl Dispatcher {
         Ok((lost, cancels, drain))
     }
 
-    /// The agent name a session belongs to.
-    pub fn session_owner(&self, session: &str) -> Res<String> {
-        self.lock().session_agent(session)
+    /// The agent (name, role) a session belongs to.
+    pub fn session_owner(&self, session: &str) -> Res<(String, i32)> {
+        let core = self.lock();
+        let name = core.session_agent(session)?;
+        let role = core
+            .agents
+            .get(&name)
+            .map(|a| a.identity.role)
+            .unwrap_or_default();
+        Ok((name, role))
     }
 
     /// Asks a connected agent to drain: it gets no new offers from now on and is told to drain

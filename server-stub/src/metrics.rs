@@ -26,6 +26,8 @@ pub struct ServerMetrics {
     leases_expired: Counter,
     writes_refused: Counter,
     agents: Family<Labels, Gauge>,
+    /// Scrapes rebuild the gauge families; two at once must not interleave.
+    scrape: std::sync::Mutex<()>,
 }
 
 impl Default for ServerMetrics {
@@ -43,6 +45,7 @@ impl Default for ServerMetrics {
             writes_refused: Counter::default(),
             agents: Family::default(),
             registry: Registry::default(),
+            scrape: Default::default(),
         };
         registry.register(
             "jobs_submitted",
@@ -118,6 +121,7 @@ impl ServerMetrics {
 
     /// The exposition text, with the gauges read from `d` now.
     pub fn render(&self, d: &Dispatcher) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.jobs.clear();
         for ((state, role), n) in d.active_counts() {
             self.jobs

@@ -65,11 +65,15 @@ impl AgentApi {
     fn check_session<T>(&self, req: &Request<T>, session: &str) -> Result<(), Status> {
         require("session_id", session)?;
         if let Some(cert) = self.auth.agent(req)? {
-            let owner = self.d.session_owner(session)?;
-            if owner != cert.name {
+            let (owner, role) = self.d.session_owner(session)?;
+            // Name and role: a CA that issued one name for two roles must not let the
+            // commands certificate use the shells session.
+            if owner != cert.name || cert.role().map(|r| r as i32) != Some(role) {
                 return Err(Status::permission_denied(format!(
-                    "session {session} belongs to agent {owner}, not to {} (the certificate's name)",
-                    cert.name
+                    "session {session} belongs to agent {owner} ({}), not to {} ({})",
+                    Role::try_from(role).unwrap_or_default().name(),
+                    cert.name,
+                    cert.unit
                 )));
             }
         }

@@ -131,8 +131,8 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
--- The audit trail: append-only, kept apart from jobs so it reads the same after a job's
--- events are purged (it has its own retention, see Store::purge).
+-- The audit trail: append-only, kept apart from jobs and events. Retention removes an entry
+-- once it is older than the cutoff and its job is gone (see Store::purge).
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at_us INTEGER NOT NULL,
@@ -664,8 +664,12 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
                     "DELETE FROM jobs WHERE finished_at_us > 0 AND finished_at_us < ?1",
                 )?
                 .execute([before])?;
-            c.prepare_cached("DELETE FROM audit WHERE at_us < ?1")?
-                .execute([before])?;
+            // Entries of jobs still kept (queued, running, or finished recently) stay with them.
+            c.prepare_cached(
+                "DELETE FROM audit WHERE at_us < ?1
+                   AND (job_id = '' OR job_id NOT IN (SELECT id FROM jobs))",
+            )?
+            .execute([before])?;
             Ok(OpAnswer::Purged(n as u64))
         }
         Op::Audit(entries, _) => {

@@ -211,9 +211,6 @@ pub(crate) mod audit {
         Regex::new(r"\b(?:i|vpc|subnet|sg|rtb|rtbassoc|igw|pcx|eipalloc|eipassoc|eni|eni-attach|tgw|tgw-attach|vol|ami|acl|aclassoc|nat|snap)-[0-9a-f]{8,17}\b")
             .expect("static regex")
     });
-    static COMMAND_ID: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r#""CommandId"\s*:\s*"([0-9a-fA-F-]{36})""#).expect("static regex")
-    });
     static XML_CODE: LazyLock<Regex> =
         LazyLock::new(|| Regex::new(r"<Code>([^<]{1,128})</Code>").expect("static regex"));
     static JSON_TYPE: LazyLock<Regex> = LazyLock::new(|| {
@@ -231,21 +228,67 @@ pub(crate) mod audit {
         }
     }
 
-    fn scan(service: &str, text: &str, ids: &mut Vec<String>) {
-        for m in EC2_ID.find_iter(text) {
-            push(ids, m.as_str());
+    static UUID: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+            .expect("static regex")
+    });
+
+    /// A whole string that is an EC2 id or a UUID (SSM command ids).
+    fn id(s: &str, ids: &mut Vec<String>) {
+        let ec2 = EC2_ID.find(s).is_some_and(|m| m.len() == s.len());
+        if ec2 || UUID.is_match(s) {
+            push(ids, s);
         }
-        if service == "ssm" {
-            for c in COMMAND_ID.captures_iter(text) {
-                push(ids, &c[1]);
+    }
+
+    /// Ids are taken only from fields that hold ids, never from free text: a request or response
+    /// may carry a script with secret values (SSM `Parameters`), user data, tag values or command
+    /// output, and none of that may reach the audit trail.
+    ///
+    /// EC2 (query protocol): the values of parameters named `...Id` (`InstanceId.1`, `VpcId`,
+    /// `NetworkInterface.1.SubnetId`, ...).
+    fn form_ids(body: &str, ids: &mut Vec<String>) {
+        for pair in body.split('&') {
+            let Some((key, value)) = pair.split_once('=') else {
+                continue;
+            };
+            let name = key
+                .rsplit('.')
+                .find(|p| !p.chars().all(|c| c.is_ascii_digit()))
+                .unwrap_or(key);
+            if name.ends_with("Id") {
+                id(value, ids);
             }
+        }
+    }
+
+    /// JSON protocols (SSM, EC2 Instance Connect): string values of the fields `InstanceId`,
+    /// `InstanceIds` and `CommandId`, at any depth.
+    fn json_ids(v: &serde_json::Value, ids: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("InstanceId" | "CommandId", serde_json::Value::String(s)) => id(s, ids),
+                        ("InstanceIds", serde_json::Value::Array(a)) => {
+                            for s in a.iter().filter_map(|x| x.as_str()) {
+                                id(s, ids);
+                            }
+                        }
+                        (_, v) => json_ids(v, ids),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| json_ids(x, ids)),
+            _ => {}
         }
     }
 
     pub fn request_ids(service: &str, uri: &str, body: &str) -> Vec<String> {
         let mut ids = Vec::new();
         if service == "s3" {
-            // The object written: s3://bucket/key (path-style) or the key (virtual host).
+            // The object written: s3://bucket/key (path-style) or the key (virtual host). The
+            // body (command output) is never read.
             let path = uri
                 .split("://")
                 .nth(1)
@@ -253,13 +296,28 @@ pub(crate) mod audit {
                 .unwrap_or(uri);
             let path = path.split('?').next().unwrap_or(path);
             push(&mut ids, &format!("s3:/{path}"));
+        } else if body.trim_start().starts_with('{') {
+            if let Ok(v) = serde_json::from_str(body) {
+                json_ids(&v, &mut ids);
+            }
+        } else if service == "ec2" {
+            form_ids(body, &mut ids);
         }
-        scan(service, body, &mut ids);
         ids
     }
 
     pub fn response_ids(service: &str, body: &str, ids: &mut Vec<String>) {
-        scan(service, body, ids);
+        if body.trim_start().starts_with('{') {
+            if let Ok(v) = serde_json::from_str(body) {
+                json_ids(&v, ids);
+            }
+        } else if service == "ec2" {
+            // EC2 answers in XML with ids in their own elements (<instanceId>, <vpcId>, ...);
+            // no EC2 operation the agent calls echoes user data or other free text.
+            for m in EC2_ID.find_iter(body) {
+                push(ids, m.as_str());
+            }
+        }
     }
 
     /// (metrics outcome, audit error): `ok`/"" for a 2xx; `throttled` or `error` with the
@@ -306,17 +364,25 @@ pub(crate) mod audit {
                     "sg-0aaaaaaaaaaaaaaaa"
                 ]
             );
+            // A secret that looks like an id, in user data, a tag value or the script's
+            // parameters, is not an id field and is never recorded.
+            let ids = request_ids(
+                "ec2",
+                "http://127.0.0.1:5000/",
+                "Action=RunInstances&UserData=vol-0123456789abcdef0&TagSpecification.1.Tag.1.Value=sg-11111111&NetworkInterface.1.SubnetId=subnet-22222222",
+            );
+            assert_eq!(ids, ["subnet-22222222"]);
             let mut ids = request_ids(
                 "ssm",
                 "https://ssm.us-east-1.amazonaws.com/",
-                r#"{"Comment":"es job 0195f0a2-0000-7000-8000-000000000000","InstanceIds":["i-0123456789abcdef0"]}"#,
+                r#"{"Comment":"es job 0195f0a2-0000-7000-8000-000000000000","InstanceIds":["i-0123456789abcdef0"],"Parameters":{"commands":["export TOKEN='vol-0123456789abcdef0'"]}}"#,
             );
             response_ids(
                 "ssm",
-                r#"{"Command":{"CommandId":"3b9d1f2e-1111-2222-3333-444455556666"}}"#,
+                r#"{"Command":{"CommandId":"3b9d1f2e-1111-2222-3333-444455556666","Parameters":{"commands":["export TOKEN='sg-0aaaaaaaaaaaaaaaa'"]}}}"#,
                 &mut ids,
             );
-            // The job id in the comment is not a resource; the command id is.
+            // The job id in the comment and the secrets are not resources; the command id is.
             assert_eq!(
                 ids,
                 [
