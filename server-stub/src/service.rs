@@ -237,6 +237,18 @@ pub struct JobApi {
     pub auth: Arc<Auth>,
 }
 
+impl JobApi {
+    /// Records an operator or submitter action that no job event implies (cancel, drain).
+    async fn audit(&self, mut entry: AuditEntry) -> Result<(), Status> {
+        entry.at_us = crate::dispatch::now_us();
+        self.d
+            .store()
+            .audit(vec![entry])
+            .await
+            .map_err(|e| DispatchError::from(e).into())
+    }
+}
+
 /// What a submitter reads back: secret values of a job's variables are masked. Only the agent
 /// that runs the job receives them (in its lease).
 pub fn redact(mut job: Job) -> Job {
@@ -360,19 +372,15 @@ impl JobService for JobApi {
         let req = req.into_inner();
         require("job_id", &req.job_id)?;
         let job = self.d.cancel(&req.job_id, &req.reason).await?;
-        self.d
-            .store()
-            .audit(vec![AuditEntry {
-                at_us: crate::dispatch::now_us(),
-                sandbox_id: job.sandbox_id.clone(),
-                job_id: job.id.clone(),
-                actor: who,
-                action: "cancel".into(),
-                detail_json: serde_json::json!({"reason": req.reason}).to_string(),
-                ..Default::default()
-            }])
-            .await
-            .map_err(DispatchError::from)?;
+        self.audit(AuditEntry {
+            sandbox_id: job.sandbox_id.clone(),
+            job_id: job.id.clone(),
+            actor: who,
+            action: "cancel".into(),
+            detail_json: serde_json::json!({"reason": req.reason}).to_string(),
+            ..Default::default()
+        })
+        .await?;
         Ok(Response::new(CancelResponse {
             job: Some(redact(job)),
         }))
@@ -466,18 +474,13 @@ impl JobService for JobApi {
         let req = req.into_inner();
         require("name", &req.name)?;
         let agent = self.d.drain_agent(&req.name, &req.reason)?;
-        self.d
-            .store()
-            .audit(vec![AuditEntry {
-                at_us: crate::dispatch::now_us(),
-                actor: who,
-                action: "drain".into(),
-                detail_json: serde_json::json!({"agent": req.name, "reason": req.reason})
-                    .to_string(),
-                ..Default::default()
-            }])
-            .await
-            .map_err(DispatchError::from)?;
+        self.audit(AuditEntry {
+            actor: who,
+            action: "drain".into(),
+            detail_json: serde_json::json!({"agent": req.name, "reason": req.reason}).to_string(),
+            ..Default::default()
+        })
+        .await?;
         Ok(Response::new(DrainAgentResponse { agent: Some(agent) }))
     }
 }

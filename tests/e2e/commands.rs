@@ -58,6 +58,14 @@ impl Fleet {
     }
 }
 
+fn api_calls(j: &Job) -> &HashMap<String, u64> {
+    &j.result
+        .as_ref()
+        .and_then(|r| r.commands.as_ref())
+        .unwrap_or_else(|| panic!("no commands result: {j:?}"))
+        .api_calls
+}
+
 fn outputs(j: &Job) -> HashMap<String, InstanceOutput> {
     j.result
         .as_ref()
@@ -158,14 +166,7 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
         3,
         "one key pushed per instance"
     );
-    let calls = &j
-        .result
-        .as_ref()
-        .unwrap()
-        .commands
-        .as_ref()
-        .unwrap()
-        .api_calls;
+    let calls = api_calls(&j);
     assert_eq!(calls.get("SendSSHPublicKey"), Some(&3), "{calls:?}");
 
     // The secret never shows: not in the job read back, its events, or the agent's log.
@@ -304,14 +305,7 @@ async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
     assert_eq!(full.len(), 3_000_000, "the full output is in S3");
     // The es-commands IAM policy allows every call this job made, and the audit trail records
     // the mutating ones (key pushed to the instance, object written).
-    let calls = &j
-        .result
-        .as_ref()
-        .unwrap()
-        .commands
-        .as_ref()
-        .unwrap()
-        .api_calls;
+    let calls = api_calls(&j);
     for (prefix, op) in [
         ("ec2", "DescribeInstances"),
         ("ec2-instance-connect", "SendSSHPublicKey"),
