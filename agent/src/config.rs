@@ -122,6 +122,42 @@ pub struct AgentConfig {
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`), host:port. Unset: none.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Roles jobs may assume (`spec.target.role_arn`): exact role ARNs, or 12-digit account
+    /// ids (any role there), each as a string or as `{ role = "...", external_id = "..." }`
+    /// when the role's trust policy wants an external id. Empty: jobs may not assume roles.
+    #[serde(default)]
+    pub assume_roles: Vec<AssumeRoleEntry>,
+    /// A sweep never deletes a sandbox younger than this (from its oldest resource).
+    #[serde(default = "default_sweep_min_age", deserialize_with = "duration")]
+    pub sweep_min_age: Duration,
+}
+
+/// One `assume_roles` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AssumeRoleEntry {
+    Role(String),
+    WithExternalId {
+        role: String,
+        #[serde(default)]
+        external_id: String,
+    },
+}
+
+impl AssumeRoleEntry {
+    fn allowed(&self) -> crate::shells::assume::AllowedRole {
+        let (role, external_id) = match self {
+            AssumeRoleEntry::Role(r) => (r.clone(), String::new()),
+            AssumeRoleEntry::WithExternalId { role, external_id } => {
+                (role.clone(), external_id.clone())
+            }
+        };
+        crate::shells::assume::AllowedRole { role, external_id }
+    }
+}
+
+fn default_sweep_min_age() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_true() -> bool {
@@ -171,6 +207,8 @@ impl AgentConfig {
             config::Environment::with_prefix("ES_AGENT")
                 .prefix_separator("_")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("assume_roles")
                 .source(Some(vars)),
         );
         let cfg: AgentConfig = b
@@ -289,6 +327,36 @@ impl AgentConfig {
                 ),
             ));
         }
+        for (i, e) in self.assume_roles.iter().enumerate() {
+            let a = e.allowed();
+            let account = a.role.len() == 12 && a.role.bytes().all(|b| b.is_ascii_digit());
+            let arn = a.role.starts_with("arn:aws")
+                && a.role.split(':').nth(2) == Some("iam")
+                && a.role
+                    .split(':')
+                    .nth(5)
+                    .is_some_and(|r| r.starts_with("role/"));
+            if !account && !arn {
+                return Err(bad(
+                    &format!("assume_roles[{i}]"),
+                    format!(
+                        "{:?} is neither a role ARN (arn:aws:iam::123456789012:role/NAME) nor a 12-digit account id",
+                        a.role
+                    ),
+                ));
+            }
+            if a.external_id.len() > 1224
+                || !a
+                    .external_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c))
+            {
+                return Err(bad(
+                    &format!("assume_roles[{i}].external_id"),
+                    "at most 1224 of letters, digits and + = , . @ : / - _ (STS's rule)",
+                ));
+            }
+        }
         if self.backoff_cap > Duration::from_secs(600) {
             return Err(bad(
                 "backoff_cap",
@@ -372,6 +440,12 @@ impl AgentConfig {
             call_timeout: self.aws_call_timeout,
             concurrency: self.aws_concurrency as usize,
             rate_limit: self.aws_rate_limit,
+            assume_roles: self
+                .assume_roles
+                .iter()
+                .map(AssumeRoleEntry::allowed)
+                .collect(),
+            sweep_min_age: self.sweep_min_age,
         }
     }
 
@@ -392,7 +466,7 @@ impl AgentConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\nassume_roles = [{}]\nsweep_min_age = {:?}\n",
             self.name,
             self.role().name(),
             mask_url(&self.server),
@@ -419,6 +493,20 @@ impl AgentConfig {
             self.tls_key,
             self.insecure,
             opt(&self.metrics_addr),
+            // External ids are shown masked: they are part of the trust relationship.
+            self.assume_roles
+                .iter()
+                .map(|e| {
+                    let a = e.allowed();
+                    if a.external_id.is_empty() {
+                        format!("{:?}", a.role)
+                    } else {
+                        format!("{{ role = {:?}, external_id = \"***\" }}", a.role)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            humantime::format_duration(self.sweep_min_age).to_string(),
         )
     }
 }

@@ -39,7 +39,9 @@ pub(crate) fn spawn(
 }
 
 async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationToken) {
-    let mut client = AgentServiceClient::new(endpoint.connect_lazy());
+    let mut client = AgentServiceClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
+        .max_encoding_message_size(es_proto::limits::MAX_MESSAGE);
     let mut failures = 0u32;
     let mut fenced_for_silence = false;
     let mut known: Option<(Duration, Duration)> = None;

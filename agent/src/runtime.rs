@@ -262,7 +262,10 @@ pub(crate) fn notify(states: &[sd_notify::NotifyState<'_>]) {
 /// Runs the agent until it has drained (after `signals.drain`) and said goodbye.
 pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
     let endpoint = endpoint(&cfg)?;
-    let mut client = AgentServiceClient::new(endpoint.connect_lazy());
+    // Explicit limits on both sides: the server never sends more than MAX_MESSAGE.
+    let mut client = AgentServiceClient::new(endpoint.connect_lazy())
+        .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
+        .max_encoding_message_size(es_proto::limits::MAX_MESSAGE);
     let health = crate::health::start(&cfg).await?;
     let metrics = Arc::new(crate::metrics::AgentMetrics::default());
     if let Some(addr) = &cfg.metrics_addr {

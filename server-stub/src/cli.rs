@@ -164,6 +164,10 @@ pub enum Command {
     Token {
         /// Submitter name, recorded in the audit trail (e.g. quali-server, alice).
         name: String,
+        /// read (look only), submit (also submit and cancel its own jobs) or admin (also drain,
+        /// sweep, cancel anyone's jobs).
+        #[arg(long, default_value = "submit")]
+        scope: String,
     },
     /// es-shells jobs on a sandbox: up (blueprint), power, ips, details, delete-app, down, sweep.
     Sandbox {
@@ -261,7 +265,7 @@ struct CliError {
 impl From<tonic::Status> for CliError {
     fn from(s: tonic::Status) -> CliError {
         let code = match s.code() {
-            tonic::Code::InvalidArgument => EXIT_USAGE,
+            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => EXIT_USAGE,
             tonic::Code::Unavailable => EXIT_UNAVAILABLE,
             _ => 1,
         };
@@ -331,10 +335,11 @@ async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
         code: EXIT_UNAVAILABLE,
         message: format!("cannot reach {}: {}", opts.server, error_chain(&e)),
     })?;
-    Ok(JobServiceClient::with_interceptor(
-        channel,
-        Credentials(token),
-    ))
+    Ok(
+        JobServiceClient::with_interceptor(channel, Credentials(token))
+            .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
+            .max_encoding_message_size(es_proto::limits::MAX_MESSAGE),
+    )
 }
 
 fn print_json(v: &Value) {
@@ -391,17 +396,27 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                     as i32,
             };
             let mut c = connect(&client).await?;
-            let jobs = c
-                .list(ListRequest {
-                    states,
-                    role,
-                    sandbox_id: sandbox.unwrap_or_default(),
-                    selector: selector.unwrap_or_default(),
-                    limit,
-                })
-                .await?
-                .into_inner()
-                .jobs;
+            // Pages until `limit` jobs (an answer stops early at the message size budget).
+            let mut jobs = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = c
+                    .list(ListRequest {
+                        states: states.clone(),
+                        role,
+                        sandbox_id: sandbox.clone().unwrap_or_default(),
+                        selector: selector.clone().unwrap_or_default(),
+                        limit: limit.saturating_sub(jobs.len() as u32).max(1),
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                jobs.extend(page.jobs);
+                if page.next_page_token.is_empty() || jobs.len() >= limit as usize {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             if client.json {
                 print_json(&Value::Array(jobs.iter().map(job_json).collect()));
             } else {
@@ -521,7 +536,7 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                 );
             }
             loop {
-                let entries = c
+                let page = c
                     .audit(AuditRequest {
                         sandbox_id: sandbox.clone().unwrap_or_default(),
                         job_id: job.clone().unwrap_or_default(),
@@ -530,8 +545,8 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                         limit: 1000,
                     })
                     .await?
-                    .into_inner()
-                    .entries;
+                    .into_inner();
+                let entries = page.entries;
                 for e in &entries {
                     if client.json {
                         // One object per line: `> audit.jsonl` is the export.
@@ -547,9 +562,9 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                         );
                     }
                 }
-                match entries.last() {
-                    Some(last) if entries.len() == 1000 => after_id = last.id,
-                    _ => break,
+                match page.next_after_id {
+                    0 => break,
+                    next => after_id = next,
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -578,7 +593,7 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                 );
             }
             let deadline = tokio::time::Instant::now() + timeout;
-            let session = a.session_id.clone();
+            let session = a.registered_at_us;
             let mut last = a;
             // Gone, or back under a new session (systemd restarted it after the drain).
             loop {
@@ -590,7 +605,7 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                     .into_iter()
                     .find(|x| x.identity.as_ref().is_some_and(|i| i.name == name));
                 match me {
-                    Some(x) if x.connected && x.session_id == session => last = x,
+                    Some(x) if x.connected && x.registered_at_us == session => last = x,
                     _ => {
                         if !client.json {
                             println!("{name}: drained and gone");
@@ -615,13 +630,15 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Token { name } => {
+        Command::Token { name, scope } => {
             if name.is_empty() || name.chars().any(char::is_whitespace) {
                 return Err(usage(format!(
                     "token name {name:?}: give a name without spaces"
                 )));
             }
-            let (token, line) = crate::auth::new_token(&name);
+            let scope = crate::auth::Scope::parse(&scope)
+                .ok_or_else(|| usage(format!("--scope {scope:?}: use read, submit or admin")))?;
+            let (token, line) = crate::auth::new_token(&name, scope);
             println!("token for {name} (give it to the submitter as ES_TOKEN; it is not stored):");
             println!("  {token}");
             println!("line for the server's --tokens file:");

@@ -46,6 +46,8 @@ pub struct Settings {
     pub tick: Duration,
     /// Application keepalive on idle Listen streams.
     pub stream_ping: Duration,
+    /// Unfinished (queued or running) jobs one submitter may have at once.
+    pub max_queued_per_submitter: usize,
 }
 
 impl Default for Settings {
@@ -61,6 +63,7 @@ impl Default for Settings {
             default_max_attempts: 3,
             tick: Duration::from_millis(100),
             stream_ping: Duration::from_secs(30),
+            max_queued_per_submitter: es_proto::limits::DEFAULT_MAX_QUEUED_PER_SUBMITTER,
         }
     }
 }
@@ -96,6 +99,8 @@ pub enum DispatchError {
     NoCapacity(String),
     #[error("invalid `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error("{submitter} has {limit} unfinished jobs, the most one submitter may have: wait for some to finish, or cancel them")]
+    TooManyQueued { submitter: String, limit: usize },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -165,6 +170,8 @@ struct AgentEntry {
     last_poll: Option<Instant>,
     last_heartbeat: Instant,
     last_heartbeat_us: i64,
+    /// When this session registered (shown instead of the session id, which is a credential).
+    registered_at_us: i64,
     probe: Probe,
     probe_detail: String,
     draining: bool,
@@ -224,6 +231,42 @@ struct Core {
     /// Per agent name, since the server started (survives re-registration).
     counters: HashMap<String, AgentCounters>,
     metrics: Arc<crate::metrics::ServerMetrics>,
+    /// Unfinished jobs per submitter (for `max_queued_per_submitter`).
+    unfinished_by: HashMap<String, usize>,
+    /// Sandboxes the server knows are alive: sandbox -> creation time of its newest job that
+    /// is not a CleanupSandbox. A successful cleanup created after that forgets it. A sweep
+    /// never touches these (they are added to its live list when it is leased).
+    alive: HashMap<String, i64>,
+}
+
+fn kind_of(job: &Job) -> Option<&es_proto::v1::job_spec::Kind> {
+    job.spec.as_ref().and_then(|s| s.kind.as_ref())
+}
+
+fn is_cleanup(job: &Job) -> bool {
+    matches!(
+        kind_of(job),
+        Some(es_proto::v1::job_spec::Kind::CleanupSandbox(_))
+    )
+}
+
+/// Folds one job into the alive map: `finished_ok` is whether it succeeded (for cleanups).
+fn note_sandbox(
+    alive: &mut HashMap<String, i64>,
+    sandbox: &str,
+    created_at_us: i64,
+    cleanup: bool,
+    succeeded: bool,
+) {
+    if sandbox.is_empty() {
+        return;
+    }
+    if !cleanup {
+        let t = alive.entry(sandbox.to_owned()).or_insert(created_at_us);
+        *t = (*t).max(created_at_us);
+    } else if succeeded && alive.get(sandbox).is_some_and(|t| *t < created_at_us) {
+        alive.remove(sandbox);
+    }
 }
 
 /// A committed-later write plus the events to publish once it is committed.
@@ -257,7 +300,18 @@ impl Dispatcher {
             busy_sandboxes: HashMap::new(),
             counters: HashMap::new(),
             metrics: Arc::default(),
+            unfinished_by: HashMap::new(),
+            alive: HashMap::new(),
         };
+        for (sb, at, cleanup, state) in store.sandbox_history().await? {
+            note_sandbox(
+                &mut core.alive,
+                &sb,
+                at,
+                cleanup,
+                state == JobState::Succeeded as i32,
+            );
+        }
         let (mut queued, mut running) = (0, 0);
         for (job, seq) in active {
             let state = JobState::try_from(job.state).unwrap_or(JobState::Queued);
@@ -299,6 +353,10 @@ impl Dispatcher {
                     *core.busy_sandboxes.entry(sb.to_owned()).or_default() += 1;
                 }
             }
+            *core
+                .unfinished_by
+                .entry(a.job.submitted_by.clone())
+                .or_default() += 1;
             core.jobs.insert(a.job.id.clone(), a);
         }
         if queued + running > 0 {
@@ -378,6 +436,20 @@ impl Dispatcher {
         if job.max_attempts == 0 {
             job.max_attempts = self.settings.default_max_attempts;
         }
+        {
+            let core = self.lock();
+            let n = core
+                .unfinished_by
+                .get(&job.submitted_by)
+                .copied()
+                .unwrap_or(0);
+            if n >= self.settings.max_queued_per_submitter {
+                return Err(DispatchError::TooManyQueued {
+                    submitter: job.submitted_by.clone(),
+                    limit: self.settings.max_queued_per_submitter,
+                });
+            }
+        }
         job.state = JobState::Queued as i32;
         job.created_at_us = now_us();
         let ev = JobEvent {
@@ -391,6 +463,17 @@ impl Dispatcher {
         if created {
             let mut core = self.lock();
             let key = (stored.role, stored.selector.clone());
+            *core
+                .unfinished_by
+                .entry(stored.submitted_by.clone())
+                .or_default() += 1;
+            note_sandbox(
+                &mut core.alive,
+                &stored.sandbox_id,
+                stored.created_at_us,
+                is_cleanup(&stored),
+                false,
+            );
             core.jobs.insert(
                 stored.id.clone(),
                 Active {
@@ -488,7 +571,7 @@ impl Dispatcher {
                     slots_in_use: a.leased.len() as u32,
                     last_heartbeat_us: a.last_heartbeat_us,
                     health_detail: health.err().unwrap_or_default(),
-                    session_id: a.session.clone(),
+                    registered_at_us: a.registered_at_us,
                     counters: Some(
                         core.counters
                             .get(&a.identity.name)
@@ -575,6 +658,7 @@ impl Dispatcher {
                     last_poll: None,
                     last_heartbeat: now,
                     last_heartbeat_us: now_us(),
+                    registered_at_us: now_us(),
                     probe: Probe::Unknown,
                     probe_detail: String::new(),
                     draining: false,
@@ -792,16 +876,20 @@ impl Dispatcher {
             let Some(entry) = core.agents.get_mut(name).filter(|e| !e.gone) else {
                 return Err(DispatchError::AgentNotFound(name.to_owned()));
             };
+            let first = !entry.drain_requested;
             entry.drain_requested = true;
             entry.draining = true;
-            // At once on its stream (or next poll); the heartbeat answer repeats it.
-            entry.send(server_message::Msg::Drain(es_proto::v1::Drain {
-                reason: if reason.is_empty() {
-                    "operator request".into()
-                } else {
-                    reason.to_owned()
-                },
-            }));
+            // At once on its stream (or next poll); the heartbeat answer repeats it. Only once:
+            // a poll-mode agent's queue must not grow with repeated requests.
+            if first {
+                entry.send(server_message::Msg::Drain(es_proto::v1::Drain {
+                    reason: if reason.is_empty() {
+                        "operator request".into()
+                    } else {
+                        reason.to_owned()
+                    },
+                }));
+            }
             let key = (entry.identity.role, entry.identity.selector.clone());
             let withdrawn: Vec<String> = entry.offered.drain().collect();
             for id in withdrawn {
@@ -1203,12 +1291,41 @@ impl Core {
             }
             return Err(DispatchError::JobNotFound(job_id.to_owned()));
         };
-        let lease = |a: &Active| Lease {
-            job_id: job_id.to_owned(),
-            epoch: a.job.epoch,
-            attempt: a.job.attempt,
-            ttl_ms: s.lease_ttl.as_millis() as u64,
-            job: Some(a.job.clone()),
+        // A sweep's agent gets every sandbox the server knows is alive (or has a job now)
+        // added to the live list, as of this moment; the stored job keeps the caller's list.
+        let alive: Option<Vec<String>> = matches!(
+            kind_of(&a.job),
+            Some(es_proto::v1::job_spec::Kind::SweepOrphans(_))
+        )
+        .then(|| {
+            let mut v: std::collections::BTreeSet<String> = self.alive.keys().cloned().collect();
+            v.extend(
+                self.jobs
+                    .values()
+                    .filter(|x| !x.job.sandbox_id.is_empty())
+                    .map(|x| x.job.sandbox_id.clone()),
+            );
+            v.into_iter().collect()
+        });
+        let a = self.jobs.get_mut(job_id).expect("looked up above");
+        let lease = |a: &Active| {
+            let mut job = a.job.clone();
+            if let (Some(extra), Some(es_proto::v1::job_spec::Kind::SweepOrphans(sw))) =
+                (&alive, job.spec.as_mut().and_then(|s| s.kind.as_mut()))
+            {
+                for sb in extra {
+                    if !sw.live_sandbox_ids.contains(sb) {
+                        sw.live_sandbox_ids.push(sb.clone());
+                    }
+                }
+            }
+            Lease {
+                job_id: job_id.to_owned(),
+                epoch: a.job.epoch,
+                attempt: a.job.attempt,
+                ttl_ms: s.lease_ttl.as_millis() as u64,
+                job: Some(job),
+            }
         };
         let state = JobState::try_from(a.job.state).unwrap_or_default();
         if state == JobState::Running && a.job.agent == name {
@@ -1302,6 +1419,19 @@ impl Core {
         now: Instant,
     ) -> Pending {
         let mut a = self.jobs.remove(id).expect("terminate of an active job");
+        if let Some(n) = self.unfinished_by.get_mut(&a.job.submitted_by) {
+            *n -= 1;
+            if *n == 0 {
+                self.unfinished_by.remove(&a.job.submitted_by);
+            }
+        }
+        note_sandbox(
+            &mut self.alive,
+            &a.job.sandbox_id,
+            a.job.created_at_us,
+            is_cleanup(&a.job),
+            result.state == JobState::Succeeded as i32,
+        );
         if a.offered.is_some() || a.job.state == JobState::Running as i32 {
             busy(&mut self.busy_sandboxes, a.exclusive_sandbox(), false);
         }

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use es_proto::limits::MAX_MESSAGE;
 use es_proto::v1::agent_service_server::AgentServiceServer;
 use es_proto::v1::job_service_server::JobServiceServer;
 use tokio::net::TcpListener;
@@ -88,11 +89,30 @@ pub struct ServerConfig {
     #[arg(long, env = "ES_SERVER_CLIENT_CA")]
     pub client_ca: Option<PathBuf>,
     /// Serve plaintext without client certificates (demos, tests, a trusted loopback): agents
-    /// are trusted as they describe themselves. Logs a warning.
+    /// are trusted as they describe themselves. Logs a warning. Refused on a non-loopback
+    /// --listen address unless --insecure-on-network is given too.
     #[arg(long, env = "ES_SERVER_INSECURE")]
     pub insecure: bool,
-    /// Submitter tokens (`NAME SHA256HEX` per line; `es-server token NAME` makes one).
-    /// When set, every submitter call needs a token or a submitter certificate.
+    /// With --insecure on a non-loopback address: anyone who reaches the port can register as
+    /// any agent and receive its jobs (with their secret variables). For isolated labs only.
+    #[arg(long, env = "ES_SERVER_INSECURE_ON_NETWORK")]
+    pub insecure_on_network: bool,
+    /// Revoked credentials: `serial HEX` (certificate), `digest SHA256HEX` (token), `name NAME`
+    /// (every credential of that agent or submitter). Read again on SIGHUP.
+    #[arg(long, env = "ES_SERVER_DENY")]
+    pub deny: Option<PathBuf>,
+    /// Which agent may register as what: `NAME ROLE SELECTOR[,SELECTOR...]` per line (`*` any
+    /// selector, `-` the empty one). Unset: any selector (logged as a warning with TLS). Read
+    /// again on SIGHUP.
+    #[arg(long, env = "ES_SERVER_AGENTS")]
+    pub agents: Option<PathBuf>,
+    /// Unfinished (queued or running) jobs one submitter may have; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ES_SERVER_MAX_QUEUED_PER_SUBMITTER", default_value_t = es_proto::limits::DEFAULT_MAX_QUEUED_PER_SUBMITTER)]
+    pub max_queued_per_submitter: usize,
+    /// Submitter tokens (`NAME SHA256HEX [read|submit|admin]` per line; `es-server token NAME`
+    /// makes one). When set, every submitter call needs a token or a submitter certificate.
+    /// Read again on SIGHUP.
     #[arg(long, env = "ES_SERVER_TOKENS")]
     pub tokens: Option<PathBuf>,
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`), e.g. 0.0.0.0:9700.
@@ -168,6 +188,16 @@ impl ServerConfig {
         if self.offer_timeout.is_zero() || self.poll_wait.is_zero() || self.stream_ping.is_zero() {
             return Err("--offer-timeout, --poll-wait and --stream-ping must be above 0".into());
         }
+        if self.max_queued_per_submitter == 0 {
+            return Err("--max-queued-per-submitter must be above 0".into());
+        }
+        if self.insecure && !self.listen.ip().is_loopback() && !self.insecure_on_network {
+            return Err(format!(
+                "--insecure on {}: anyone who reaches this address could register as any agent and receive its jobs. \
+                 Serve mutual TLS (--tls-cert, --tls-key, --client-ca), listen on 127.0.0.1, or, for an isolated lab, add --insecure-on-network",
+                self.listen
+            ));
+        }
         self.tls()?;
         Ok(())
     }
@@ -185,6 +215,7 @@ impl ServerConfig {
             tick: (self.heartbeat_interval / 10)
                 .clamp(Duration::from_millis(20), Duration::from_millis(250)),
             stream_ping: self.stream_ping,
+            max_queued_per_submitter: self.max_queued_per_submitter,
         }
     }
 }
@@ -256,12 +287,26 @@ pub async fn start(
         ),
         None => {
             log::warn!("INSECURE: serving plaintext without client certificates (--insecure); agents are trusted as they describe themselves");
+            if !config.listen.ip().is_loopback() {
+                log::warn!("INSECURE ON A NETWORK ({}): anyone who reaches it can register as any agent (--insecure-on-network)", config.listen);
+            }
             None
         }
     };
-    let auth = Arc::new(auth::Auth::new(tls.is_some(), config.tokens.as_deref())?);
     let store = store::Store::open(&config.db, config.db_sync)?;
     let dispatcher = Dispatcher::recover(store, config.settings()).await?;
+    let auth = Arc::new(auth::Auth::new(
+        tls.is_some(),
+        auth::AuthFiles {
+            tokens: config.tokens.clone(),
+            deny: config.deny.clone(),
+            agents: config.agents.clone(),
+        },
+        dispatcher.metrics().auth_failures.clone(),
+    )?);
+    if tls.is_some() && config.agents.is_none() {
+        log::warn!("no --agents file: any agent certificate may register for any selector of its role (bind names to selectors with --agents)");
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -309,14 +354,23 @@ pub async fn start(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(service::AgentApi {
-            d: dispatcher.clone(),
-            auth: auth.clone(),
-        }))
-        .add_service(JobServiceServer::new(service::JobApi {
-            d: dispatcher.clone(),
-            auth,
-        }));
+        .add_service(
+            AgentServiceServer::new(service::AgentApi {
+                d: dispatcher.clone(),
+                auth: auth.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            JobServiceServer::new(service::JobApi {
+                d: dispatcher.clone(),
+                auth: auth.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        );
+    spawn_reload_on_sighup(auth, stop.clone());
     // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
     // small stream messages (offers) wait for delayed ACKs (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -343,6 +397,31 @@ pub async fn start(
         dispatcher,
         task,
     })
+}
+
+/// SIGHUP reads the tokens, deny and agents files again (revocation without a restart).
+fn spawn_reload_on_sighup(auth: Arc<auth::Auth>, stop: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        log::warn!("cannot listen for SIGHUP: credentials are read at start only");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = hup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match auth.reload() {
+                        Ok(()) => log::info!("SIGHUP: tokens, deny-list and agents files read again"),
+                        Err(e) => log::error!("SIGHUP: {e}; the previous credentials stay in force"),
+                    }
+                }
+            }
+        }
+    });
 }
 
 fn spawn_background(

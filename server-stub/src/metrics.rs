@@ -26,6 +26,8 @@ pub struct ServerMetrics {
     leases_expired: Counter,
     writes_refused: Counter,
     agents: Family<Labels, Gauge>,
+    /// Refused credentials, by kind (agent, submitter) and reason; shared with `Auth`.
+    pub auth_failures: Family<Labels, Counter>,
     /// Scrapes rebuild the gauge families; two at once must not interleave.
     scrape: std::sync::Mutex<()>,
 }
@@ -44,6 +46,7 @@ impl Default for ServerMetrics {
             leases_expired: Counter::default(),
             writes_refused: Counter::default(),
             agents: Family::default(),
+            auth_failures: Family::default(),
             registry: Registry::default(),
             scrape: Default::default(),
         };
@@ -91,6 +94,11 @@ impl Default for ServerMetrics {
             "agents",
             "Agents known to the server, by role, kind (primary/fallback) and health",
             m.agents.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Calls refused for their credentials (no, unknown, revoked or out-of-scope), by kind and reason",
+            m.auth_failures.clone(),
         );
         ServerMetrics { registry, ..m }
     }

@@ -68,10 +68,23 @@ pub enum SandboxCmd {
     },
     /// Run a script on the sandbox's apps (es-commands): per-instance status, exit code, output.
     Run(Box<RunArgs>),
-    /// Delete resources tagged with any sandbox not in --live (--dry-run lists them).
+    /// Delete resources tagged with any sandbox not in --live and not known alive to the server
+    /// (--dry-run lists them). Needs an admin token. Sandboxes younger than the agent's
+    /// sweep_min_age (default 1 h) or --min-age are always kept.
     Sweep {
-        #[arg(long, value_delimiter = ',')]
+        /// Sandboxes that are alive (comma-separated or repeated).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "all_except_known"
+        )]
         live: Vec<String>,
+        /// No --live list: every sandbox the server does not know of is an orphan.
+        #[arg(long, conflicts_with = "live")]
+        all_except_known: bool,
+        /// Keep sandboxes younger than this (never below the agent's sweep_min_age).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        min_age: Option<std::time::Duration>,
         #[arg(long)]
         dry_run: bool,
         #[arg(long, default_value = "")]
@@ -335,17 +348,28 @@ pub async fn run(
         }
         SandboxCmd::Sweep {
             live,
+            all_except_known,
+            min_age,
             dry_run,
             selector,
-        } => jobs.push(req(
-            "",
-            &selector,
-            job_spec::Kind::SweepOrphans(SweepOrphans {
-                live_sandbox_ids: live,
-                dry_run,
-            }),
-            None,
-        )),
+        } => {
+            if live.iter().any(|s| s.trim().is_empty()) {
+                return Err(usage(
+                    "--live holds an empty sandbox id (a stray comma?): a sweep deletes every sandbox not named, so the list must be exact".into(),
+                ));
+            }
+            jobs.push(req(
+                "",
+                &selector,
+                job_spec::Kind::SweepOrphans(SweepOrphans {
+                    live_sandbox_ids: live,
+                    dry_run,
+                    no_live_sandboxes: all_except_known,
+                    min_age_s: min_age.map(|d| d.as_secs()).unwrap_or(0),
+                }),
+                None,
+            ))
+        }
     }
     for r in jobs {
         let job = c

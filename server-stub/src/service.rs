@@ -12,10 +12,12 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::auth::Auth;
+use crate::auth::{Auth, Caller, Scope};
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::store::ListFilter;
 use crate::validate::{self, FieldError};
+use es_proto::limits::{MAX_REASON, PAGE_BUDGET};
+use prost::Message;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -36,6 +38,7 @@ impl From<DispatchError> for Status {
                 Status::aborted(msg)
             }
             DispatchError::Invalid { .. } => Status::invalid_argument(msg),
+            DispatchError::TooManyQueued { .. } => Status::resource_exhausted(msg),
             DispatchError::Store(_) => Status::unavailable(msg),
         }
     }
@@ -88,27 +91,15 @@ impl AgentService for AgentApi {
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let cert = self.auth.agent(&req)?;
-        let req = req.into_inner();
-        let identity = validate::identity(req.identity.as_ref())
+        let mut identity = validate::identity(req.get_ref().identity.as_ref())
             .map_err(invalid)?
             .clone();
-        if let Some(cert) = cert {
-            let role = Role::try_from(identity.role).unwrap_or_default();
-            if cert.name != identity.name {
-                return Err(Status::permission_denied(format!(
-                    "certificate is for agent {}, but it registers as {}: set name = \"{}\" or use that agent's certificate",
-                    cert.name, identity.name, cert.name
-                )));
-            }
-            if cert.role() != Some(role) {
-                return Err(Status::permission_denied(format!(
-                    "certificate of {} is for role {}, but it registers as role {}: agents may only take jobs of their certificate's role",
-                    cert.name,
-                    cert.unit,
-                    role.name()
-                )));
-            }
+        self.auth
+            .check_registration(&req, cert.as_ref(), &identity)?;
+        if let Some(from) = req.remote_addr() {
+            identity.health_addr = probe_addr(&identity.name, &identity.health_addr, from);
         }
+        let req = req.into_inner();
         let (session_id, revoked) = self.d.register(identity, req.held).await?;
         let s = &self.d.settings;
         Ok(Response::new(RegisterResponse {
@@ -225,8 +216,10 @@ impl AgentService for AgentApi {
     ) -> Result<Response<GoingAwayResponse>, Status> {
         self.check_session(&req, &req.get_ref().session_id)?;
         let req = req.into_inner();
+        // An agent's own words: clipped, not refused (it must be able to leave).
+        let reason = es_proto::limits::clip(&req.reason, MAX_REASON);
         self.d
-            .going_away(&req.session_id, &req.released, &req.reason)
+            .going_away(&req.session_id, &req.released, &reason)
             .await?;
         Ok(Response::new(GoingAwayResponse {}))
     }
@@ -238,6 +231,13 @@ pub struct JobApi {
 }
 
 impl JobApi {
+    /// Any authenticated submitter may read (read scope).
+    fn reader<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let c = self.auth.submitter(req, "")?;
+        c.require(Scope::Read, "reading jobs")?;
+        Ok(c)
+    }
+
     /// Records an operator or submitter action that no job event implies (cancel, drain).
     async fn audit(&self, mut entry: AuditEntry) -> Result<(), Status> {
         entry.at_us = crate::dispatch::now_us();
@@ -252,14 +252,57 @@ impl JobApi {
 /// What a submitter reads back: secret values of a job's variables are masked. Only the agent
 /// that runs the job receives them (in its lease).
 pub fn redact(mut job: Job) -> Job {
-    if let Some(es_proto::v1::job_spec::Kind::RunCommand(rc)) =
-        job.spec.as_mut().and_then(|s| s.kind.as_mut())
-    {
-        for v in rc.env.iter_mut().filter(|v| v.secret) {
-            v.value = MASK.into();
+    if let Some(spec) = job.spec.as_mut() {
+        if let Some(es_proto::v1::job_spec::Kind::RunCommand(rc)) = spec.kind.as_mut() {
+            for v in rc.env.iter_mut().filter(|v| v.secret) {
+                v.value = MASK.into();
+            }
+        }
+        // Jobs stored before external ids were refused may still hold one.
+        if let Some(t) = spec.target.as_mut().filter(|t| !t.external_id.is_empty()) {
+            t.external_id = MASK.into();
         }
     }
     job
+}
+
+/// Where the server probes an agent's health: the address the agent connected from, with the
+/// port it published. The server never connects to an address a caller merely names (that would
+/// make it a port scanner for anyone holding an agent certificate).
+pub fn probe_addr(agent: &str, published: &str, from: std::net::SocketAddr) -> String {
+    let Ok(p) = published.parse::<std::net::SocketAddr>() else {
+        return String::new();
+    };
+    let target = std::net::SocketAddr::new(from.ip(), p.port());
+    if p.ip() != from.ip() && !p.ip().is_unspecified() {
+        log::warn!(
+            agent = agent;
+            "agent {agent} published health address {published} but connected from {}: probing {target}",
+            from.ip()
+        );
+    }
+    target.to_string()
+}
+
+/// Whether the submitted job is the one stored under its idempotency key.
+fn same_job(req: &SubmitRequest, job: &Job) -> bool {
+    req.role == job.role
+        && req.selector == job.selector
+        && req.sandbox_id == job.sandbox_id
+        && req.spec == job.spec
+}
+
+/// Stops adding items once their encoded size would pass the page budget (at least one item).
+fn within_budget<T: Message>(items: &mut Vec<T>) -> bool {
+    let mut used = 0;
+    for (i, it) in items.iter().enumerate() {
+        used += it.encoded_len() + 8;
+        if used > PAGE_BUDGET && i > 0 {
+            items.truncate(i);
+            return true;
+        }
+    }
+    false
 }
 
 /// Replaces a secret value wherever it is shown.
@@ -271,23 +314,36 @@ impl JobService for JobApi {
         &self,
         req: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
-        let who = self.auth.submitter(&req, &req.get_ref().submitted_by)?;
+        let caller = self.auth.submitter(&req, &req.get_ref().submitted_by)?;
+        caller.require(Scope::Submit, "Submit")?;
         let req = req.into_inner();
         validate::submit(&req).map_err(invalid)?;
+        if let Some(es_proto::v1::job_spec::Kind::SweepOrphans(_)) =
+            req.spec.as_ref().and_then(|s| s.kind.as_ref())
+        {
+            caller.require(Scope::Admin, "SweepOrphans (it deletes sandboxes)")?;
+        }
+        let who = caller.actor;
         let job = Job {
             // Time-ordered ids keep the store's B-trees append-mostly (fewer pages per commit).
             id: uuid::Uuid::now_v7().to_string(),
-            idempotency_key: req.idempotency_key,
+            idempotency_key: req.idempotency_key.clone(),
             role: req.role,
-            selector: req.selector,
-            sandbox_id: req.sandbox_id,
-            spec: req.spec,
+            selector: req.selector.clone(),
+            sandbox_id: req.sandbox_id.clone(),
+            spec: req.spec.clone(),
             timeout_ms: req.timeout_ms,
             max_attempts: req.max_attempts,
             submitted_by: who,
             ..Default::default()
         };
         let (job, created) = self.d.submit(job).await?;
+        if !created && !same_job(&req, &job) {
+            return Err(Status::already_exists(format!(
+                "idempotency key {:?} was used for another job ({}, different role, selector, sandbox or spec): use a new key",
+                req.idempotency_key, job.id
+            )));
+        }
         Ok(Response::new(SubmitResponse {
             job: Some(redact(job)),
             created,
@@ -295,7 +351,7 @@ impl JobService for JobApi {
     }
 
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<Job>, Status> {
-        self.auth.submitter(&req, "")?;
+        self.reader(&req)?;
         let id = req.into_inner().job_id;
         require("job_id", &id)?;
         Ok(Response::new(redact(self.d.get(&id).await?)))
@@ -307,7 +363,7 @@ impl JobService for JobApi {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.auth.submitter(&req, "")?;
+        self.reader(&req)?;
         let req = req.into_inner();
         require("job_id", &req.job_id)?;
         // Subscribe first, then read history: nothing falls between the two.
@@ -340,7 +396,12 @@ impl JobService for JobApi {
                     return;
                 }
                 loop {
-                    match live.recv().await {
+                    // A client that went away ends this task now, not at the job's next event.
+                    let next = tokio::select! {
+                        _ = tx.closed() => return,
+                        next = live.recv() => next,
+                    };
+                    match next {
                         Ok(ev) if ev.job_id == id && ev.seq > last => {
                             if ev.seq > last + 1 {
                                 // Published out of order: read the gap from the store.
@@ -368,10 +429,24 @@ impl JobService for JobApi {
         &self,
         req: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
-        let who = self.auth.submitter(&req, "")?;
+        let caller = self.auth.submitter(&req, "")?;
+        caller.require(Scope::Submit, "Cancel")?;
         let req = req.into_inner();
         require("job_id", &req.job_id)?;
+        validate::reason("reason", &req.reason).map_err(invalid)?;
+        let before = self.d.get(&req.job_id).await?;
+        if before.submitted_by != caller.actor {
+            caller.require(Scope::Admin, "Cancel of another submitter's job")?;
+        }
+        let finished = JobState::try_from(before.state).is_ok_and(|s| s.is_terminal());
         let job = self.d.cancel(&req.job_id, &req.reason).await?;
+        if finished || before.cancel_requested {
+            // Nothing changed: no audit row (repeated cancels must not grow the trail).
+            return Ok(Response::new(CancelResponse {
+                job: Some(redact(job)),
+            }));
+        }
+        let who = caller.actor;
         self.audit(AuditEntry {
             sandbox_id: job.sandbox_id.clone(),
             job_id: job.id.clone(),
@@ -387,7 +462,7 @@ impl JobService for JobApi {
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        self.auth.submitter(&req, "")?;
+        self.reader(&req)?;
         let req = req.into_inner();
         let mut states = Vec::new();
         for s in &req.states {
@@ -413,21 +488,46 @@ impl JobService for JobApi {
         if req.limit > 10_000 {
             return Err(Status::invalid_argument("invalid `limit`: at most 10000"));
         }
+        let before = match req.page_token.as_str() {
+            "" => None,
+            t => Some(
+                t.split_once('/')
+                    .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id.to_owned())))
+                    .ok_or_else(|| {
+                        Status::invalid_argument(
+                            "invalid `page_token`: pass the next_page_token of a previous answer unchanged",
+                        )
+                    })?,
+            ),
+        };
+        let limit = if req.limit == 0 { 100 } else { req.limit };
         let filter = ListFilter {
             states,
             role,
             sandbox_id: (!req.sandbox_id.is_empty()).then_some(req.sandbox_id),
             selector: (!req.selector.is_empty()).then_some(req.selector),
-            limit: if req.limit == 0 { 100 } else { req.limit },
+            before,
+            limit: limit + 1,
         };
-        let jobs = self
+        let mut jobs: Vec<Job> = self
             .d
             .store()
             .list(filter)
             .await
-            .map_err(DispatchError::from)?;
+            .map_err(DispatchError::from)?
+            .into_iter()
+            .map(redact)
+            .collect();
+        let mut more = jobs.len() > limit as usize;
+        jobs.truncate(limit as usize);
+        more |= within_budget(&mut jobs);
+        let next_page_token = match jobs.last() {
+            Some(j) if more => format!("{}/{}", j.created_at_us, j.id),
+            _ => String::new(),
+        };
         Ok(Response::new(ListResponse {
-            jobs: jobs.into_iter().map(redact).collect(),
+            jobs,
+            next_page_token,
         }))
     }
 
@@ -435,14 +535,14 @@ impl JobService for JobApi {
         &self,
         req: Request<AgentsRequest>,
     ) -> Result<Response<AgentsResponse>, Status> {
-        self.auth.submitter(&req, "")?;
+        self.reader(&req)?;
         Ok(Response::new(AgentsResponse {
             agents: self.d.agents(),
         }))
     }
 
     async fn audit(&self, req: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
-        self.auth.submitter(&req, "")?;
+        self.reader(&req)?;
         let req = req.into_inner();
         if req.sandbox_id.is_empty() && req.job_id.is_empty() && !req.all {
             return Err(Status::invalid_argument(
@@ -452,27 +552,41 @@ impl JobService for JobApi {
         if req.limit > 10_000 {
             return Err(Status::invalid_argument("invalid `limit`: at most 10000"));
         }
-        let entries = self
+        let limit = if req.limit == 0 { 1000 } else { req.limit };
+        let mut entries = self
             .d
             .store()
             .audit_trail(
                 (!req.sandbox_id.is_empty()).then_some(req.sandbox_id),
                 (!req.job_id.is_empty()).then_some(req.job_id),
                 req.after_id,
-                if req.limit == 0 { 1000 } else { req.limit },
+                limit + 1,
             )
             .await
             .map_err(DispatchError::from)?;
-        Ok(Response::new(AuditResponse { entries }))
+        let mut more = entries.len() > limit as usize;
+        entries.truncate(limit as usize);
+        more |= within_budget(&mut entries);
+        let next_after_id = match entries.last() {
+            Some(e) if more => e.id,
+            _ => 0,
+        };
+        Ok(Response::new(AuditResponse {
+            entries,
+            next_after_id,
+        }))
     }
 
     async fn drain_agent(
         &self,
         req: Request<DrainAgentRequest>,
     ) -> Result<Response<DrainAgentResponse>, Status> {
-        let who = self.auth.submitter(&req, "")?;
+        let caller = self.auth.submitter(&req, "")?;
+        caller.require(Scope::Admin, "DrainAgent")?;
+        let who = caller.actor;
         let req = req.into_inner();
         require("name", &req.name)?;
+        validate::reason("reason", &req.reason).map_err(invalid)?;
         let agent = self.d.drain_agent(&req.name, &req.reason)?;
         self.audit(AuditEntry {
             actor: who,

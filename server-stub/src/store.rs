@@ -147,9 +147,50 @@ CREATE INDEX IF NOT EXISTS audit_sandbox ON audit(sandbox_id, id);
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at_us);
 ";
 
+/// Creates the store file readable by its owner only (it holds secret variables of queued jobs);
+/// SQLite gives the WAL and shared-memory files the same mode. An existing file that others may
+/// read is reported, not changed (the operator may have reasons).
+fn create_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| StoreError::Sqlite {
+        path: path.to_owned(),
+        source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+    };
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            if m.permissions().mode() & 0o077 != 0 {
+                log::warn!(
+                    "job store {} is readable by others (mode {:o}); it holds secret variables: chmod 600 it",
+                    path.display(),
+                    m.permissions().mode() & 0o777
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map(drop)
+            .map_err(io),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Separates the submitter from its idempotency key in the stored key: keys are scoped per
+/// submitter, so one submitter's key never answers another's job.
+const KEY_SCOPE: char = '\u{1f}';
+
+fn scoped_key(job: &Job) -> Option<String> {
+    (!job.idempotency_key.is_empty())
+        .then(|| format!("{}{KEY_SCOPE}{}", job.submitted_by, job.idempotency_key))
+}
+
 impl Store {
     /// Opens (creating if needed) the store at `path` and starts its writer thread.
     pub fn open(path: &Path, sync: Sync) -> Result<Store> {
+        create_private(path)?;
         let writer = open(path, sync)?;
         writer
             .execute_batch(SCHEMA)
@@ -335,6 +376,15 @@ impl Store {
                     args.push(sel.into());
                     sql.push_str(&format!(" AND selector = ?{}", args.len()));
                 }
+                if let Some((at, id)) = filter.before {
+                    args.push(at.into());
+                    args.push(id.into());
+                    sql.push_str(&format!(
+                        " AND (created_at_us < ?{a} OR (created_at_us = ?{a} AND id < ?{b}))",
+                        a = args.len() - 1,
+                        b = args.len()
+                    ));
+                }
                 args.push((filter.limit as i64).into());
                 sql.push_str(&format!(
                     " ORDER BY created_at_us DESC, id DESC LIMIT ?{}",
@@ -368,6 +418,42 @@ impl Store {
             .collect()
     }
 
+    /// Every kept job that names a sandbox, oldest first: (sandbox, created_at_us, whether it
+    /// is a CleanupSandbox, its state). The dispatcher derives the sandboxes it knows are alive.
+    pub async fn sandbox_history(&self) -> Result<Vec<(String, i64, bool, i32)>> {
+        let rows = self
+            .read(|c| {
+                let mut st = c.prepare(
+                    "SELECT sandbox_id, created_at_us, spec, state, id FROM jobs
+                     WHERE sandbox_id != '' ORDER BY created_at_us, id",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                        r.get::<_, i32>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(sb, at, spec, state, id)| {
+                let spec = JobSpec::decode(spec.as_slice()).map_err(|e| StoreError::Corrupt {
+                    job_id: id,
+                    detail: e.to_string(),
+                })?;
+                let cleanup = matches!(
+                    spec.kind,
+                    Some(es_proto::v1::job_spec::Kind::CleanupSandbox(_))
+                );
+                Ok((sb, at, cleanup, state))
+            })
+            .collect()
+    }
+
     /// A job's events with seq > `after`, in order.
     pub async fn events_after(&self, job_id: &str, after: u64) -> Result<Vec<JobEvent>> {
         let id = job_id.to_owned();
@@ -398,6 +484,8 @@ pub struct ListFilter {
     pub role: Option<Role>,
     pub sandbox_id: Option<String>,
     pub selector: Option<String>,
+    /// Only jobs listed after this one (created_at_us, id) in the newest-first order.
+    pub before: Option<(i64, String)>,
     pub limit: u32,
 }
 
@@ -413,9 +501,13 @@ struct RawJob {
 
 fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
     let key: Option<String> = r.get(1)?;
+    let key = key.unwrap_or_default();
     let job = Job {
         id: r.get(0)?,
-        idempotency_key: key.unwrap_or_default(),
+        idempotency_key: match key.split_once(KEY_SCOPE) {
+            Some((_, k)) => k.to_owned(),
+            None => key,
+        },
         role: r.get(2)?,
         selector: r.get(3)?,
         sandbox_id: r.get(4)?,
@@ -565,11 +657,18 @@ fn apply_batch(conn: &mut Connection, batch: &mut [Op]) -> BatchOutcome {
 fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
     match op {
         Op::Insert(job, events, _) => {
-            let key = (!job.idempotency_key.is_empty()).then_some(job.idempotency_key.as_str());
-            if let Some(key) = key {
+            let key = scoped_key(job);
+            if let Some(key) = &key {
+                // Rows written before keys were scoped hold the bare key: theirs only when the
+                // submitter matches too.
                 let existing: Option<String> = c
-                    .prepare_cached("SELECT id FROM jobs WHERE idempotency_key = ?1")?
-                    .query_row([key], |r| r.get(0))
+                    .prepare_cached(
+                        "SELECT id FROM jobs WHERE idempotency_key = ?1
+                           OR (idempotency_key = ?2 AND submitted_by = ?3)",
+                    )?
+                    .query_row(params![key, job.idempotency_key, job.submitted_by], |r| {
+                        r.get(0)
+                    })
                     .optional()?;
                 if let Some(id) = existing {
                     let raw = c

@@ -1,11 +1,11 @@
 //! Checks of what agents and submitters send, before anything is stored or dispatched.
 //! Every error names the field and says what would be accepted.
 
-use es_proto::v1::{job_spec, AgentIdentity, JobSpec, Role, SubmitRequest};
+use es_proto::limits::{MAX_ARN, MAX_KEY, MAX_NAME, MAX_REASON, MAX_SPEC};
+use es_proto::v1::{job_spec, AgentIdentity, AwsTarget, JobSpec, Role, SubmitRequest};
+use prost::Message;
 
 pub const MAX_SLOTS: u32 = 1024;
-const MAX_NAME: usize = 128;
-const MAX_KEY: usize = 256;
 const MAX_ECHO: usize = 64 * 1024;
 const MAX_SLEEP_MS: u64 = 24 * 3600 * 1000;
 const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -25,6 +25,79 @@ fn bad(field: &str, reason: impl Into<String>) -> FieldError {
         field: field.to_owned(),
         reason: reason.into(),
     }
+}
+
+/// Free text (reasons): at most [`MAX_REASON`] bytes.
+pub fn reason(field: &str, value: &str) -> Result<(), FieldError> {
+    if value.len() > MAX_REASON {
+        return Err(bad(
+            field,
+            format!(
+                "is {} bytes; at most {MAX_REASON}: say why in a sentence",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `spec.target` (an assumed role and region), for every job kind.
+pub fn target(t: &AwsTarget) -> Result<(), FieldError> {
+    let arn = &t.role_arn;
+    if arn.len() > MAX_ARN {
+        return Err(bad(
+            "spec.target.role_arn",
+            format!(
+                "is {} bytes; an IAM role ARN is at most {MAX_ARN}",
+                arn.len()
+            ),
+        ));
+    }
+    if !arn.is_empty() {
+        // arn:PARTITION:iam::ACCOUNT:role/PATH/NAME
+        let parts: Vec<&str> = arn.splitn(6, ':').collect();
+        let ok = parts.len() == 6
+            && parts[0] == "arn"
+            && parts[1].starts_with("aws")
+            && parts[2] == "iam"
+            && parts[3].is_empty()
+            && parts[4].len() == 12
+            && parts[4].bytes().all(|b| b.is_ascii_digit())
+            && parts[5].starts_with("role/")
+            && parts[5].len() > 5
+            && parts[5]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b));
+        if !ok {
+            return Err(bad(
+                "spec.target.role_arn",
+                "must be an IAM role ARN like arn:aws:iam::123456789012:role/NAME",
+            ));
+        }
+    }
+    if !t.external_id.is_empty() {
+        return Err(bad(
+            "spec.target.external_id",
+            "external ids are not taken from jobs (every reader could see them): put it beside \
+             the role in the agent's `assume_roles` configuration and leave this field empty",
+        ));
+    }
+    if !t.region.is_empty()
+        && (t.region.len() > 32
+            || !t
+                .region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'))
+    {
+        return Err(bad(
+            "spec.target.region",
+            format!(
+                "{:?} is not a region like us-east-1",
+                es_proto::limits::clip(&t.region, 40)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_name(field: &str, value: &str, required: bool) -> Result<(), FieldError> {
@@ -99,6 +172,7 @@ pub fn spec(spec: Option<&JobSpec>) -> Result<&JobSpec, FieldError> {
     match &spec.kind {
         None => Err(bad("spec.kind", "missing; set one job kind (sleep, echo)")),
         Some(job_spec::Kind::Sleep(s)) => {
+            reason("spec.sleep.fail_message", &s.fail_message)?;
             if s.duration_ms > MAX_SLEEP_MS {
                 return Err(bad(
                     "spec.sleep.duration_ms",
@@ -154,6 +228,16 @@ pub fn submit(req: &SubmitRequest) -> Result<Role, FieldError> {
         ));
     }
     let spec = spec(req.spec.as_ref())?;
+    let size = spec.encoded_len();
+    if size > MAX_SPEC {
+        return Err(bad(
+            "spec",
+            format!("is {size} bytes encoded; a job spec is at most {MAX_SPEC}: split the job"),
+        ));
+    }
+    if let Some(t) = &spec.target {
+        target(t)?;
+    }
     if let Some(kind) = &spec.kind {
         if crate::validate_shells::is_shells(kind) {
             crate::validate_shells::submit(req, kind)?;

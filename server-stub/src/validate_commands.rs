@@ -90,9 +90,6 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
             "run_command runs on es-commands: use role commands",
         ));
     }
-    if let Some(t) = req.spec.as_ref().and_then(|s| s.target.as_ref()) {
-        crate::validate_shells::target(t)?;
-    }
     run_command(rc, &req.sandbox_id)
 }
 
@@ -271,13 +268,24 @@ fn run_command(rc: &RunCommand, sandbox_id: &str) -> Result<(), FieldError> {
                 format!("is {}; at most 65535", o.port),
             ));
         }
+        if o.host_keys.len() > MAX_TARGETS {
+            return Err(bad(
+                format!("{P}.ssh.host_keys"),
+                format!("has {}; at most {MAX_TARGETS}", o.host_keys.len()),
+            ));
+        }
         for (k, v) in &o.host_keys {
-            let parts: Vec<&str> = v.split_whitespace().collect();
-            if parts.len() < 2 || !(parts[0].starts_with("ssh-") || parts[0].starts_with("ecdsa-"))
-            {
+            let field = format!("{P}.ssh.host_keys[{}]", es_proto::limits::clip(k, 80));
+            if k.is_empty() || k.len() > 64 {
+                return Err(bad(field, "the key names an instance id or a private IP"));
+            }
+            // Parsed, not pattern-matched: a truncated paste must be refused here, not turn
+            // into "no pinned key" (and so "accept any host") on the agent.
+            if v.len() > 16 * 1024 || ssh_key::PublicKey::from_openssh(v.trim()).is_err() {
                 return Err(bad(
-                    format!("{P}.ssh.host_keys[{k}]"),
-                    "is not an OpenSSH public key like \"ssh-ed25519 AAAAC3...\"",
+                    field,
+                    "is not a whole OpenSSH public key like \"ssh-ed25519 AAAAC3...\" \
+                     (copy the line from ssh-keyscan or the instance's console output)",
                 ));
             }
         }
@@ -415,6 +423,9 @@ mod tests {
         assert!(!e.to_string().contains("hunter2"));
     }
 
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE3lMLx8x7TtsIsGqhHITTSwTfVqVeN6BiIGLkk4fHwL";
+
     #[test]
     fn good_ones_pass() {
         assert!(submit(&req(good()), &Kind::RunCommand(good())).is_ok());
@@ -424,14 +435,19 @@ mod tests {
         rc.ssh = Some(SshOptions {
             user: "ec2-user".into(),
             port: 2222,
-            host_keys: [(
-                "i-0123456789abcdef0".to_string(),
-                "ssh-ed25519 AAAAC3Nza".to_string(),
-            )]
-            .into(),
+            host_keys: [("i-0123456789abcdef0".to_string(), KEY.to_string())].into(),
         });
         rc.max_concurrency = "10%".into();
         rc.max_errors = "0".into();
-        assert!(submit(&req(rc.clone()), &Kind::RunCommand(rc)).is_ok());
+        assert!(submit(&req(rc.clone()), &Kind::RunCommand(rc.clone())).is_ok());
+        // The same key cut short by a bad paste: refused, never "no key pinned".
+        let cut = &KEY[..KEY.len() - 6];
+        rc.ssh.as_mut().unwrap().host_keys =
+            [("i-0123456789abcdef0".to_string(), cut.to_string())].into();
+        let e = submit(&req(rc.clone()), &Kind::RunCommand(rc)).unwrap_err();
+        assert_eq!(
+            e.field,
+            "spec.run_command.ssh.host_keys[i-0123456789abcdef0]"
+        );
     }
 }

@@ -10,6 +10,11 @@ use es_proto::v1::{
 };
 use ipnet::Ipv4Net;
 
+use es_proto::limits::{
+    clip, MAX_APP_NAMES, MAX_APP_TAGS, MAX_ARN, MAX_LIVE_SANDBOXES, MAX_NAME, MAX_TAG_KEY,
+    MAX_TAG_VALUE,
+};
+
 use crate::validate::FieldError;
 
 /// Most apps in one sandbox.
@@ -46,19 +51,37 @@ fn name_ok(field: &str, v: &str) -> Result<(), FieldError> {
 }
 
 fn id_ok(field: &str, v: &str, prefix: &str) -> Result<(), FieldError> {
-    if !v.starts_with(prefix) || v.len() <= prefix.len() {
+    if !v.starts_with(prefix)
+        || v.len() <= prefix.len()
+        || v.len() > 64
+        || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
         return Err(bad(
             field,
-            format!("{v:?} is not an id like {prefix}0123456789abcdef"),
+            format!(
+                "{:?} is not an id like {prefix}0123456789abcdef",
+                clip(v, 80)
+            ),
         ));
     }
     Ok(())
 }
 
+/// A short free-form value (instance type, zone, device name): at most `max` bytes, printable.
+fn short(field: &str, v: &str, max: usize) -> Result<(), FieldError> {
+    if v.len() > max || v.chars().any(|c| c.is_control()) {
+        return Err(bad(field, format!("at most {max} bytes of printable text")));
+    }
+    Ok(())
+}
+
 pub fn cidr(field: &str, v: &str) -> Result<Ipv4Net, FieldError> {
-    let net: Ipv4Net = v
-        .parse()
-        .map_err(|_| bad(field, format!("{v:?} is not an IPv4 CIDR like 10.1.0.0/16")))?;
+    let net: Ipv4Net = v.parse().map_err(|_| {
+        bad(
+            field,
+            format!("{:?} is not an IPv4 CIDR like 10.1.0.0/16", clip(v, 80)),
+        )
+    })?;
     if net.network() != net.addr() {
         return Err(bad(
             field,
@@ -73,33 +96,8 @@ pub fn is_shells(kind: &Kind) -> bool {
     !matches!(kind, Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_))
 }
 
-/// Checks `spec.target` (an assumed role and region), shared with the es-commands kinds.
-pub fn target(t: &es_proto::v1::AwsTarget) -> Result<(), FieldError> {
-    if !t.role_arn.is_empty() && !t.role_arn.starts_with("arn:") {
-        return Err(bad(
-            "spec.target.role_arn",
-            "must be an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)",
-        ));
-    }
-    if !t.region.is_empty()
-        && !t
-            .region
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        return Err(bad(
-            "spec.target.region",
-            format!("{:?} is not a region like us-east-1", t.region),
-        ));
-    }
-    Ok(())
-}
-
 /// Checks an es-shells submission (role, sandbox id, target, and the kind's own fields).
 pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
-    if let Some(t) = req.spec.as_ref().and_then(|s| s.target.as_ref()) {
-        target(t)?;
-    }
     if req.role != es_proto::Role::Shells as i32 {
         return Err(bad(
             "role",
@@ -158,22 +156,66 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
         Kind::GetVmDetails(g) => names("spec.get_vm_details.apps", &g.apps),
         Kind::DeleteApp(d) => name_ok("spec.delete_app.app", &d.app),
         Kind::CleanupSandbox(_) => Ok(()),
-        Kind::SweepOrphans(s) => {
-            for (i, id) in s.live_sandbox_ids.iter().enumerate() {
-                if id.is_empty() || id.len() > 128 {
-                    return Err(bad(
-                        format!("spec.sweep_orphans.live_sandbox_ids[{i}]"),
-                        "must be a sandbox id (1 to 128 characters)",
-                    ));
-                }
-            }
-            Ok(())
-        }
+        Kind::SweepOrphans(s) => sweep(s),
         Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_) => Ok(()),
     }
 }
 
+/// Sweep: a non-empty live list or the explicit confirmation, each id a sandbox id.
+fn sweep(s: &es_proto::v1::SweepOrphans) -> Result<(), FieldError> {
+    const F: &str = "spec.sweep_orphans";
+    if s.live_sandbox_ids.is_empty() && !s.no_live_sandboxes {
+        return Err(bad(
+            format!("{F}.live_sandbox_ids"),
+            "is empty: a sweep deletes every sandbox not named live. Name the live sandboxes \
+             (--live), or confirm that only those the server knows are alive with \
+             no_live_sandboxes (--all-except-known)",
+        ));
+    }
+    if s.live_sandbox_ids.len() > MAX_LIVE_SANDBOXES {
+        return Err(bad(
+            format!("{F}.live_sandbox_ids"),
+            format!(
+                "has {}; at most {MAX_LIVE_SANDBOXES}",
+                s.live_sandbox_ids.len()
+            ),
+        ));
+    }
+    for (i, id) in s.live_sandbox_ids.iter().enumerate() {
+        if id.is_empty()
+            || id.len() > MAX_NAME
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/'))
+        {
+            return Err(bad(
+                format!("{F}.live_sandbox_ids[{i}]"),
+                format!(
+                    "{:?} is not a sandbox id (1 to {MAX_NAME} letters, digits, - _ . : /)",
+                    clip(id, 80)
+                ),
+            ));
+        }
+    }
+    if s.min_age_s > 365 * 24 * 3600 {
+        return Err(bad(
+            format!("{F}.min_age_s"),
+            "at most one year (31536000 s)",
+        ));
+    }
+    Ok(())
+}
+
 fn names(field: &str, list: &[String]) -> Result<(), FieldError> {
+    if list.len() > MAX_APP_NAMES {
+        return Err(bad(
+            field,
+            format!(
+                "has {} names; a sandbox holds at most {MAX_APP_NAMES} apps",
+                list.len()
+            ),
+        ));
+    }
     for (i, n) in list.iter().enumerate() {
         name_ok(&format!("{field}[{i}]"), n)?;
     }
@@ -253,6 +295,7 @@ fn prepare(p: &PrepareSandboxNetwork) -> Result<(), FieldError> {
     for (i, s) in p.subnets.iter().enumerate() {
         let sf = format!("{f}.subnets[{i}]");
         name_ok(&format!("{sf}.name"), &s.name)?;
+        short(&format!("{sf}.availability_zone"), &s.availability_zone, 32)?;
         let net = cidr(&format!("{sf}.cidr"), &s.cidr)?;
         if !(16..=28).contains(&net.prefix_len()) {
             return Err(bad(format!("{sf}.cidr"), "EC2 subnets are /16 to /28"));
@@ -299,13 +342,25 @@ fn app_spec(f: &str, a: &AppSpec) -> Result<(), FieldError> {
         ));
     }
     id_ok(&format!("{f}.ami"), &a.ami, "ami-")?;
-    if a.instance_type.is_empty() || !a.instance_type.contains('.') {
+    if a.instance_type.is_empty() || !a.instance_type.contains('.') || a.instance_type.len() > 64 {
         return Err(bad(
             format!("{f}.instance_type"),
             format!(
                 "{:?} is not an instance type like t3.micro",
-                a.instance_type
+                clip(&a.instance_type, 80)
             ),
+        ));
+    }
+    short(&format!("{f}.root_device_name"), &a.root_device_name, 64)?;
+    short(
+        &format!("{f}.instance_profile"),
+        &a.instance_profile,
+        MAX_ARN,
+    )?;
+    if a.inbound.len() > 60 {
+        return Err(bad(
+            format!("{f}.inbound"),
+            "at most 60 rules (a security group's default limit)",
         ));
     }
     if a.subnets.is_empty() || a.subnets.len() > MAX_NICS {
@@ -362,15 +417,36 @@ fn app_spec(f: &str, a: &AppSpec) -> Result<(), FieldError> {
             "EC2 takes at most 16 KB of user data",
         ));
     }
+    if a.tags.len() > MAX_APP_TAGS {
+        return Err(bad(
+            format!("{f}.tags"),
+            format!(
+                "has {}; at most {MAX_APP_TAGS} tags (EC2 allows 50, es-shells adds its own)",
+                a.tags.len()
+            ),
+        ));
+    }
+    for (k, v) in &a.tags {
+        if v.len() > MAX_TAG_VALUE {
+            return Err(bad(
+                format!("{f}.tags[{}]", clip(k, 80)),
+                format!(
+                    "the value is {} bytes; EC2 takes at most {MAX_TAG_VALUE}",
+                    v.len()
+                ),
+            ));
+        }
+    }
     for k in a.tags.keys() {
         if k.is_empty()
-            || k.len() > 128
+            || k.len() > MAX_TAG_KEY
             || k.starts_with("aws:")
+            || k.starts_with("es:")
             || matches!(k.as_str(), "ReservationId" | "CreatedBy" | "AppName")
         {
             return Err(bad(
                 format!("{f}.tags"),
-                format!("tag key {k:?} is reserved or invalid"),
+                format!("tag key {:?} is reserved or invalid", clip(k, 80)),
             ));
         }
     }

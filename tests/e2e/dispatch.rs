@@ -408,7 +408,7 @@ async fn app_pings_keep_an_idle_stream_through_a_proxy_that_cuts_idle_connection
     );
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-shells-idle"]).await;
-    let session = agents(&mut c).await[0].session_id.clone();
+    let session = agents(&mut c).await[0].registered_at_us;
     // Stay idle for three idle periods.
     tokio::time::sleep(Duration::from_millis(4500)).await;
     let j = submit(&mut c, submission("shells", echo("after idling"))).await;
@@ -417,7 +417,7 @@ async fn app_pings_keep_an_idle_stream_through_a_proxy_that_cuts_idle_connection
         JobState::Succeeded as i32
     );
     assert_eq!(
-        agents(&mut c).await[0].session_id,
+        agents(&mut c).await[0].registered_at_us,
         session,
         "the agent never had to re-register"
     );

@@ -638,57 +638,80 @@ async fn rerun_after_a_crash_mid_way_creates_no_duplicates_and_sweep_finds_orpha
         .count();
     assert_eq!(instances, 3);
 
-    // Sweep: sb-crash is not live any more; a dry run lists, a real run deletes; a live sandbox
-    // is left alone.
-    let live = "sb-live";
-    a.ec2
-        .create_security_group()
-        .group_name("live-sg")
-        .description("live")
-        .vpc_id(&a.mgmt.vpc_id)
-        .tag_specifications(tagspec(ResourceType::SecurityGroup, live, &[]))
-        .send()
-        .await
-        .unwrap();
-    let dry = run(
-        &a,
-        "",
+    // Sweep. Resources of sandboxes the server never ran a job for, created two hours ago:
+    // sb-orphan is an orphan, sb-live is named live. sb-young (a minute old) is kept by the
+    // agent's minimum age, and sb-crash by the server, which knows it is alive (it ran its
+    // jobs and no cleanup). A dry run lists, a real run deletes only the orphan.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let two_hours_ago = (now - 7200).to_string();
+    let a_minute_ago = (now - 60).to_string();
+    for (sandbox, created) in [
+        ("sb-live", &two_hours_ago),
+        ("sb-orphan", &two_hours_ago),
+        ("sb-young", &a_minute_ago),
+    ] {
+        a.ec2
+            .create_security_group()
+            .group_name(format!("{sandbox}-sg"))
+            .description("left behind")
+            .vpc_id(&a.mgmt.vpc_id)
+            .tag_specifications(tagspec(
+                ResourceType::SecurityGroup,
+                sandbox,
+                &[("es:created-at", created)],
+            ))
+            .send()
+            .await
+            .unwrap();
+    }
+    let sweep_kind = |dry_run| {
         job_spec::Kind::SweepOrphans(SweepOrphans {
-            live_sandbox_ids: vec![live.into()],
-            dry_run: true,
-        }),
-    )
-    .await;
+            live_sandbox_ids: vec!["sb-live".into()],
+            dry_run,
+            ..Default::default()
+        })
+    };
+    let sb_before = tagged_resources(&a.ec2, sb).await;
+    let dry = run(&a, "", sweep_kind(true)).await;
     ok(&dry);
     let Some(shells_result::Result::Deleted(d)) = shells(&dry).result.clone() else {
         panic!()
     };
-    assert!(!d.resources.is_empty());
+    let would: Vec<_> = d
+        .resources
+        .iter()
+        .filter(|r| r.outcome == "would-delete")
+        .collect();
+    assert!(!would.is_empty(), "{d:?}");
+    assert!(would.iter().all(|r| r.sandbox_id == "sb-orphan"), "{d:?}");
+    let kept: Vec<_> = d.resources.iter().filter(|r| r.outcome == "kept").collect();
+    assert_eq!(kept.len(), 1, "{d:?}");
+    assert_eq!(kept[0].sandbox_id, "sb-young");
+    assert!(kept[0].error.contains("younger than"), "{d:?}");
     assert!(
-        d.resources
-            .iter()
-            .all(|r| r.sandbox_id == sb && r.outcome == "would-delete"),
-        "{d:?}"
-    );
-    assert!(
-        !tagged_resources(&a.ec2, sb).await.is_empty(),
+        !tagged_resources(&a.ec2, "sb-orphan").await.is_empty(),
         "dry run deletes nothing"
     );
-    let sweep = run(
-        &a,
-        "",
-        job_spec::Kind::SweepOrphans(SweepOrphans {
-            live_sandbox_ids: vec![live.into()],
-            dry_run: false,
-        }),
-    )
-    .await;
+    let sweep = run(&a, "", sweep_kind(false)).await;
     ok(&sweep);
-    assert!(tagged_resources(&a.ec2, sb).await.is_empty());
+    assert!(tagged_resources(&a.ec2, "sb-orphan").await.is_empty());
+    for (sandbox, why) in [
+        ("sb-live", "named live"),
+        ("sb-young", "younger than the minimum age"),
+    ] {
+        assert_eq!(
+            tagged_resources(&a.ec2, sandbox).await.len(),
+            1,
+            "{sandbox} is {why}: its resources stay"
+        );
+    }
     assert_eq!(
-        tagged_resources(&a.ec2, live).await.len(),
-        1,
-        "the live sandbox keeps its resources"
+        tagged_resources(&a.ec2, sb).await,
+        sb_before,
+        "the server knows {sb} is alive: the sweep left it whole"
     );
 }
 

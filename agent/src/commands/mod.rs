@@ -131,9 +131,55 @@ impl Scrubber {
         out
     }
 
+    /// Masks secrets in raw output bytes (invalid UTF-8 is kept as it is around them).
+    pub fn bytes(&self, b: &[u8]) -> Vec<u8> {
+        if self.secrets.is_empty() {
+            return b.to_vec();
+        }
+        let mut out = b.to_vec();
+        for secret in &self.secrets {
+            let needle = secret.as_bytes();
+            let mut res = Vec::with_capacity(out.len());
+            let mut i = 0;
+            while i < out.len() {
+                if out[i..].starts_with(needle) {
+                    res.extend_from_slice(MASK.as_bytes());
+                    i += needle.len();
+                } else {
+                    res.push(out[i]);
+                    i += 1;
+                }
+            }
+            out = res;
+        }
+        out
+    }
+
+    /// Masks a secret's beginning left at the end of a text that was cut (by SSM's inline
+    /// limit or ours): `...password=hun` must not show `hun` of `hunter2`.
+    pub fn tail(&self, s: &mut String) {
+        for secret in &self.secrets {
+            let longest = (1..secret.len())
+                .rev()
+                .filter(|n| secret.is_char_boundary(*n))
+                .find(|n| s.ends_with(&secret[..*n]));
+            if let Some(n) = longest {
+                s.truncate(s.len() - n);
+                s.push_str(MASK);
+                return;
+            }
+        }
+    }
+
     pub fn output(&self, o: &mut InstanceOutput) {
         for f in [&mut o.stdout, &mut o.stderr, &mut o.reason, &mut o.detail] {
             *f = self.text(f);
+        }
+        if o.stdout_truncated {
+            self.tail(&mut o.stdout);
+        }
+        if o.stderr_truncated {
+            self.tail(&mut o.stderr);
         }
     }
 }
@@ -285,8 +331,16 @@ impl Commands {
     pub async fn run(&self, job: &Job, rc: &RunCommand, ctx: &JobCtx) -> JobResult {
         let calls = CallCounter::for_job(ctx);
         let scrub = Scrubber::new(rc);
-        let target = job.spec.as_ref().and_then(|s| s.target.clone());
-        let sdk = self.aws.sdk_config(target.as_ref()).await;
+        let sdk = match self.aws.sdk_config(job) {
+            Ok(s) => s,
+            Err(e) => {
+                return JobResult {
+                    state: JobState::Failed as i32,
+                    error: e.to_string(),
+                    ..Default::default()
+                }
+            }
+        };
         let ec2 = aws_sdk_ec2::Client::from_conf(
             aws_sdk_ec2::config::Builder::from(&sdk)
                 .interceptor(Count(calls.clone()))
@@ -624,6 +678,32 @@ mod tests {
             s.text("password123 pass public"),
             "*** *** public".to_string()
         );
+        assert_eq!(s.bytes(b"x\xffpassword123\xfe"), b"x\xff***\xfe".to_vec());
+    }
+
+    #[test]
+    fn a_secret_cut_at_the_output_limit_leaves_nothing_of_itself() {
+        let rc = RunCommand {
+            env: vec![CommandVariable {
+                name: "TOKEN".into(),
+                value: "hunter2secret".into(),
+                secret: true,
+            }],
+            ..Default::default()
+        };
+        let s = Scrubber::new(&rc);
+        // The output as SSM cut it inline: the secret's first 6 characters at the very end.
+        let mut o = InstanceOutput {
+            stdout: "token is hunter2secret, again: hunter".into(),
+            stdout_truncated: true,
+            stderr: "ends in h but is whole".into(),
+            ..Default::default()
+        };
+        s.output(&mut o);
+        assert_eq!(o.stdout, "token is ***, again: ***");
+        assert!(!o.stdout.contains("hunter"));
+        // Not cut: an ordinary last letter stays.
+        assert_eq!(o.stderr, "ends in h but is whole");
     }
 
     #[test]

@@ -50,6 +50,8 @@ struct Handler {
     expected: Option<PublicKey>,
     known_hosts: Option<PathBuf>,
     require_known: bool,
+    /// The job carries secret variables: they go only to a host whose key is verified.
+    has_secrets: bool,
     host: String,
     port: u16,
     note: Arc<Mutex<HostKeyNote>>,
@@ -92,6 +94,12 @@ impl client::Handler for Handler {
         if self.require_known {
             note.refused = Some(format!(
                 "host key {fp} is not known (give it in ssh.host_keys or the agent's known_hosts)"
+            ));
+            return Ok(false);
+        }
+        if self.has_secrets {
+            note.refused = Some(format!(
+                "host key {fp} is not verified and the job has secret variables: they are sent only to a host whose key is pinned (ssh.host_keys, --host-key) or in the agent's known_hosts"
             ));
             return Ok(false);
         }
@@ -218,17 +226,32 @@ async fn run_one(
         ));
     }
 
-    // 2. Connect and check the host key.
-    let expected = opts
+    // 2. Connect and check the host key. A pinned key that does not parse is an error, never
+    // "no key pinned" (which would accept any host).
+    let pinned = opts
         .host_keys
         .get(&t.instance_id)
-        .or_else(|| opts.host_keys.get(&t.private_ip))
-        .and_then(|k| PublicKey::from_openssh(k).ok());
+        .map(|k| (t.instance_id.as_str(), k))
+        .or_else(|| {
+            opts.host_keys
+                .get(&t.private_ip)
+                .map(|k| (t.private_ip.as_str(), k))
+        });
+    let expected = match pinned {
+        None => None,
+        Some((by, k)) => match PublicKey::from_openssh(k.trim()) {
+            Ok(k) => Some(k),
+            Err(e) => return undeliverable(format!(
+                "ssh.host_keys[{by}] is not a valid OpenSSH public key ({e}): fix the pinned key"
+            )),
+        },
+    };
     let note = Arc::new(Mutex::new(HostKeyNote::default()));
     let handler = Handler {
         expected,
         known_hosts: settings.known_hosts.clone(),
         require_known: settings.require_known_host_key,
+        has_secrets: rc.env.iter().any(|v| v.secret),
         host: t.private_ip.clone(),
         port,
         note: note.clone(),
@@ -379,6 +402,11 @@ async fn run_one(
         CommandStatus::Cancelled => "cancelled; the script was stopped".into(),
         _ => unverified.unwrap_or_default(),
     };
+    // Secrets are masked in the whole text before anything is stored or cut: a secret cut at
+    // the limit must not leave its start behind, and the S3 copy is read by others too.
+    let scrub = super::Scrubber::new(rc);
+    let out = scrub.bytes(&out);
+    let err = scrub.bytes(&err);
     if keep_full {
         let s3 = s3.expect("checked");
         for (stream, bytes) in [("stdout", &out), ("stderr", &err)] {

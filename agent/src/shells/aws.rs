@@ -15,7 +15,7 @@ use aws_smithy_runtime_api::client::interceptors::context::{
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
-use es_proto::v1::AwsTarget;
+use es_proto::v1::Job;
 use std::sync::Arc;
 
 use super::{Result, ShellsError, CREATED_BY, TAG_CREATED_BY, TAG_SANDBOX};
@@ -35,6 +35,10 @@ pub struct AwsSettings {
     pub concurrency: usize,
     /// Pace requests with EC2's default token buckets (see `limiter.rs`).
     pub rate_limit: bool,
+    /// Roles jobs may assume (`assume_roles`); empty = none.
+    pub assume_roles: Vec<super::assume::AllowedRole>,
+    /// A sweep never touches a sandbox younger than this (`sweep_min_age`).
+    pub sweep_min_age: Duration,
 }
 
 /// Counts a job's AWS calls (attempts) by operation; with a job context it also reports each
@@ -467,47 +471,46 @@ impl Aws {
         Aws { base, settings }
     }
 
-    /// The SDK configuration for `target` (assumed role and region), or the agent's own.
-    pub async fn sdk_config(&self, target: Option<&AwsTarget>) -> SdkConfig {
+    /// The SDK configuration for the job's `spec.target` (assumed role and region), or the
+    /// agent's own. A role that is not on the agent's allow-list is refused before any call.
+    pub fn sdk_config(&self, job: &Job) -> Result<SdkConfig> {
         let mut sdk = self.base.clone();
-        if let Some(t) = target {
-            let region = if t.region.is_empty() {
-                sdk.region().cloned()
-            } else {
-                Some(Region::new(t.region.clone()))
-            };
-            if !t.role_arn.is_empty() {
-                let mut b = aws_config::sts::AssumeRoleProvider::builder(t.role_arn.clone())
-                    .session_name("es-agent")
-                    .configure(&sdk);
-                if !t.external_id.is_empty() {
-                    b = b.external_id(t.external_id.clone());
-                }
-                if let Some(r) = region.clone() {
-                    b = b.region(r);
-                }
-                let provider = b.build().await;
-                sdk = sdk
-                    .into_builder()
-                    .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(
-                        provider,
-                    ))
-                    .build();
-            }
-            if let Some(r) = region {
-                sdk = sdk.into_builder().region(r).build();
-            }
+        let Some(t) = job.spec.as_ref().and_then(|s| s.target.as_ref()) else {
+            return Ok(sdk);
+        };
+        let region = if t.region.is_empty() {
+            sdk.region().cloned()
+        } else {
+            Some(Region::new(t.region.clone()))
+        };
+        if let Some(r) = region {
+            sdk = sdk.into_builder().region(r).build();
         }
-        sdk
+        if !t.role_arn.is_empty() {
+            let Some(allowed) = super::assume::allowed(&self.settings.assume_roles, &t.role_arn)
+            else {
+                return Err(ShellsError::Invalid {
+                    field: "spec.target.role_arn".into(),
+                    reason: format!(
+                        "{} is not on this agent's allow-list of roles to assume: the operator adds it (or its account) to `assume_roles` in the agent's configuration",
+                        es_proto::limits::clip(&t.role_arn, 200)
+                    ),
+                });
+            };
+            let role =
+                super::assume::JobRole::new(&sdk, allowed, &t.role_arn, &job.id, &job.submitted_by);
+            sdk = sdk
+                .into_builder()
+                .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(role))
+                .build();
+        }
+        Ok(sdk)
     }
 
-    /// An EC2 client for `target` (assumed role and region) that counts calls into `calls`.
-    pub async fn client(
-        &self,
-        target: Option<&AwsTarget>,
-        calls: Arc<CallCounter>,
-    ) -> Result<aws_sdk_ec2::Client> {
-        let sdk = self.sdk_config(target).await;
+    /// An EC2 client for the job's target (assumed role and region) that counts calls into
+    /// `calls`.
+    pub fn client(&self, job: &Job, calls: Arc<CallCounter>) -> Result<aws_sdk_ec2::Client> {
+        let sdk = self.sdk_config(job)?;
         let conf = aws_sdk_ec2::config::Builder::from(&sdk)
             .interceptor(Count(calls))
             .build();
@@ -634,7 +637,15 @@ pub fn tags(
         .resource_type(rt)
         .tags(tag(TAG_SANDBOX, sandbox))
         .tags(tag("Name", name))
-        .tags(tag(TAG_CREATED_BY, CREATED_BY));
+        .tags(tag(TAG_CREATED_BY, CREATED_BY))
+        .tags(tag(
+            super::TAG_CREATED_AT,
+            &std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+                .to_string(),
+        ));
     for (k, v) in extra {
         b = b.tags(tag(k, v));
     }

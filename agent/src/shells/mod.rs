@@ -12,6 +12,7 @@
 //! - each job counts its EC2 calls by operation (reported in the result).
 
 mod apps;
+pub(crate) mod assume;
 pub(crate) mod aws;
 mod limiter;
 mod network;
@@ -32,6 +33,9 @@ pub const CREATED_BY: &str = "es-shells";
 pub const TAG_ROLE: &str = "es:role";
 pub const TAG_SUBNET: &str = "es:subnet";
 pub const TAG_APP: &str = "AppName";
+/// Creation time (Unix seconds) of a resource: a sweep keeps sandboxes younger than its
+/// minimum age, and some EC2 resources (VPCs, subnets, groups) carry no creation time of their own.
+pub const TAG_CREATED_AT: &str = "es:created-at";
 
 /// Why an es-shells job failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,8 +74,7 @@ impl Shells {
     /// Runs one es-shells job.
     pub async fn run(&self, job: &Job, kind: &Kind, ctx: &JobCtx) -> JobResult {
         let calls = CallCounter::for_job(ctx);
-        let target = job.spec.as_ref().and_then(|s| s.target.clone());
-        let ec2 = match self.aws.client(target.as_ref(), calls.clone()).await {
+        let ec2 = match self.aws.client(job, calls.clone()) {
             Ok(c) => c,
             Err(e) => return failed(e, &calls, None),
         };
@@ -82,6 +85,7 @@ impl Shells {
             job_id: &job.id,
             ctx,
             concurrency: self.aws.settings.concurrency,
+            sweep_min_age: self.aws.settings.sweep_min_age,
         };
         let outcome: Result<shells_result::Result> = tokio::select! {
             r = run_kind(&cx, kind) => r,
@@ -156,6 +160,8 @@ pub(crate) struct Cx<'a> {
     pub job_id: &'a str,
     pub ctx: &'a JobCtx,
     pub concurrency: usize,
+    /// The agent's floor for a sweep's minimum sandbox age.
+    pub sweep_min_age: std::time::Duration,
 }
 
 async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
@@ -173,7 +179,11 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
         Kind::DeleteApp(d) => R::Deleted(apps::delete(cx, &d.app).await?),
         Kind::CleanupSandbox(_) => R::Deleted(teardown::cleanup(cx).await?),
         Kind::SweepOrphans(s) => {
-            R::Deleted(teardown::sweep(cx, &s.live_sandbox_ids, s.dry_run).await?)
+            // The job may ask for a longer minimum age, never a shorter one than the agent's.
+            let min_age = cx
+                .sweep_min_age
+                .max(std::time::Duration::from_secs(s.min_age_s));
+            R::Deleted(teardown::sweep(cx, &s.live_sandbox_ids, s.dry_run, min_age).await?)
         }
         Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_) => {
             unreachable!("not an es-shells job kind")

@@ -9,7 +9,7 @@
 //! `DependencyViolation` and `*.NotFound` right after a delete are retried with backoff; a
 //! resource already gone counts as deleted. A second cleanup finds nothing: a quick no-op.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Address, Filter, IpPermission};
@@ -19,7 +19,7 @@ use es_proto::v1::{Deleted, DeletedResource};
 use super::aws::{
     already_gone, aws_err, code, filter, retry_consistency, sandbox_filter, tag_value,
 };
-use super::{Cx, Result, TAG_SANDBOX};
+use super::{Cx, Result, TAG_CREATED_AT, TAG_SANDBOX};
 
 fn rec(kind: &str, id: &str, sandbox: &str, r: std::result::Result<(), String>) -> DeletedResource {
     let (outcome, error) = match r {
@@ -414,16 +414,25 @@ async fn wait_terminated(ec2: &Client, ids: &[String]) {
     }
 }
 
-/// Sandbox ids found on any taggable resource type this agent creates.
-async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
+/// Sandbox ids found on any taggable resource type this agent creates, each with the creation
+/// time (Unix seconds) of its oldest resource, when any resource says (the `es:created-at` tag,
+/// or an instance's launch time).
+async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeMap<String, Option<i64>>> {
     let f = Filter::builder()
         .name("tag-key")
         .values(TAG_SANDBOX)
         .build();
-    let mut ids = BTreeSet::new();
-    let mut add = |tags: &[aws_sdk_ec2::types::Tag]| {
+    let mut ids: BTreeMap<String, Option<i64>> = BTreeMap::new();
+    let mut add_at = |tags: &[aws_sdk_ec2::types::Tag], launched: Option<i64>| {
         if let Some(v) = tag_value(tags, TAG_SANDBOX) {
-            ids.insert(v.to_owned());
+            let at = tag_value(tags, TAG_CREATED_AT)
+                .and_then(|t| t.parse::<i64>().ok())
+                .or(launched);
+            let e = ids.entry(v.to_owned()).or_insert(at);
+            *e = match (*e, at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
     };
     let mut pages = ec2
@@ -436,7 +445,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         for r in p.reservations() {
             for i in r.instances() {
                 if i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated") {
-                    add(i.tags());
+                    add_at(i.tags(), i.launch_time().map(|t| t.secs()));
                 }
             }
         }
@@ -449,7 +458,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .map_err(|e| aws_err("DescribeAddresses", e))?
         .addresses()
     {
-        add(a.tags());
+        add_at(a.tags(), None);
     }
     for x in ec2
         .describe_security_groups()
@@ -459,7 +468,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .map_err(|e| aws_err("DescribeSecurityGroups", e))?
         .security_groups()
     {
-        add(x.tags());
+        add_at(x.tags(), None);
     }
     for x in ec2
         .describe_subnets()
@@ -469,7 +478,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .map_err(|e| aws_err("DescribeSubnets", e))?
         .subnets()
     {
-        add(x.tags());
+        add_at(x.tags(), None);
     }
     for x in ec2
         .describe_route_tables()
@@ -479,7 +488,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .map_err(|e| aws_err("DescribeRouteTables", e))?
         .route_tables()
     {
-        add(x.tags());
+        add_at(x.tags(), None);
     }
     for x in ec2
         .describe_internet_gateways()
@@ -489,7 +498,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .map_err(|e| aws_err("DescribeInternetGateways", e))?
         .internet_gateways()
     {
-        add(x.tags());
+        add_at(x.tags(), None);
     }
     for x in ec2
         .describe_vpc_peering_connections()
@@ -505,7 +514,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .iter()
         .filter(|p| super::aws::live_peering(p))
     {
-        add(x.tags());
+        add_at(x.tags(), None);
     }
     for x in ec2
         .describe_network_interfaces()
@@ -515,7 +524,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .map_err(|e| aws_err("DescribeNetworkInterfaces", e))?
         .network_interfaces()
     {
-        add(x.tag_set());
+        add_at(x.tag_set(), None);
     }
     for x in ec2
         .describe_vpcs()
@@ -525,17 +534,74 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeSet<String>> {
         .map_err(|e| aws_err("DescribeVpcs", e))?
         .vpcs()
     {
-        add(x.tags());
+        add_at(x.tags(), None);
     }
     Ok(ids)
 }
 
-/// Deletes (or lists, with `dry_run`) the resources of every sandbox not in `live`.
-pub(crate) async fn sweep(cx: &Cx<'_>, live: &[String], dry_run: bool) -> Result<Deleted> {
+/// What a sweep does with one sandbox it found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SweepVerdict {
+    Orphan,
+    /// Kept, and why (shown in the result as outcome `kept`).
+    Keep(String),
+}
+
+/// The sweep's decision for one sandbox: named live, too young, or of unknown age are kept.
+pub(crate) fn verdict(
+    sandbox: &str,
+    created_at: Option<i64>,
+    live: &HashSet<&str>,
+    now: i64,
+    min_age: Duration,
+) -> SweepVerdict {
+    if live.contains(sandbox) {
+        return SweepVerdict::Keep("alive".into());
+    }
+    match created_at {
+        None => SweepVerdict::Keep(format!(
+            "age unknown (no {TAG_CREATED_AT} tag or launch time): delete it with CleanupSandbox if it is an orphan"
+        )),
+        Some(at) if now - at < min_age.as_secs() as i64 => SweepVerdict::Keep(format!(
+            "younger than the minimum age of {} s (created {} s ago)",
+            min_age.as_secs(),
+            (now - at).max(0)
+        )),
+        Some(_) => SweepVerdict::Orphan,
+    }
+}
+
+/// Deletes (or lists, with `dry_run`) the resources of every sandbox not in `live` and older
+/// than `min_age`; every sandbox kept is reported with the reason.
+pub(crate) async fn sweep(
+    cx: &Cx<'_>,
+    live: &[String],
+    dry_run: bool,
+    min_age: Duration,
+) -> Result<Deleted> {
     let found = tagged_sandboxes(cx.ec2).await?;
-    let orphans: Vec<&String> = found.iter().filter(|s| !live.contains(s)).collect();
-    let total = orphans.len() as u32;
+    let live: HashSet<&str> = live.iter().map(String::as_str).collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let mut out = Vec::new();
+    let mut orphans = Vec::new();
+    for (sb, at) in &found {
+        match verdict(sb, *at, &live, now, min_age) {
+            SweepVerdict::Orphan => orphans.push(sb),
+            // Sandboxes named live are not listed (there may be thousands); kept ones are.
+            SweepVerdict::Keep(why) if why != "alive" => out.push(DeletedResource {
+                kind: "sandbox".into(),
+                id: sb.clone(),
+                sandbox_id: sb.clone(),
+                outcome: "kept".into(),
+                error: why,
+            }),
+            SweepVerdict::Keep(_) => {}
+        }
+    }
+    let total = orphans.len() as u32;
     for (i, sb) in orphans.into_iter().enumerate() {
         let r = if dry_run {
             cleanup_one(cx.ec2, sb, true, cx).await?
@@ -550,4 +616,32 @@ pub(crate) async fn sweep(cx: &Cx<'_>, live: &[String], dry_run: bool) -> Result
         out.extend(r);
     }
     Ok(Deleted { resources: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_keeps_live_young_and_ageless_sandboxes() {
+        let live: HashSet<&str> = ["sb-live"].into();
+        let hour = Duration::from_secs(3600);
+        let now = 1_000_000;
+        let cases = [
+            ("sb-live", Some(0), true),
+            ("sb-old", Some(now - 3601), false),
+            ("sb-young", Some(now - 60), true),
+            ("sb-just", Some(now - 3599), true),
+            ("sb-unknown", None, true),
+            ("sb-future", Some(now + 60), true),
+        ];
+        for (sb, at, kept) in cases {
+            let v = verdict(sb, at, &live, now, hour);
+            assert_eq!(matches!(v, SweepVerdict::Keep(_)), kept, "{sb}: {v:?}");
+        }
+        assert_eq!(
+            verdict("sb-old", Some(0), &live, now, Duration::ZERO),
+            SweepVerdict::Orphan
+        );
+    }
 }
