@@ -125,7 +125,7 @@ pub struct AgentConfig {
     /// Roles jobs may assume (`spec.target.role_arn`): exact role ARNs, or 12-digit account
     /// ids (any role there), each as a string or as `{ role = "...", external_id = "..." }`
     /// when the role's trust policy wants an external id. Empty: jobs may not assume roles.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "one_or_many")]
     pub assume_roles: Vec<AssumeRoleEntry>,
     /// A sweep never deletes a sandbox younger than this (from its oldest resource).
     #[serde(default = "default_sweep_min_age", deserialize_with = "duration")]
@@ -137,6 +137,9 @@ pub struct AgentConfig {
 #[serde(untagged)]
 pub enum AssumeRoleEntry {
     Role(String),
+    /// An account id given unquoted (or through the environment, which parses digits as a
+    /// number); printed back with its 12 digits.
+    Account(u64),
     WithExternalId {
         role: String,
         #[serde(default)]
@@ -148,12 +151,27 @@ impl AssumeRoleEntry {
     fn allowed(&self) -> crate::shells::assume::AllowedRole {
         let (role, external_id) = match self {
             AssumeRoleEntry::Role(r) => (r.clone(), String::new()),
+            AssumeRoleEntry::Account(n) => (format!("{n:012}"), String::new()),
             AssumeRoleEntry::WithExternalId { role, external_id } => {
                 (role.clone(), external_id.clone())
             }
         };
         crate::shells::assume::AllowedRole { role, external_id }
     }
+}
+
+/// A list, or one entry alone (`ES_AGENT_ASSUME_ROLES=333333333333` has no comma to split on).
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AssumeRoleEntry>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<AssumeRoleEntry>),
+        One(AssumeRoleEntry),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(e) => vec![e],
+    })
 }
 
 fn default_sweep_min_age() -> Duration {
@@ -330,12 +348,14 @@ impl AgentConfig {
         for (i, e) in self.assume_roles.iter().enumerate() {
             let a = e.allowed();
             let account = a.role.len() == 12 && a.role.bytes().all(|b| b.is_ascii_digit());
-            let arn = a.role.starts_with("arn:aws")
-                && a.role.split(':').nth(2) == Some("iam")
-                && a.role
-                    .split(':')
-                    .nth(5)
-                    .is_some_and(|r| r.starts_with("role/"));
+            let parts: Vec<&str> = a.role.splitn(6, ':').collect();
+            let arn = parts.len() == 6
+                && parts[0] == "arn"
+                && parts[1].starts_with("aws")
+                && parts[2] == "iam"
+                && parts[4].len() == 12
+                && parts[4].bytes().all(|b| b.is_ascii_digit())
+                && parts[5].starts_with("role/");
             if !account && !arn {
                 return Err(bad(
                     &format!("assume_roles[{i}]"),
@@ -584,6 +604,12 @@ mod tests {
             ("ES_AGENT_INSECURE", "false", "insecure = true"),
             ("ES_AGENT_TLS_CA", "/etc/ca.pem", "`tls_ca`"),
             ("ES_AGENT_METRICS_ADDR", "x", "`metrics_addr`"),
+            (
+                "ES_AGENT_ASSUME_ROLES",
+                "arn:aws:s3:::bucket",
+                "`assume_roles[0]`",
+            ),
+            ("ES_AGENT_SWEEP_MIN_AGE", "a while", "sweep_min_age"),
         ];
         for (k, v, want) in cases {
             let mut e = env(&base);
@@ -594,6 +620,60 @@ mod tests {
         }
         let err = AgentConfig::load(Some(Path::new("/nonexistent.toml")), vec![]).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn assume_roles_from_the_environment_and_the_file() {
+        let base = [
+            ("ES_AGENT_NAME", "a"),
+            ("ES_AGENT_ROLE", "shells"),
+            ("ES_AGENT_SERVER", "http://127.0.0.1:1"),
+            ("ES_AGENT_INSECURE", "true"),
+        ];
+        let mut e = env(&base);
+        e.push((
+            "ES_AGENT_ASSUME_ROLES".into(),
+            "012345678901,arn:aws:iam::222222222222:role/es-target-x".into(),
+        ));
+        let roles = AgentConfig::load(None, e)
+            .unwrap()
+            .aws_settings()
+            .assume_roles;
+        let mut one = env(&base);
+        one.push(("ES_AGENT_ASSUME_ROLES".into(), "111111111111".into()));
+        let only = AgentConfig::load(None, one)
+            .unwrap()
+            .aws_settings()
+            .assume_roles;
+        assert_eq!(only[0].role, "111111111111");
+        let names: Vec<&str> = roles.iter().map(|r| r.role.as_str()).collect();
+        assert_eq!(
+            names,
+            ["012345678901", "arn:aws:iam::222222222222:role/es-target-x"],
+            "an account id keeps its leading zero"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.toml");
+        std::fs::write(
+            &f,
+            "assume_roles = [333333333333, { role = \"arn:aws:iam::2:role/x\", external_id = \"ext-1\" }]\n",
+        )
+        .unwrap();
+        let err = AgentConfig::load(Some(&f), env(&base))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`assume_roles[1]`"), "{err}");
+        std::fs::write(
+            &f,
+            "assume_roles = [333333333333, { role = \"arn:aws:iam::222222222222:role/x\", external_id = \"ext-1\" }]\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(Some(&f), env(&base)).unwrap();
+        assert_eq!(c.aws_settings().assume_roles[1].external_id, "ext-1");
+        assert!(
+            !c.describe().contains("ext-1"),
+            "external ids are not printed"
+        );
     }
 
     #[test]

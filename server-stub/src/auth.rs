@@ -389,6 +389,20 @@ impl Auth {
             .clone()
     }
 
+    /// Checks a submitter's scope; a refusal is logged and counted like a failed
+    /// authentication.
+    pub fn require<T>(
+        &self,
+        req: &Request<T>,
+        caller: &Caller,
+        need: Scope,
+        what: &str,
+    ) -> Result<(), Status> {
+        caller
+            .require(need, what)
+            .map_err(|s| self.refuse(req, "submitter", "scope", s))
+    }
+
     /// Logs and counts a refusal; answers the status to return.
     fn refuse<T>(&self, req: &Request<T>, kind: &str, reason: &str, status: Status) -> Status {
         log::warn!(

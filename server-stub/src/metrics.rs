@@ -28,6 +28,8 @@ pub struct ServerMetrics {
     agents: Family<Labels, Gauge>,
     /// Refused credentials, by kind (agent, submitter) and reason; shared with `Auth`.
     pub auth_failures: Family<Labels, Counter>,
+    /// Watch streams being served now (each ends when its client goes away).
+    pub watch_streams: Gauge,
     /// Scrapes rebuild the gauge families; two at once must not interleave.
     scrape: std::sync::Mutex<()>,
 }
@@ -47,6 +49,7 @@ impl Default for ServerMetrics {
             writes_refused: Counter::default(),
             agents: Family::default(),
             auth_failures: Family::default(),
+            watch_streams: Gauge::default(),
             registry: Registry::default(),
             scrape: Default::default(),
         };
@@ -99,6 +102,11 @@ impl Default for ServerMetrics {
             "auth_failures",
             "Calls refused for their credentials (no, unknown, revoked or out-of-scope), by kind and reason",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "watch_streams",
+            "Watch streams open now",
+            m.watch_streams.clone(),
         );
         ServerMetrics { registry, ..m }
     }

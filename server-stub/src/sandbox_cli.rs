@@ -73,11 +73,7 @@ pub enum SandboxCmd {
     /// sweep_min_age (default 1 h) or --min-age are always kept.
     Sweep {
         /// Sandboxes that are alive (comma-separated or repeated).
-        #[arg(
-            long,
-            value_delimiter = ',',
-            required_unless_present = "all_except_known"
-        )]
+        #[arg(long, value_delimiter = ',')]
         live: Vec<String>,
         /// No --live list: every sandbox the server does not know of is an orphan.
         #[arg(long, conflicts_with = "live")]
@@ -353,6 +349,11 @@ pub async fn run(
             dry_run,
             selector,
         } => {
+            if live.is_empty() && !all_except_known {
+                return Err(usage(
+                    "--live is missing: a sweep deletes every sandbox not named live. Name them (--live sb-1,sb-2), or give --all-except-known to keep only those the server knows are alive".into(),
+                ));
+            }
             if live.iter().any(|s| s.trim().is_empty()) {
                 return Err(usage(
                     "--live holds an empty sandbox id (a stray comma?): a sweep deletes every sandbox not named, so the list must be exact".into(),

@@ -234,7 +234,7 @@ impl JobApi {
     /// Any authenticated submitter may read (read scope).
     fn reader<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         let c = self.auth.submitter(req, "")?;
-        c.require(Scope::Read, "reading jobs")?;
+        self.auth.require(req, &c, Scope::Read, "reading jobs")?;
         Ok(c)
     }
 
@@ -315,14 +315,19 @@ impl JobService for JobApi {
         req: Request<SubmitRequest>,
     ) -> Result<Response<SubmitResponse>, Status> {
         let caller = self.auth.submitter(&req, &req.get_ref().submitted_by)?;
-        caller.require(Scope::Submit, "Submit")?;
+        self.auth.require(&req, &caller, Scope::Submit, "Submit")?;
+        if let Some(es_proto::v1::job_spec::Kind::SweepOrphans(_)) =
+            req.get_ref().spec.as_ref().and_then(|s| s.kind.as_ref())
+        {
+            self.auth.require(
+                &req,
+                &caller,
+                Scope::Admin,
+                "SweepOrphans (it deletes sandboxes)",
+            )?;
+        }
         let req = req.into_inner();
         validate::submit(&req).map_err(invalid)?;
-        if let Some(es_proto::v1::job_spec::Kind::SweepOrphans(_)) =
-            req.spec.as_ref().and_then(|s| s.kind.as_ref())
-        {
-            caller.require(Scope::Admin, "SweepOrphans (it deletes sandboxes)")?;
-        }
         let who = caller.actor;
         let job = Job {
             // Time-ordered ids keep the store's B-trees append-mostly (fewer pages per commit).
@@ -371,7 +376,17 @@ impl JobService for JobApi {
         self.d.get(&req.job_id).await?;
         let d = self.d.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let gauge = d.metrics().watch_streams.clone();
         tokio::spawn(async move {
+            // Counted while this task lives (the metric shows tasks that outlive clients).
+            gauge.inc();
+            struct Dec(prometheus_client::metrics::gauge::Gauge);
+            impl Drop for Dec {
+                fn drop(&mut self) {
+                    self.0.dec();
+                }
+            }
+            let _counted = Dec(gauge);
             let id = req.job_id;
             let mut last = req.after_seq;
             let mut done = false;
@@ -430,14 +445,19 @@ impl JobService for JobApi {
         req: Request<CancelRequest>,
     ) -> Result<Response<CancelResponse>, Status> {
         let caller = self.auth.submitter(&req, "")?;
-        caller.require(Scope::Submit, "Cancel")?;
-        let req = req.into_inner();
-        require("job_id", &req.job_id)?;
-        validate::reason("reason", &req.reason).map_err(invalid)?;
-        let before = self.d.get(&req.job_id).await?;
+        self.auth.require(&req, &caller, Scope::Submit, "Cancel")?;
+        require("job_id", &req.get_ref().job_id)?;
+        validate::reason("reason", &req.get_ref().reason).map_err(invalid)?;
+        let before = self.d.get(&req.get_ref().job_id).await?;
         if before.submitted_by != caller.actor {
-            caller.require(Scope::Admin, "Cancel of another submitter's job")?;
+            self.auth.require(
+                &req,
+                &caller,
+                Scope::Admin,
+                "Cancel of another submitter's job",
+            )?;
         }
+        let req = req.into_inner();
         let finished = JobState::try_from(before.state).is_ok_and(|s| s.is_terminal());
         let job = self.d.cancel(&req.job_id, &req.reason).await?;
         if finished || before.cancel_requested {
@@ -582,7 +602,8 @@ impl JobService for JobApi {
         req: Request<DrainAgentRequest>,
     ) -> Result<Response<DrainAgentResponse>, Status> {
         let caller = self.auth.submitter(&req, "")?;
-        caller.require(Scope::Admin, "DrainAgent")?;
+        self.auth
+            .require(&req, &caller, Scope::Admin, "DrainAgent")?;
         let who = caller.actor;
         let req = req.into_inner();
         require("name", &req.name)?;

@@ -228,15 +228,16 @@ pub fn submit(req: &SubmitRequest) -> Result<Role, FieldError> {
         ));
     }
     let spec = spec(req.spec.as_ref())?;
+    // The target first: an oversized ARN is named as such, not as an oversized spec.
+    if let Some(t) = &spec.target {
+        target(t)?;
+    }
     let size = spec.encoded_len();
     if size > MAX_SPEC {
         return Err(bad(
             "spec",
             format!("is {size} bytes encoded; a job spec is at most {MAX_SPEC}: split the job"),
         ));
-    }
-    if let Some(t) = &spec.target {
-        target(t)?;
     }
     if let Some(kind) = &spec.kind {
         if crate::validate_shells::is_shells(kind) {

@@ -127,21 +127,41 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
             secret: true,
         },
     ];
-    // The first instance's host key is known (and checked); the others are reported unverified.
-    rc.ssh
-        .as_mut()
-        .unwrap()
-        .host_keys
-        .insert(f.ids[0].clone(), f.sshds[0].host_key.clone());
+    // The host keys of app-0 and app-2 are pinned (and checked). app-1's is not: the job has a
+    // secret variable, so the script (and the secret) never goes to it.
+    for i in [0, 2] {
+        rc.ssh
+            .as_mut()
+            .unwrap()
+            .host_keys
+            .insert(f.ids[i].clone(), f.sshds[i].host_key.clone());
+    }
     let mut c = f.env.server.client().await;
-    let job = submit(&mut c, commands_req(sb, rc)).await;
+    let job = submit(&mut c, commands_req(sb, rc.clone())).await;
     let j = wait_done(&mut c, &job.id, LONG).await;
     assert_eq!(j.state, JobState::Failed as i32, "one instance exits 3");
     let err = &j.result.as_ref().unwrap().error;
-    assert!(err.contains("1 of 3") && err.contains("app-2"), "{err}");
+    assert!(
+        err.contains("2 of 3") && err.contains("app-1") && err.contains("app-2"),
+        "{err}"
+    );
     let o = outputs(&j);
-    for app in ["app-0", "app-1"] {
-        let x = &o[app];
+    assert_eq!(
+        status(&o["app-1"]),
+        CommandStatus::Undeliverable,
+        "{:?}",
+        o["app-1"]
+    );
+    assert!(
+        o["app-1"]
+            .reason
+            .contains("not verified and the job has secret variables"),
+        "{:?}",
+        o["app-1"]
+    );
+    assert!(o["app-1"].stdout.is_empty());
+    {
+        let x = &o["app-0"];
         assert_eq!(
             (status(x), x.exit_code),
             (CommandStatus::Success, 0),
@@ -156,11 +176,6 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
         (CommandStatus::Failed, 3)
     );
     assert!(o["app-0"].reason.is_empty(), "known host key verified");
-    assert!(
-        o["app-1"].reason.contains("host key not verified: SHA256:"),
-        "{:?}",
-        o["app-1"]
-    );
     assert_eq!(
         f.pushes.load(Ordering::SeqCst),
         3,
@@ -183,6 +198,14 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
     assert!(n >= 4, "a progress event per instance and the result");
     assert!(!f.agent.log().contains("s3cr3t"));
     assert!(!f.env.server.proc.log().contains("s3cr3t"));
+
+    // Without secrets, a host whose key is not known is used and its fingerprint reported.
+    let mut plain = f.ssh_job("echo plain\n");
+    plain.apps = vec!["app-1".into()];
+    let j = f.run(sb, plain).await;
+    let x = &outputs(&j)["app-1"];
+    assert_eq!(status(x), CommandStatus::Success, "{x:?}");
+    assert!(x.reason.contains("host key not verified: SHA256:"), "{x:?}");
 
     // The same from the command line: a table per instance and each one's output.
     let out = std::process::Command::new(crate::bins().server)
@@ -207,6 +230,8 @@ async fn ssh_runs_on_several_instances_with_per_instance_results_and_masked_secr
             &f.port.to_string(),
             "--secret-env",
             "PW=hunter22",
+            "--host-key",
+            &format!("{}={}", f.ids[0], f.sshds[0].host_key),
         ])
         .args(["--script", "echo via-cli $PW"])
         .output()

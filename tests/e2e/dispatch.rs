@@ -180,12 +180,20 @@ async fn submit_with_the_same_idempotency_key_returns_the_same_job() {
     req.idempotency_key = "sandbox-7/prepare".into();
     let first = c.submit(req.clone()).await.unwrap().into_inner();
     assert!(first.created);
-    req.spec = Some(echo("second"));
-    let again = c.submit(req).await.unwrap().into_inner();
+    let again = c.submit(req.clone()).await.unwrap().into_inner();
     assert!(!again.created);
     let (a, b) = (first.job.unwrap(), again.job.unwrap());
     assert_eq!(a.id, b.id);
-    assert_eq!(b.spec, Some(echo("first")), "the first submission wins");
+    // Another job under the same key is refused; the first one stays as it was.
+    req.spec = Some(echo("second"));
+    let e = c.submit(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains(&a.id), "{e:?}");
+    assert_eq!(
+        get(&mut c, &a.id).await.spec,
+        Some(echo("first")),
+        "the first submission wins"
+    );
     let all = c
         .list(ListRequest::default())
         .await

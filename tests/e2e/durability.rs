@@ -46,7 +46,7 @@ async fn acknowledged_submissions_survive_kill_9() {
     let again = c
         .submit(SubmitRequest {
             idempotency_key: "k7".into(),
-            ..submission("commands", echo("x"))
+            ..submission("commands", echo("job 7"))
         })
         .await
         .unwrap()

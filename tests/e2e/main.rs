@@ -8,6 +8,7 @@ mod drain;
 mod durability;
 mod fallback;
 mod faults;
+mod hostile;
 mod leases;
 mod ops;
 mod packaging;

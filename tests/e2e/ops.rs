@@ -10,7 +10,7 @@ use crate::leases::SleepJobSpec;
 use crate::{bins, Env, LONG};
 
 /// The address a process logged as "metrics on http://ADDR/metrics".
-fn metrics_addr(log: &str) -> Option<String> {
+pub(crate) fn metrics_addr(log: &str) -> Option<String> {
     let rest = log.split("metrics on http://").nth(1)?;
     Some(rest.split("/metrics").next()?.to_owned())
 }

@@ -30,7 +30,12 @@ async fn setup() -> Aws {
     let moto = start_moto(env.dir.path());
     let ec2 = moto.ec2().await;
     let (vpc_id, main_rt) = moto.management_vpc().await;
-    let agent = env.agent(&moto.agent_env(AgentSpec::new("es-shells", "shells").slots(4)));
+    // The shared-VPC test's account is on the agent's allow-list of roles to assume.
+    let agent = env.agent(
+        &moto
+            .agent_env(AgentSpec::new("es-shells", "shells").slots(4))
+            .env("ES_AGENT_ASSUME_ROLES", "111111111111"),
+    );
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-shells"]).await;
     Aws {
@@ -697,7 +702,8 @@ async fn rerun_after_a_crash_mid_way_creates_no_duplicates_and_sweep_finds_orpha
     );
     let sweep = run(&a, "", sweep_kind(false)).await;
     ok(&sweep);
-    assert!(tagged_resources(&a.ec2, "sb-orphan").await.is_empty());
+    let left_over = tagged_resources(&a.ec2, "sb-orphan").await;
+    assert!(left_over.is_empty(), "{left_over:?}: {:?}", shells(&sweep));
     for (sandbox, why) in [
         ("sb-live", "named live"),
         ("sb-young", "younger than the minimum age"),

@@ -849,7 +849,12 @@ pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<S
             .and_then(|s| s.code())
             .map(|c| c.as_str().to_owned())
             .unwrap_or_default();
-        if status != "deleted" && status != "rejected" {
+        // moto ignores the tag filter on this call: check the tag here.
+        let tagged = p
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("ReservationId") && t.value() == Some(sandbox));
+        if tagged && status != "deleted" && status != "rejected" {
             out.push(format!(
                 "vpc-peering-connection {} ({status})",
                 p.vpc_peering_connection_id().unwrap_or_default()

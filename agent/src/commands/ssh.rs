@@ -241,9 +241,11 @@ async fn run_one(
         None => None,
         Some((by, k)) => match PublicKey::from_openssh(k.trim()) {
             Ok(k) => Some(k),
-            Err(e) => return undeliverable(format!(
+            Err(e) => {
+                return undeliverable(format!(
                 "ssh.host_keys[{by}] is not a valid OpenSSH public key ({e}): fix the pinned key"
-            )),
+            ))
+            }
         },
     };
     let note = Arc::new(Mutex::new(HostKeyNote::default()));

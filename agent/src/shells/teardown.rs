@@ -21,6 +21,13 @@ use super::aws::{
 };
 use super::{Cx, Result, TAG_CREATED_AT, TAG_SANDBOX};
 
+/// Whether a listed resource carries this sandbox's tag. The listing was already filtered by the
+/// tag; this is checked again here because an EC2 implementation that ignores a filter (moto
+/// did, for peering connections) would otherwise hand one sandbox's cleanup another's resources.
+fn mine(tags: &[aws_sdk_ec2::types::Tag], sb: &str) -> bool {
+    tag_value(tags, TAG_SANDBOX) == Some(sb)
+}
+
 fn rec(kind: &str, id: &str, sandbox: &str, r: std::result::Result<(), String>) -> DeletedResource {
     let (outcome, error) = match r {
         Ok(()) => ("deleted", String::new()),
@@ -119,6 +126,7 @@ async fn cleanup_one(
             ids.extend(
                 r.instances()
                     .iter()
+                    .filter(|i| mine(i.tags(), sb))
                     .filter_map(|i| i.instance_id().map(str::to_owned)),
             );
         }
@@ -149,7 +157,7 @@ async fn cleanup_one(
         .send()
         .await
         .map_err(|e| aws_err("DescribeAddresses", e))?;
-    for a in addrs.addresses() {
+    for a in addrs.addresses().iter().filter(|x| mine(x.tags(), sb)) {
         if dry_run {
             out.push(would("elastic-ip", a.allocation_id().unwrap_or_default()));
         } else {
@@ -165,7 +173,11 @@ async fn cleanup_one(
         .send()
         .await
         .map_err(|e| aws_err("DescribeNetworkInterfaces", e))?;
-    for n in nics.network_interfaces() {
+    for n in nics
+        .network_interfaces()
+        .iter()
+        .filter(|x| mine(x.tag_set(), sb))
+    {
         let id = n.network_interface_id().unwrap_or_default();
         if dry_run {
             out.push(would("network-interface", id));
@@ -199,7 +211,7 @@ async fn cleanup_one(
     for p in peerings
         .vpc_peering_connections()
         .iter()
-        .filter(|p| super::aws::live_peering(p))
+        .filter(|p| super::aws::live_peering(p) && mine(p.tags(), sb))
     {
         let pcx = p.vpc_peering_connection_id().unwrap_or_default();
         // Routes through it live in the route tables of both VPCs (the Management VPC's too).
@@ -261,7 +273,11 @@ async fn cleanup_one(
         .await
         .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
     if !dry_run {
-        for g in groups.security_groups() {
+        for g in groups
+            .security_groups()
+            .iter()
+            .filter(|x| mine(x.tags(), sb))
+        {
             let refs: Vec<IpPermission> = g
                 .ip_permissions()
                 .iter()
@@ -278,7 +294,11 @@ async fn cleanup_one(
             }
         }
     }
-    for g in groups.security_groups() {
+    for g in groups
+        .security_groups()
+        .iter()
+        .filter(|x| mine(x.tags(), sb))
+    {
         let id = g.group_id().unwrap_or_default();
         if dry_run {
             out.push(would("security-group", id));
@@ -300,7 +320,7 @@ async fn cleanup_one(
         .send()
         .await
         .map_err(|e| aws_err("DescribeSubnets", e))?;
-    for s in subnets.subnets() {
+    for s in subnets.subnets().iter().filter(|x| mine(x.tags(), sb)) {
         let id = s.subnet_id().unwrap_or_default();
         if dry_run {
             out.push(would("subnet", id));
@@ -317,7 +337,7 @@ async fn cleanup_one(
         .send()
         .await
         .map_err(|e| aws_err("DescribeRouteTables", e))?;
-    for rt in rts.route_tables() {
+    for rt in rts.route_tables().iter().filter(|x| mine(x.tags(), sb)) {
         let id = rt.route_table_id().unwrap_or_default();
         if dry_run {
             out.push(would("route-table", id));
@@ -343,7 +363,11 @@ async fn cleanup_one(
         .send()
         .await
         .map_err(|e| aws_err("DescribeInternetGateways", e))?;
-    for g in igws.internet_gateways() {
+    for g in igws
+        .internet_gateways()
+        .iter()
+        .filter(|x| mine(x.tags(), sb))
+    {
         let id = g.internet_gateway_id().unwrap_or_default();
         if dry_run {
             out.push(would("internet-gateway", id));
@@ -377,7 +401,7 @@ async fn cleanup_one(
         .send()
         .await
         .map_err(|e| aws_err("DescribeVpcs", e))?;
-    for v in vpcs.vpcs() {
+    for v in vpcs.vpcs().iter().filter(|x| mine(x.tags(), sb)) {
         let id = v.vpc_id().unwrap_or_default();
         if dry_run {
             out.push(would("vpc", id));
