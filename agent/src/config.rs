@@ -66,7 +66,8 @@ pub struct AgentConfig {
     /// Where to serve grpc.health.v1 (host:port; port 0 picks one). Unset: no health server.
     #[serde(default)]
     pub health_addr: Option<String>,
-    /// The address the server should probe, when it differs from `health_addr` (e.g. NAT).
+    /// The address the server should probe, when it differs from `health_addr` (e.g. NAT). The
+    /// server probes the address the agent connected from, with this address's port.
     #[serde(default)]
     pub advertise_health_addr: Option<String>,
     #[serde(default = "default_transport")]

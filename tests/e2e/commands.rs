@@ -302,10 +302,22 @@ async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
         aws_sdk_s3::Client::from_conf(conf)
     };
     s3.create_bucket().bucket("es-output").send().await.unwrap();
-    let mut rc = f.ssh_job("head -c 3000000 /dev/zero | tr '\\0' a\necho tail >&2\n");
+    // A secret variable in the output: masked in the S3 copy too (the host key is pinned, or
+    // the job would not go to the host at all).
+    let mut rc = f.ssh_job("head -c 3000000 /dev/zero | tr '\\0' a\necho \"tail $PW\" >&2\n");
     rc.apps = vec!["app-1".into()];
     rc.output_s3_bucket = "es-output".into();
     rc.output_s3_prefix = "runs".into();
+    rc.env = vec![CommandVariable {
+        name: "PW".into(),
+        value: "s3-copy-s3cr3t".into(),
+        secret: true,
+    }];
+    rc.ssh
+        .as_mut()
+        .unwrap()
+        .host_keys
+        .insert(f.ids[1].clone(), f.sshds[1].host_key.clone());
     let j = f.run(sb, rc.clone()).await;
     let o = &outputs(&j)["app-1"];
     assert_eq!(status(o), CommandStatus::Success, "{o:?}");
@@ -314,7 +326,20 @@ async fn ssh_timeout_cancel_large_output_and_host_key_mismatch() {
         "{}",
         o.stdout.len()
     );
-    assert_eq!(o.stderr, "tail\n");
+    assert_eq!(o.stderr, "tail ***\n");
+    let err_key = o
+        .stderr_url
+        .strip_prefix("s3://es-output/")
+        .expect("s3 url");
+    let err_obj = s3
+        .get_object()
+        .bucket("es-output")
+        .key(err_key)
+        .send()
+        .await
+        .unwrap();
+    let err_text = err_obj.body.collect().await.unwrap().into_bytes();
+    assert_eq!(&err_text[..], b"tail ***\n", "the S3 copy is masked too");
     let key = o
         .stdout_url
         .strip_prefix("s3://es-output/")

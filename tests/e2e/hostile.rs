@@ -553,7 +553,13 @@ async fn oversized_input_is_refused_and_the_server_stays_usable() {
     };
     let e = c.submit(power).await.unwrap_err();
     assert!(e.message().contains("spec.power.apps"), "{e:?}");
-    assert_eq!(job_count_plain(&mut c).await, 0, "nothing was stored");
+    let stored = c
+        .list(ListRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert!(stored.is_empty(), "nothing was stored: {stored:?}");
 
     // Sixty jobs of 60 KB each: List answers in pages under the message limit, and together
     // the pages hold every job exactly once.
@@ -617,6 +623,58 @@ async fn oversized_input_is_refused_and_the_server_stays_usable() {
         .await
         .expect("another submitter is not held back");
 
+    // Drains repeated against a poll-mode agent queue one message, not fifty.
+    let ch = tonic::transport::Channel::from_shared(env.server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut a = AgentServiceClient::new(ch);
+    let session = a
+        .register(RegisterRequest {
+            identity: Some(AgentIdentity {
+                name: "es-shells-poll".into(),
+                role: role("shells"),
+                slots: 1,
+                ..Default::default()
+            }),
+            held: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_id;
+    for _ in 0..50 {
+        c.drain_agent(DrainAgentRequest {
+            name: "es-shells-poll".into(),
+            reason: "again".into(),
+        })
+        .await
+        .unwrap();
+    }
+    let e = c
+        .drain_agent(DrainAgentRequest {
+            name: "es-shells-poll".into(),
+            reason: "r".repeat(2000),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("`reason`"), "{e:?}");
+    let polled = a
+        .poll(PollRequest {
+            session_id: session,
+            wait_ms: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    let drains = polled
+        .iter()
+        .filter(|m| matches!(m.msg, Some(server_message::Msg::Drain(_))))
+        .count();
+    assert_eq!(drains, 1, "{polled:?}");
+
     // Cancel: a long reason is refused; cancelling a finished job again adds no audit row.
     let victim = ids.iter().next().unwrap().clone();
     let e = c
@@ -654,20 +712,6 @@ async fn oversized_input_is_refused_and_the_server_stays_usable() {
         trail.entries
     );
     assert_eq!(trail.next_after_id, 0);
-}
-
-async fn job_count_plain(
-    c: &mut job_service_client::JobServiceClient<tonic::transport::Channel>,
-) -> usize {
-    c.list(ListRequest {
-        limit: 10_000,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .jobs
-    .len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
