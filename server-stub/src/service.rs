@@ -619,3 +619,69 @@ impl JobService for JobApi {
         Ok(Response::new(DrainAgentResponse { agent: Some(agent) }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_probes_go_where_the_agent_connected_from() {
+        let from: std::net::SocketAddr = "10.0.1.20:53211".parse().unwrap();
+        let cases = [
+            ("10.0.1.20:7701", "10.0.1.20:7701"),
+            ("0.0.0.0:7701", "10.0.1.20:7701"),
+            ("169.254.169.254:80", "10.0.1.20:80"),
+            ("not an address", ""),
+            ("", ""),
+        ];
+        for (published, want) in cases {
+            assert_eq!(probe_addr("a", published, from), want, "{published}");
+        }
+    }
+
+    #[test]
+    fn pages_stop_at_the_budget_but_hold_at_least_one_item() {
+        let entry = |n: usize| AuditEntry {
+            detail_json: "x".repeat(n),
+            ..Default::default()
+        };
+        let mut small: Vec<AuditEntry> = (0..10).map(|_| entry(100)).collect();
+        assert!(!within_budget(&mut small));
+        assert_eq!(small.len(), 10);
+        let mut big: Vec<AuditEntry> = (0..10).map(|_| entry(1024 * 1024)).collect();
+        assert!(within_budget(&mut big), "more remain");
+        assert_eq!(big.len(), 2, "two 1 MiB entries fit 3 MiB, three do not");
+        let mut huge = vec![entry(PAGE_BUDGET + 1)];
+        assert!(!within_budget(&mut huge));
+        assert_eq!(huge.len(), 1, "a single item is always answered");
+    }
+
+    #[test]
+    fn a_resubmission_is_the_same_job_only_with_the_same_work() {
+        let req = SubmitRequest {
+            role: Role::Shells as i32,
+            sandbox_id: "sb-1".into(),
+            spec: Some(es_proto::v1::JobSpec {
+                kind: Some(es_proto::v1::job_spec::Kind::Echo(EchoJob {
+                    message: "a".into(),
+                })),
+                target: None,
+            }),
+            ..Default::default()
+        };
+        let job = Job {
+            role: req.role,
+            sandbox_id: req.sandbox_id.clone(),
+            spec: req.spec.clone(),
+            timeout_ms: 3_600_000,
+            ..Default::default()
+        };
+        assert!(
+            same_job(&req, &job),
+            "defaults filled in by the server do not count"
+        );
+        let mut other = req.clone();
+        other.sandbox_id = "sb-2".into();
+        assert!(!same_job(&other, &job));
+    }
+}

@@ -336,8 +336,14 @@ async fn aws_faults_fail_nothing_and_leak_nothing() {
         },
     )
     .await;
-    let _agent =
-        env.agent(&moto.agent_env_via(AgentSpec::new("es-shells", "shells").slots(2), &faulty));
+    // About a third of attempts fail here (throttles plus bursts), far above a real region: with
+    // the default 8 attempts one call in ~9,000 fails every attempt, which a loaded CI run of a
+    // few hundred calls met once. 12 attempts put that at one call in ~800,000.
+    let _agent = env.agent(
+        &moto
+            .agent_env_via(AgentSpec::new("es-shells", "shells").slots(2), &faulty)
+            .env("ES_AGENT_AWS_MAX_ATTEMPTS", "12"),
+    );
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-shells"]).await;
 
