@@ -99,6 +99,16 @@ fn systemd_units_verify_clean_with_exposure_at_most_2() {
     ] {
         assert!(unit.contains(line), "es-agent@.service lacks {line}");
     }
+    // Both daemons are bounded in memory (a flood of input cannot take the host down), and the
+    // server reloads its credentials on `systemctl reload` (SIGHUP).
+    let server =
+        std::fs::read_to_string(repo().join("packaging/systemd/es-server.service")).unwrap();
+    for (name, text) in [("es-agent@.service", &unit), ("es-server.service", &server)] {
+        for line in ["MemoryHigh=", "MemoryMax="] {
+            assert!(text.contains(line), "{name} lacks {line}");
+        }
+    }
+    assert!(server.contains("ExecReload=/bin/kill -HUP $MAINPID"));
 }
 
 #[test]
