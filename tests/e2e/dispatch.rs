@@ -249,11 +249,37 @@ async fn server_answers_health_and_reflection() {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
         ServerReflectionRequest,
     };
-    let mut refl = ServerReflectionClient::new(ch);
+    let mut refl = ServerReflectionClient::new(ch.clone());
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
+    // The older v1alpha protocol (grpcio-reflection, GUI clients) is served too.
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient as AlphaClient,
+            server_reflection_request::MessageRequest as AlphaRequest,
+            server_reflection_response::MessageResponse as AlphaResponse,
+            ServerReflectionRequest as AlphaReq,
+        };
+        let mut alpha = AlphaClient::new(ch);
+        let mut resp = alpha
+            .server_reflection_info(tokio_stream::iter(vec![AlphaReq {
+                host: String::new(),
+                message_request: Some(AlphaRequest::ListServices(String::new())),
+            }]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let msg = resp.message().await.unwrap().unwrap();
+        let Some(AlphaResponse::ListServicesResponse(list)) = msg.message_response else {
+            panic!("{msg:?}")
+        };
+        assert!(
+            list.service.iter().any(|s| s.name == "es.v1.JobService"),
+            "{list:?}"
+        );
+    }
     let mut resp = refl
         .server_reflection_info(tokio_stream::iter(vec![req]))
         .await
