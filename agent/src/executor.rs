@@ -88,10 +88,21 @@ impl Executor {
 
     /// Runs `job` to its result.
     pub async fn execute(&self, job: &Job, ctx: JobCtx) -> JobResult {
-        match job.spec.as_ref().and_then(|s| s.kind.as_ref()) {
-            Some(job_spec::Kind::Echo(e)) => result(JobState::Succeeded, e.message.clone(), ""),
-            Some(job_spec::Kind::Sleep(s)) => sleep(s, ctx).await,
-            Some(job_spec::Kind::RunCommand(rc)) => {
+        use es_proto::kinds::Family;
+        let Some(kind) = job.spec.as_ref().and_then(|s| s.kind.as_ref()) else {
+            return result(
+                JobState::Failed,
+                "",
+                "job has no kind (spec.kind missing); this agent cannot run it",
+            );
+        };
+        // By family (es_proto::kinds holds which kind belongs to which).
+        match es_proto::kinds::info(kind).family {
+            Family::Diagnostic => diagnostic(kind, ctx).await,
+            Family::Commands => {
+                let job_spec::Kind::RunCommand(rc) = kind else {
+                    return result(JobState::Failed, "", "not an es-commands kind");
+                };
                 let commands = self
                     .commands
                     .get_or_init(|| {
@@ -100,18 +111,13 @@ impl Executor {
                     .await;
                 commands.run(job, rc, &ctx).await
             }
-            Some(kind) => {
+            Family::Shells => {
                 let shells = self
                     .shells
                     .get_or_init(|| crate::shells::Shells::new(self.aws.clone()))
                     .await;
                 shells.run(job, kind, &ctx).await
             }
-            None => result(
-                JobState::Failed,
-                "",
-                "job has no kind (spec.kind missing); this agent cannot run it",
-            ),
         }
     }
 }
@@ -119,6 +125,22 @@ impl Executor {
 /// Runs a diagnostic job (tests and tools that need no AWS).
 pub async fn execute(job: &Job, ctx: JobCtx) -> JobResult {
     Executor::new(Default::default()).execute(job, ctx).await
+}
+
+/// Sleep and Echo.
+async fn diagnostic(kind: &job_spec::Kind, ctx: JobCtx) -> JobResult {
+    match kind {
+        job_spec::Kind::Echo(e) => result(JobState::Succeeded, e.message.clone(), ""),
+        job_spec::Kind::Sleep(s) => sleep(s, ctx).await,
+        other => result(
+            JobState::Failed,
+            "",
+            format!(
+                "{} is not a diagnostic kind",
+                es_proto::kinds::info(other).name
+            ),
+        ),
+    }
 }
 
 async fn sleep(s: &SleepJob, ctx: JobCtx) -> JobResult {

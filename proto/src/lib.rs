@@ -3,6 +3,7 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod kinds;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -366,7 +366,7 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                     "{verb} job {} ({} {})",
                     j.id,
                     role_name(j.role),
-                    kind_name(&j)
+                    es_proto::kinds::name(&j)
                 );
             }
             if wait {
@@ -430,7 +430,7 @@ async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
                         j.id,
                         state_name(j.state),
                         role_name(j.role),
-                        kind_name(j),
+                        es_proto::kinds::name(j),
                         format!("{}/{}", j.attempt, j.max_attempts),
                         j.agent,
                         j.sandbox_id
@@ -681,25 +681,6 @@ pub fn state_name(s: i32) -> &'static str {
     JobState::try_from(s).unwrap_or_default().name()
 }
 
-pub fn kind_name(j: &Job) -> &'static str {
-    match j.spec.as_ref().and_then(|s| s.kind.as_ref()) {
-        Some(job_spec::Kind::Sleep(_)) => "sleep",
-        Some(job_spec::Kind::Echo(_)) => "echo",
-        Some(job_spec::Kind::PrepareNetwork(_)) => "prepare_network",
-        Some(job_spec::Kind::DeployApp(_)) => "deploy_app",
-        Some(job_spec::Kind::DeploySandbox(_)) => "deploy_sandbox",
-        Some(job_spec::Kind::Power(p)) if p.on => "power_on",
-        Some(job_spec::Kind::Power(_)) => "power_off",
-        Some(job_spec::Kind::RefreshIp(_)) => "refresh_ip",
-        Some(job_spec::Kind::GetVmDetails(_)) => "get_vm_details",
-        Some(job_spec::Kind::DeleteApp(_)) => "delete_app",
-        Some(job_spec::Kind::CleanupSandbox(_)) => "cleanup_sandbox",
-        Some(job_spec::Kind::SweepOrphans(_)) => "sweep_orphans",
-        Some(job_spec::Kind::RunCommand(_)) => "run_command",
-        None => "-",
-    }
-}
-
 fn time(us: i64) -> Value {
     if us == 0 {
         Value::Null
@@ -739,7 +720,7 @@ pub fn job_json(j: &Job) -> Value {
         "role": role_name(j.role),
         "selector": j.selector,
         "sandbox_id": j.sandbox_id,
-        "kind": kind_name(j),
+        "kind": es_proto::kinds::name(j),
         "state": state_name(j.state),
         "attempt": j.attempt,
         "max_attempts": j.max_attempts,
@@ -851,7 +832,7 @@ fn print_job(j: &Job) {
     );
     println!(
         "kind       {} ({} / selector {:?})",
-        kind_name(j),
+        es_proto::kinds::name(j),
         role_name(j.role),
         j.selector
     );

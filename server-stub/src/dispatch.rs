@@ -141,13 +141,8 @@ impl Active {
     /// The sandbox this job must have to itself: es-shells jobs of one sandbox run one at a
     /// time (two provisioning runs at once could each create what the other is creating).
     fn exclusive_sandbox(&self) -> Option<&str> {
-        let shells = self
-            .job
-            .spec
-            .as_ref()
-            .and_then(|s| s.kind.as_ref())
-            .is_some_and(crate::validate_shells::is_shells);
-        (shells && !self.job.sandbox_id.is_empty()).then_some(self.job.sandbox_id.as_str())
+        let exclusive = es_proto::kinds::of(&self.job).is_some_and(|k| k.exclusive_sandbox);
+        (exclusive && !self.job.sandbox_id.is_empty()).then_some(self.job.sandbox_id.as_str())
     }
 }
 

@@ -389,7 +389,7 @@ pub async fn run(
             .into_inner()
             .job
             .unwrap_or_default();
-        let kind = crate::cli::kind_name(&job);
+        let kind = es_proto::kinds::name(&job);
         if !json {
             println!("{kind} {}: job {}", job.sandbox_id, job.id);
         }

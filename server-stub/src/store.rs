@@ -719,7 +719,7 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
                     actor: job.submitted_by.clone(),
                     action: "submit".into(),
                     detail_json: serde_json::json!({
-                        "kind": crate::cli::kind_name(job),
+                        "kind": es_proto::kinds::name(job),
                         "role": Role::try_from(job.role).unwrap_or_default().name(),
                         "selector": job.selector,
                         "max_attempts": job.max_attempts,

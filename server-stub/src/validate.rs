@@ -240,11 +240,10 @@ pub fn submit(req: &SubmitRequest) -> Result<Role, FieldError> {
         ));
     }
     if let Some(kind) = &spec.kind {
-        if crate::validate_shells::is_shells(kind) {
-            crate::validate_shells::submit(req, kind)?;
-        }
-        if crate::validate_commands::is_commands(kind) {
-            crate::validate_commands::submit(req, kind)?;
+        match es_proto::kinds::info(kind).family {
+            es_proto::kinds::Family::Shells => crate::validate_shells::submit(req, kind)?,
+            es_proto::kinds::Family::Commands => crate::validate_commands::submit(req, kind)?,
+            es_proto::kinds::Family::Diagnostic => {}
         }
     }
     Ok(role)

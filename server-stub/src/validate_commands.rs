@@ -25,11 +25,6 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
     }
 }
 
-/// True for the es-commands kinds.
-pub fn is_commands(kind: &Kind) -> bool {
-    matches!(kind, Kind::RunCommand(_))
-}
-
 fn instance_id(field: &str, v: &str) -> Result<(), FieldError> {
     let hex = v.strip_prefix("i-").unwrap_or("");
     if !(8..=17).contains(&hex.len()) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {

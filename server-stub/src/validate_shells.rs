@@ -91,11 +91,6 @@ pub fn cidr(field: &str, v: &str) -> Result<Ipv4Net, FieldError> {
     Ok(net)
 }
 
-/// True for the es-shells kinds.
-pub fn is_shells(kind: &Kind) -> bool {
-    !matches!(kind, Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_))
-}
-
 /// Checks an es-shells submission (role, sandbox id, target, and the kind's own fields).
 pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
     if req.role != es_proto::Role::Shells as i32 {
