@@ -261,7 +261,11 @@ fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, Serv
 pub struct Running {
     pub addr: SocketAddr,
     pub dispatcher: Arc<Dispatcher>,
+    /// Ends after the gRPC server, every background task it started (reaper, pings, probes,
+    /// retention, metrics, SIGHUP) and the store's writer and checkpoint threads have stopped.
     pub task: tokio::task::JoinHandle<Result<(), ServerError>>,
+    /// Background tasks alive now (0 once `task` has ended).
+    pub background: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Binds, recovers the store and serves until `shutdown` resolves.
@@ -339,6 +343,7 @@ pub async fn start(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
+    let mut metrics_listener = None;
     if let Some(m) = config.metrics_listen {
         let l = TcpListener::bind(m)
             .await
@@ -347,10 +352,28 @@ pub async fn start(
             .local_addr()
             .map_err(|source| ServerError::Bind { addr: m, source })?;
         log::info!("metrics on http://{bound}/metrics");
-        metrics::spawn(l, dispatcher.clone());
+        metrics_listener = Some(l);
     }
     let stop = tokio_util::sync::CancellationToken::new();
-    spawn_background(dispatcher.clone(), &config, stop.clone());
+    let background = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    spawn_background(
+        &mut tasks,
+        &background,
+        dispatcher.clone(),
+        &config,
+        stop.clone(),
+    );
+    if let Some(l) = metrics_listener {
+        let (d, stop, live) = (dispatcher.clone(), stop.clone(), Live::new(&background));
+        tasks.spawn(async move {
+            let _live = live;
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = metrics::serve(l, d) => {}
+            }
+        });
+    }
 
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -379,7 +402,13 @@ pub async fn start(
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         );
-    spawn_reload_on_sighup(auth, stop.clone());
+    {
+        let (stop, live) = (stop.clone(), Live::new(&background));
+        tasks.spawn(async move {
+            let _live = live;
+            reload_on_sighup(auth, stop).await
+        });
+    }
     // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
     // small stream messages (offers) wait for delayed ACKs (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
@@ -389,6 +418,7 @@ pub async fn start(
         "es-server listening on {addr}, store {}",
         config.db.display()
     );
+    let dispatcher_for_task = dispatcher.clone();
     let task = tokio::spawn(async move {
         let res = router
             .serve_with_incoming_shutdown(incoming, async move {
@@ -398,42 +428,64 @@ pub async fn start(
                     .await;
             })
             .await;
+        // Shutdown joins everything it started: background tasks first (they use the store),
+        // then the store's threads, after committing what was queued.
         stop.cancel();
+        while tasks.join_next().await.is_some() {}
+        let store = dispatcher_for_task.store().clone();
+        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
         res.map_err(ServerError::from)
     });
     Ok(Running {
         addr,
         dispatcher,
         task,
+        background,
     })
 }
 
+/// Counts a background task while it lives (see [`Running::background`]).
+struct Live(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Live {
+    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Live {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Live(n.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// SIGHUP reads the tokens, deny and agents files again (revocation without a restart).
-fn spawn_reload_on_sighup(auth: Arc<auth::Auth>, stop: tokio_util::sync::CancellationToken) {
+async fn reload_on_sighup(auth: Arc<auth::Auth>, stop: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         log::warn!("cannot listen for SIGHUP: credentials are read at start only");
         return;
     };
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                got = hup.recv() => {
-                    if got.is_none() {
-                        return;
-                    }
-                    match auth.reload() {
-                        Ok(()) => log::info!("SIGHUP: tokens, deny-list and agents files read again"),
-                        Err(e) => log::error!("SIGHUP: {e}; the previous credentials stay in force"),
-                    }
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                match auth.reload() {
+                    Ok(()) => log::info!("SIGHUP: tokens, deny-list and agents files read again"),
+                    Err(e) => log::error!("SIGHUP: {e}; the previous credentials stay in force"),
                 }
             }
         }
-    });
+    }
 }
 
 fn spawn_background(
+    tasks: &mut tokio::task::JoinSet<()>,
+    background: &Arc<std::sync::atomic::AtomicUsize>,
     d: Arc<Dispatcher>,
     config: &ServerConfig,
     stop: tokio_util::sync::CancellationToken,
@@ -444,7 +496,9 @@ fn spawn_background(
     let reaper = {
         let d = d.clone();
         let stop = stop.clone();
+        let live = Live::new(background);
         async move {
+            let _live = live;
             let mut every = tokio::time::interval(tick);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut pings = tokio::time::interval(ping);
@@ -468,15 +522,23 @@ fn spawn_background(
             }
         }
     };
-    tokio::spawn(reaper);
-    tokio::spawn(async move {
+    tasks.spawn(reaper);
+    let live = Live::new(background);
+    tasks.spawn(async move {
+        let _live = live;
         let mut every = tokio::time::interval(probe_every);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Probes in flight, joined (each ends within its timeout) when the server stops.
+        let mut probes_running = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    while probes_running.join_next().await.is_some() {}
+                    return;
+                }
                 _ = every.tick() => {}
             }
+            while probes_running.try_join_next().is_some() {}
             let timeout = probe_every.min(Duration::from_secs(2));
             let probes = d.probe_targets().into_iter().map(|(name, session, addr)| {
                 let d = d.clone();
@@ -486,7 +548,7 @@ fn spawn_background(
                 }
             });
             for p in probes {
-                tokio::spawn(p);
+                probes_running.spawn(p);
             }
         }
     });
@@ -513,5 +575,61 @@ pub async fn probe(addr: &str, timeout: Duration) -> Result<(), String> {
     match resp.into_inner().status() {
         ServingStatus::Serving => Ok(()),
         other => Err(format!("{addr} reports {}", other.as_str_name())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_returns_only_after_everything_it_started_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("es.db");
+        let mut config = ServerConfig::new("127.0.0.1:0".parse().unwrap(), db.clone());
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.probe_interval = Duration::from_millis(50);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = start(config, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+        // Reaper (with pings and retention), probes, metrics, SIGHUP: all counted while alive.
+        assert_eq!(running.background.load(Ordering::SeqCst), 4);
+        let store = running.dispatcher.store().clone();
+        assert!(store.threads_running());
+        // A write accepted just before the stop is committed, not lost.
+        let (job, created) = running
+            .dispatcher
+            .submit(es_proto::v1::Job {
+                id: "last-before-stop".into(),
+                role: es_proto::Role::Shells as i32,
+                spec: Some(es_proto::v1::JobSpec {
+                    kind: Some(es_proto::v1::job_spec::Kind::Echo(Default::default())),
+                    target: None,
+                }),
+                submitted_by: "test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(created);
+        stop.send(()).unwrap();
+        running.task.await.unwrap().unwrap();
+        assert_eq!(
+            running.background.load(Ordering::SeqCst),
+            0,
+            "every background task ended before run() returned"
+        );
+        assert!(!store.threads_running(), "the store's threads were joined");
+        assert!(
+            store.audit(vec![]).await.is_err(),
+            "the writer is gone: later writes are refused, not lost silently"
+        );
+        let reopened = store::Store::open(&db, store::Sync::Normal).unwrap();
+        assert_eq!(reopened.get(&job.id).await.unwrap().unwrap().id, job.id);
+        reopened.shutdown();
     }
 }

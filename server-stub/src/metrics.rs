@@ -179,8 +179,8 @@ impl ServerMetrics {
     }
 }
 
-/// Serves `/metrics` for `d` on `listener` (spawned; ends with the process).
-pub fn spawn(listener: tokio::net::TcpListener, d: Arc<Dispatcher>) {
+/// Serves `/metrics` for `d` on `listener` until the future is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, d: Arc<Dispatcher>) {
     let render: es_proto::metrics::Render = Arc::new(move || d.metrics().render(&d));
-    tokio::spawn(es_proto::metrics::serve(listener, render));
+    es_proto::metrics::serve(listener, render).await
 }

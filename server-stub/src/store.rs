@@ -64,6 +64,15 @@ enum Op {
     Purge(i64, oneshot::Sender<Result<u64>>),
     /// Append audit entries that no job write implies (cancel, drain).
     Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
+    /// Commit what came before, then end the writer thread (see [`Store::shutdown`]).
+    Stop,
+}
+
+/// The store's threads, joined by [`Store::shutdown`].
+struct Threads {
+    writer: std::thread::JoinHandle<()>,
+    checkpoint: std::thread::JoinHandle<()>,
+    stop_checkpoints: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Handle to the store; cheap to clone.
@@ -72,6 +81,7 @@ pub struct Store {
     tx: std::sync::mpsc::Sender<Op>,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
+    threads: Arc<Mutex<Option<Threads>>>,
 }
 
 fn open(path: &Path, sync: Sync) -> Result<Connection> {
@@ -201,13 +211,15 @@ impl Store {
         let reader = open(path, sync)?;
         let checkpoints = open(path, sync)?;
         let cpath = path.to_owned();
-        std::thread::Builder::new()
+        let stop_checkpoints = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = stop_checkpoints.clone();
+        let checkpoint = std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || checkpointer(checkpoints, cpath))
+            .spawn(move || checkpointer(checkpoints, cpath, stop))
             .expect("spawn store checkpoint thread");
         let (tx, rx) = std::sync::mpsc::channel();
         let wpath = path.to_owned();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer_loop(writer, rx, wpath))
             .expect("spawn store writer thread");
@@ -215,7 +227,45 @@ impl Store {
             tx,
             reader: Arc::new(Mutex::new(reader)),
             path: path.to_owned(),
+            threads: Arc::new(Mutex::new(Some(Threads {
+                writer,
+                checkpoint,
+                stop_checkpoints,
+            }))),
         })
+    }
+
+    /// Commits every write queued so far, then stops and joins the writer and checkpoint
+    /// threads. Later writes answer [`StoreError::WriterGone`]. Blocking: call it from a
+    /// blocking context. A second call does nothing.
+    pub fn shutdown(&self) {
+        let Some(t) = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let _ = self.tx.send(Op::Stop);
+        t.stop_checkpoints
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if t.writer.join().is_err() {
+            log::error!(
+                "job store {}: the writer thread panicked",
+                self.path.display()
+            );
+        }
+        let _ = t.checkpoint.join();
+    }
+
+    /// Whether the writer or checkpoint thread still runs (false after [`Store::shutdown`]).
+    pub fn threads_running(&self) -> bool {
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|t| !t.writer.is_finished() || !t.checkpoint.is_finished())
     }
 
     pub fn path(&self) -> &Path {
@@ -554,10 +604,10 @@ impl RawJob {
 /// Copies the WAL back into the database every 200 ms without blocking the writer (PASSIVE),
 /// and truncates the WAL file once it has grown past 64 MiB and is fully copied. Ends when the
 /// database file goes away (tests) or the process exits.
-fn checkpointer(conn: Connection, path: PathBuf) {
+fn checkpointer(conn: Connection, path: PathBuf, stop: Arc<std::sync::atomic::AtomicBool>) {
     loop {
         std::thread::sleep(std::time::Duration::from_millis(200));
-        if !path.exists() {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) || !path.exists() {
             return;
         }
         let res = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -575,10 +625,18 @@ fn checkpointer(conn: Connection, path: PathBuf) {
 
 fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op>, path: PathBuf) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut stop = false;
     while let Ok(first) = rx.recv() {
+        if matches!(first, Op::Stop) {
+            return;
+        }
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
+                Ok(Op::Stop) => {
+                    stop = true;
+                    break;
+                }
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
@@ -593,6 +651,9 @@ fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op>, path: Pa
         }
         for (op, res) in batch.drain(..).zip(outcome_per_op(outcome, &path)) {
             answer(op, res);
+        }
+        if stop {
+            return;
         }
     }
 }
@@ -635,6 +696,7 @@ fn answer(op: Op, res: Result<OpAnswer>) {
         Op::Update(_, _, tx) | Op::Events(_, tx) | Op::Audit(_, tx) => {
             let _ = tx.send(res.map(|_| ()));
         }
+        Op::Stop => {}
         Op::Purge(_, tx) => {
             let _ = tx.send(res.map(|a| match a {
                 OpAnswer::Purged(n) => n,
@@ -777,6 +839,8 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
             }
             Ok(OpAnswer::Done)
         }
+        // Never batched: the writer ends before it.
+        Op::Stop => Ok(OpAnswer::Done),
     }
 }
 
