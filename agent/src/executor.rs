@@ -4,60 +4,9 @@
 
 use std::time::Duration;
 
-use es_proto::v1::{job_spec, Job, JobResult, JobState, Progress, SleepJob};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use es_proto::v1::{job_spec, Job, JobResult, JobState, SleepJob};
 
-/// What a running job can report besides its result.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JobEventOut {
-    Progress(Progress),
-    Log(String),
-    /// A mutating AWS call (for the server's audit trail).
-    AwsCall(es_proto::v1::AwsCall),
-}
-
-/// Handed to an executor: cancellation and an event sink.
-#[derive(Clone)]
-pub struct JobCtx {
-    pub cancel: CancellationToken,
-    pub events: mpsc::UnboundedSender<JobEventOut>,
-    /// The agent's metrics (AWS calls are counted into them).
-    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
-}
-
-impl JobCtx {
-    /// A context with a fresh cancel token and its own metrics (tests, benchmarks).
-    pub fn new(events: mpsc::UnboundedSender<JobEventOut>) -> JobCtx {
-        JobCtx {
-            cancel: CancellationToken::new(),
-            events,
-            metrics: Default::default(),
-        }
-    }
-
-    pub fn progress(&self, done: u32, total: u32, message: impl Into<String>) {
-        let _ = self.events.send(JobEventOut::Progress(Progress {
-            done,
-            total,
-            message: message.into(),
-        }));
-    }
-
-    pub fn log(&self, line: impl Into<String>) {
-        let _ = self.events.send(JobEventOut::Log(line.into()));
-    }
-}
-
-pub fn result(state: JobState, output: impl Into<String>, error: impl Into<String>) -> JobResult {
-    JobResult {
-        state: state as i32,
-        output: output.into(),
-        error: error.into(),
-        shells: None,
-        commands: None,
-    }
-}
+pub use crate::job::{result, JobCtx, JobEventOut};
 
 /// Runs jobs of every kind this agent knows. The AWS clients of es-shells and es-commands are
 /// built on their first job, so an agent starts (and serves diagnostic jobs) without AWS
@@ -177,6 +126,7 @@ async fn sleep(s: &SleepJob, ctx: JobCtx) -> JobResult {
 mod tests {
     use super::*;
     use es_proto::v1::{EchoJob, JobSpec};
+    use tokio::sync::mpsc;
 
     fn job(kind: job_spec::Kind) -> Job {
         Job {

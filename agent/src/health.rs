@@ -6,7 +6,7 @@ use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::config::AgentConfig;
-use crate::runtime::AgentError;
+use crate::error::AgentError;
 
 pub struct Health {
     reporter: HealthReporter,

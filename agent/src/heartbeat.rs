@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tonic::Code;
 
-use crate::runtime::Shared;
+use crate::session::Shared;
 
 /// Consecutive failed beats after which the session loop reconnects its stream.
 const RECONNECT_AFTER_FAILURES: u32 = 3;
@@ -82,7 +82,7 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
                 shared.renewed(sent);
                 // systemd's watchdog is fed only while the server answers: an agent that cannot
                 // reach it for WatchdogSec is restarted.
-                crate::runtime::notify(&[sd_notify::NotifyState::Watchdog]);
+                crate::session::notify(&[sd_notify::NotifyState::Watchdog]);
                 let resp = resp.into_inner();
                 shared
                     .metrics

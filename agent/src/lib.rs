@@ -9,12 +9,15 @@ pub mod backoff;
 pub mod cli;
 pub mod commands;
 pub mod config;
+mod error;
 pub mod executor;
 mod health;
 mod heartbeat;
+pub mod job;
 pub use es_proto::logging;
 pub mod metrics;
 pub mod runtime;
+mod session;
 pub mod shells;
 
 pub use config::AgentConfig;

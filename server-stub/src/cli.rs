@@ -9,15 +9,12 @@ use clap::{Parser, Subcommand};
 use es_proto::v1::job_service_client::JobServiceClient;
 use es_proto::v1::*;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use crate::ServerConfig;
 use es_proto::error_chain;
 
-/// EX_USAGE: bad command line or configuration, or input the server refused as invalid.
-pub const EXIT_USAGE: u8 = 64;
-/// EX_UNAVAILABLE: the server cannot be reached.
-pub const EXIT_UNAVAILABLE: u8 = 69;
+pub use crate::client_conn::{Client, Credentials, EXIT_UNAVAILABLE, EXIT_USAGE};
+use crate::render::*;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -56,23 +53,6 @@ pub struct ClientOpts {
     #[arg(long, global = true, env = "ES_CERT_KEY", requires = "cert")]
     pub cert_key: Option<std::path::PathBuf>,
 }
-
-/// Adds the submitter's token to every call.
-#[derive(Clone)]
-pub struct Credentials(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for Credentials {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// The CLI's connection to the server's JobService.
-pub type Client =
-    JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Credentials>>;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -340,10 +320,6 @@ async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
             .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
             .max_encoding_message_size(es_proto::limits::MAX_MESSAGE),
     )
-}
-
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 async fn client_command(cmd: Command) -> Result<ExitCode, CliError> {
@@ -671,189 +647,6 @@ async fn watch(c: &mut Client, job_id: &str, as_json: bool) -> Result<ExitCode, 
         JobState::Succeeded => ExitCode::SUCCESS,
         _ => ExitCode::from(1),
     })
-}
-
-pub fn role_name(r: i32) -> &'static str {
-    Role::try_from(r).unwrap_or_default().name()
-}
-
-pub fn state_name(s: i32) -> &'static str {
-    JobState::try_from(s).unwrap_or_default().name()
-}
-
-fn time(us: i64) -> Value {
-    if us == 0 {
-        Value::Null
-    } else {
-        Value::String(
-            humantime::format_rfc3339_micros(
-                std::time::UNIX_EPOCH + Duration::from_micros(us as u64),
-            )
-            .to_string(),
-        )
-    }
-}
-
-fn audit_json(e: &AuditEntry) -> String {
-    let detail: Value = serde_json::from_str(&e.detail_json).unwrap_or(Value::Null);
-    json!({
-        "id": e.id,
-        "time": time(e.at_us),
-        "sandbox_id": e.sandbox_id,
-        "job_id": e.job_id,
-        "actor": e.actor,
-        "action": e.action,
-        "detail": detail,
-    })
-    .to_string()
-}
-
-fn result_json(r: &JobResult) -> Value {
-    json!({"state": state_name(r.state), "output": r.output, "error": r.error})
-}
-
-/// A job as JSON (stable field names for scripts).
-pub fn job_json(j: &Job) -> Value {
-    json!({
-        "id": j.id,
-        "idempotency_key": j.idempotency_key,
-        "role": role_name(j.role),
-        "selector": j.selector,
-        "sandbox_id": j.sandbox_id,
-        "kind": es_proto::kinds::name(j),
-        "state": state_name(j.state),
-        "attempt": j.attempt,
-        "max_attempts": j.max_attempts,
-        "epoch": j.epoch,
-        "agent": j.agent,
-        "timeout_ms": j.timeout_ms,
-        "cancel_requested": j.cancel_requested,
-        "result": j.result.as_ref().map(result_json),
-        "created_at": time(j.created_at_us),
-        "started_at": time(j.started_at_us),
-        "finished_at": time(j.finished_at_us),
-        "submitted_by": j.submitted_by,
-    })
-}
-
-pub fn agent_json(a: &AgentStatus) -> Value {
-    let id = a.identity.clone().unwrap_or_default();
-    json!({
-        "name": id.name,
-        "role": role_name(id.role),
-        "selector": id.selector,
-        "fallback": id.fallback,
-        "slots": id.slots,
-        "slots_in_use": a.slots_in_use,
-        "version": id.version,
-        "health_addr": id.health_addr,
-        "connected": a.connected,
-        "healthy": a.healthy,
-        "draining": a.draining,
-        "health_detail": a.health_detail,
-        "last_heartbeat": time(a.last_heartbeat_us),
-        "counters": a.counters.as_ref().map(|n| json!({
-            "leases_granted": n.leases_granted,
-            "results_accepted": n.results_accepted,
-            "writes_refused": n.writes_refused,
-            "leases_expired": n.leases_expired,
-        })),
-    })
-}
-
-fn event_json(ev: &JobEvent) -> Value {
-    let body = match &ev.event {
-        Some(job_event::Event::State(s)) => json!({"state": state_name(*s)}),
-        Some(job_event::Event::Progress(p)) => {
-            json!({"progress": {"done": p.done, "total": p.total, "message": p.message}})
-        }
-        Some(job_event::Event::Log(l)) => json!({"log": l}),
-        Some(job_event::Event::Result(r)) => json!({"result": result_json(r)}),
-        Some(job_event::Event::AwsCall(c)) => json!({"aws_call": {
-            "service": c.service, "operation": c.operation,
-            "resource_ids": c.resource_ids, "error": c.error}}),
-        None => Value::Null,
-    };
-    json!({"job_id": ev.job_id, "seq": ev.seq, "at": time(ev.at_us), "attempt": ev.attempt, "agent": ev.agent, "event": body})
-}
-
-/// One event as a human-readable line.
-pub fn event_line(ev: &JobEvent) -> String {
-    let at = humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + Duration::from_micros(ev.at_us.max(0) as u64),
-    );
-    let what = match &ev.event {
-        Some(job_event::Event::State(s)) => match JobState::try_from(*s).unwrap_or_default() {
-            JobState::Running => format!("running on {} (attempt {})", ev.agent, ev.attempt),
-            st => st.name().to_owned(),
-        },
-        Some(job_event::Event::Progress(p)) => {
-            format!("progress {}/{} {}", p.done, p.total, p.message)
-        }
-        Some(job_event::Event::Log(l)) => format!("log: {l}"),
-        Some(job_event::Event::Result(r)) => {
-            let mut s = state_name(r.state).to_owned();
-            if !r.output.is_empty() {
-                s.push_str(&format!(": {}", r.output));
-            }
-            if !r.error.is_empty() {
-                s.push_str(&format!(" (error: {})", r.error));
-            }
-            s
-        }
-        Some(job_event::Event::AwsCall(c)) => {
-            let outcome = if c.error.is_empty() {
-                "ok".to_owned()
-            } else {
-                format!("failed: {}", c.error)
-            };
-            format!(
-                "aws {}:{} [{}] {outcome}",
-                c.service,
-                c.operation,
-                c.resource_ids.join(" ")
-            )
-        }
-        None => "?".into(),
-    };
-    format!("{at}  #{:<3} {what}", ev.seq)
-}
-
-fn print_job(j: &Job) {
-    println!("job        {}", j.id);
-    println!(
-        "state      {}{}",
-        state_name(j.state),
-        if j.cancel_requested {
-            " (cancel requested)"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "kind       {} ({} / selector {:?})",
-        es_proto::kinds::name(j),
-        role_name(j.role),
-        j.selector
-    );
-    if !j.sandbox_id.is_empty() {
-        println!("sandbox    {}", j.sandbox_id);
-    }
-    println!(
-        "attempt    {}/{} (epoch {})",
-        j.attempt, j.max_attempts, j.epoch
-    );
-    if !j.agent.is_empty() {
-        println!("agent      {}", j.agent);
-    }
-    if let Some(r) = &j.result {
-        if !r.output.is_empty() {
-            println!("output     {}", r.output);
-        }
-        if !r.error.is_empty() {
-            println!("error      {}", r.error);
-        }
-    }
 }
 
 /// Entry point of the `es-server` binary.

@@ -10,16 +10,16 @@
 pub mod auth;
 pub mod blueprint;
 pub mod cli;
+pub mod client_conn;
 pub mod dispatch;
 pub use es_proto::logging;
 pub mod metrics;
+pub mod render;
 pub mod sandbox_cli;
 pub mod selector;
 pub mod service;
 pub mod store;
 pub mod validate;
-pub mod validate_commands;
-pub mod validate_shells;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -370,7 +370,13 @@ pub async fn start(
             let _live = live;
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = metrics::serve(l, d) => {}
+                _ = es_proto::metrics::serve(l, Arc::new(move || {
+                    let now = metrics::Snapshot {
+                        active: d.active_counts(),
+                        agents: d.agents(),
+                    };
+                    d.metrics().render(&now)
+                })) => {}
             }
         });
     }

@@ -2,15 +2,13 @@
 //! lease renewals, refusals and expiries, connected agents. Counters are updated where the
 //! dispatch core decides; gauges are read from the core when scraped.
 
-use std::sync::Arc;
-
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::dispatch::Dispatcher;
+use es_proto::v1::AgentStatus;
 
 use es_proto::metrics::{labels, Labels};
 
@@ -135,14 +133,14 @@ impl ServerMetrics {
         self.writes_refused.inc();
     }
 
-    /// The exposition text, with the gauges read from `d` now.
-    pub fn render(&self, d: &Dispatcher) -> String {
+    /// The exposition text, with the gauges set from `now` (taken by the caller).
+    pub fn render(&self, now: &Snapshot) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
         self.jobs.clear();
-        for ((state, role), n) in d.active_counts() {
+        for ((state, role), n) in &now.active {
             self.jobs
                 .get_or_create(&labels(&[("state", state), ("role", role)]))
-                .set(n as i64);
+                .set(*n as i64);
         }
         // Both states always appear, so a dashboard shows 0 rather than nothing.
         for state in ["queued", "running"] {
@@ -153,8 +151,8 @@ impl ServerMetrics {
             }
         }
         self.agents.clear();
-        for a in d.agents() {
-            let id = a.identity.unwrap_or_default();
+        for a in &now.agents {
+            let id = a.identity.clone().unwrap_or_default();
             let health = if !a.connected {
                 "disconnected"
             } else if a.draining {
@@ -179,8 +177,10 @@ impl ServerMetrics {
     }
 }
 
-/// Serves `/metrics` for `d` on `listener` until the future is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, d: Arc<Dispatcher>) {
-    let render: es_proto::metrics::Render = Arc::new(move || d.metrics().render(&d));
-    es_proto::metrics::serve(listener, render).await
+/// What the gauges show, read from the dispatch core at scrape time.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Unfinished jobs by (state, role) name.
+    pub active: std::collections::HashMap<(&'static str, &'static str), usize>,
+    pub agents: Vec<AgentStatus>,
 }

@@ -10,7 +10,8 @@ use clap::Subcommand;
 use es_proto::v1::*;
 
 use crate::blueprint::Blueprint;
-use crate::cli::{job_json, state_name};
+use crate::client_conn::{Client, EXIT_USAGE};
+use crate::render::{job_json, state_name};
 
 #[derive(Subcommand, Debug)]
 pub enum SandboxCmd {
@@ -242,12 +243,8 @@ fn req(
 }
 
 /// Runs a sandbox command; answers the exit code (1 when a job did not succeed).
-pub async fn run(
-    c: &mut crate::cli::Client,
-    cmd: SandboxCmd,
-    json: bool,
-) -> Result<ExitCode, (u8, String)> {
-    let usage = |m: String| (crate::cli::EXIT_USAGE, m);
+pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode, (u8, String)> {
+    let usage = |m: String| (EXIT_USAGE, m);
     let mut jobs = Vec::new();
     match cmd {
         SandboxCmd::Up {
@@ -379,7 +376,7 @@ pub async fn run(
             .map_err(|s| {
                 (
                     if s.code() == tonic::Code::InvalidArgument {
-                        crate::cli::EXIT_USAGE
+                        EXIT_USAGE
                     } else {
                         1
                     },

@@ -24,7 +24,7 @@ use es_proto::v1::{
     RunCommand,
 };
 
-use crate::executor::JobCtx;
+use crate::job::JobCtx;
 use crate::shells::aws::{Aws, Count};
 use crate::shells::{AwsSettings, CallCounter, TAG_APP, TAG_SANDBOX};
 

@@ -111,36 +111,6 @@ pub(crate) async fn instances(
     Ok(out)
 }
 
-/// The given instances, every page of them (EC2 implementations may page even when ids are
-/// given: moto answers 100 at a time).
-pub(crate) async fn describe_ids(
-    ec2: &aws_sdk_ec2::Client,
-    ids: &[String],
-) -> Result<Vec<Instance>> {
-    let mut all = Vec::new();
-    for chunk in ids.chunks(1000) {
-        let mut token: Option<String> = None;
-        loop {
-            let r = retry_consistency(|| {
-                ec2.describe_instances()
-                    .set_instance_ids(Some(chunk.to_vec()))
-                    .set_next_token(token.clone())
-                    .send()
-            })
-            .await
-            .map_err(|e| aws_err("DescribeInstances", e))?;
-            for res in r.reservations() {
-                all.extend(res.instances().iter().cloned());
-            }
-            token = r.next_token().map(str::to_owned);
-            if token.is_none() {
-                break;
-            }
-        }
-    }
-    Ok(all)
-}
-
 /// Polls the given instances (one DescribeInstances per round) until all are in `want`.
 async fn wait_state(
     cx: &Cx<'_>,
@@ -151,7 +121,7 @@ async fn wait_state(
     let until = tokio::time::Instant::now() + limit;
     let mut delay = Duration::from_millis(250);
     loop {
-        let all = describe_ids(cx.ec2, ids).await?;
+        let all = super::aws::describe_ids(cx.ec2, ids).await?;
         let done = all.len() >= ids.len()
             && all.iter().all(|i| {
                 let s = i

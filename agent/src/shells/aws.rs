@@ -47,7 +47,7 @@ pub struct AwsSettings {
 #[derive(Default)]
 pub struct CallCounter {
     counts: Mutex<HashMap<String, u64>>,
-    events: Option<tokio::sync::mpsc::UnboundedSender<crate::executor::JobEventOut>>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<crate::job::JobEventOut>>,
     metrics: Option<Arc<crate::metrics::AgentMetrics>>,
 }
 
@@ -59,7 +59,7 @@ impl std::fmt::Debug for CallCounter {
 
 impl CallCounter {
     /// A counter for one job: audit events go to the job's event stream.
-    pub fn for_job(ctx: &crate::executor::JobCtx) -> Arc<CallCounter> {
+    pub fn for_job(ctx: &crate::job::JobCtx) -> Arc<CallCounter> {
         Arc::new(CallCounter {
             counts: Mutex::default(),
             events: Some(ctx.events.clone()),
@@ -169,18 +169,16 @@ impl Intercept for Count {
             }
             None => "no response (transport error or timeout)".to_owned(),
         };
-        let _ = events.send(crate::executor::JobEventOut::AwsCall(
-            es_proto::v1::AwsCall {
-                service,
-                operation,
-                resource_ids: ids,
-                error,
-                at_us: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as i64)
-                    .unwrap_or(0),
-            },
-        ));
+        let _ = events.send(crate::job::JobEventOut::AwsCall(es_proto::v1::AwsCall {
+            service,
+            operation,
+            resource_ids: ids,
+            error,
+            at_us: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(0),
+        }));
         Ok(())
     }
 }
@@ -516,6 +514,36 @@ impl Aws {
             .build();
         Ok(aws_sdk_ec2::Client::from_conf(conf))
     }
+}
+
+/// The given instances, every page of them (EC2 implementations may page even when ids are
+/// given: moto answers 100 at a time).
+pub(crate) async fn describe_ids(
+    ec2: &aws_sdk_ec2::Client,
+    ids: &[String],
+) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
+    let mut all = Vec::new();
+    for chunk in ids.chunks(1000) {
+        let mut token: Option<String> = None;
+        loop {
+            let r = retry_consistency(|| {
+                ec2.describe_instances()
+                    .set_instance_ids(Some(chunk.to_vec()))
+                    .set_next_token(token.clone())
+                    .send()
+            })
+            .await
+            .map_err(|e| aws_err("DescribeInstances", e))?;
+            for res in r.reservations() {
+                all.extend(res.instances().iter().cloned());
+            }
+            token = r.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// The error code of an SDK error ("" for transport errors).

@@ -24,7 +24,7 @@ use es_proto::v1::{job_spec::Kind, shells_result, Job, JobResult, JobState, Shel
 
 pub use aws::{AwsSettings, CallCounter};
 
-use crate::executor::JobCtx;
+use crate::job::JobCtx;
 
 pub const TAG_SANDBOX: &str = "ReservationId";
 pub const TAG_CREATED_BY: &str = "CreatedBy";

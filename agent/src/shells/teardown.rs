@@ -424,7 +424,7 @@ async fn wait_terminated(ec2: &Client, ids: &[String]) {
     let mut delay = Duration::from_millis(250);
     let until = tokio::time::Instant::now() + Duration::from_secs(600);
     while tokio::time::Instant::now() < until {
-        let Ok(found) = super::apps::describe_ids(ec2, ids).await else {
+        let Ok(found) = super::aws::describe_ids(ec2, ids).await else {
             return;
         };
         let all_gone = found

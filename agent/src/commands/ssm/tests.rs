@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::commands::Scrubber;
-use crate::executor::{JobCtx, JobEventOut};
+use crate::job::{JobCtx, JobEventOut};
 use aws_sdk_ssm::operation::cancel_command::CancelCommandOutput;
 use aws_sdk_ssm::operation::describe_instance_information::DescribeInstanceInformationOutput;
 use aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput;

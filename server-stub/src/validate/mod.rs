@@ -12,20 +12,12 @@ const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 const MAX_ATTEMPTS: u32 = 100;
 const MAX_STEPS: u32 = 10_000;
 
-/// A field that failed validation and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid `{field}`: {reason}")]
-pub struct FieldError {
-    pub field: String,
-    pub reason: String,
-}
+mod commands;
+mod field;
+mod shells;
 
-fn bad(field: &str, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.to_owned(),
-        reason: reason.into(),
-    }
-}
+use field::bad;
+pub use field::FieldError;
 
 /// Free text (reasons): at most [`MAX_REASON`] bytes.
 pub fn reason(field: &str, value: &str) -> Result<(), FieldError> {
@@ -241,8 +233,8 @@ pub fn submit(req: &SubmitRequest) -> Result<Role, FieldError> {
     }
     if let Some(kind) = &spec.kind {
         match es_proto::kinds::info(kind).family {
-            es_proto::kinds::Family::Shells => crate::validate_shells::submit(req, kind)?,
-            es_proto::kinds::Family::Commands => crate::validate_commands::submit(req, kind)?,
+            es_proto::kinds::Family::Shells => shells::submit(req, kind)?,
+            es_proto::kinds::Family::Commands => commands::submit(req, kind)?,
             es_proto::kinds::Family::Diagnostic => {}
         }
     }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use es_proto::v1::{job_spec::Kind, CommandTransport, RunCommand, Shell, SubmitRequest};
 
-use crate::validate::FieldError;
+use super::field::{bad, FieldError};
 
 /// Most targets of one RunCommand.
 pub const MAX_TARGETS: usize = 500;
@@ -17,13 +17,6 @@ const MAX_VALUE: usize = 8 * 1024;
 const MAX_EXECUTION_S: u32 = 48 * 3600;
 const MAX_DELIVERY_S: u32 = 30 * 24 * 3600;
 const MAX_SSH_CONNECT_S: u32 = 600;
-
-fn bad(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
 
 fn instance_id(field: &str, v: &str) -> Result<(), FieldError> {
     let hex = v.strip_prefix("i-").unwrap_or("");

@@ -15,7 +15,7 @@ use es_proto::limits::{
     MAX_TAG_VALUE,
 };
 
-use crate::validate::FieldError;
+use super::field::{bad, FieldError};
 
 /// Most apps in one sandbox.
 pub const MAX_APPS: usize = 255;
@@ -23,13 +23,6 @@ const MAX_SUBNETS: usize = 16;
 const MAX_NICS: usize = 8;
 const MAX_USER_DATA: usize = 16 * 1024;
 const VOLUME_TYPES: &[&str] = &["gp3", "gp2", "io1", "io2", "st1", "sc1", "standard"];
-
-fn bad(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        reason: reason.into(),
-    }
-}
 
 fn name_ok(field: &str, v: &str) -> Result<(), FieldError> {
     if v.is_empty() {
