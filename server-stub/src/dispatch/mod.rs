@@ -143,6 +143,24 @@ struct Active {
 }
 
 impl Active {
+    /// A job entering the core (submitted, or reloaded at start) with `next_seq` events so far.
+    fn new(job: Job, next_seq: u64, now: Instant) -> Active {
+        Active {
+            job,
+            offered: None,
+            lease_expires: None,
+            deadline: None,
+            cancel_hard_at: None,
+            cancel_final: JobState::Cancelled,
+            cancel_reason: String::new(),
+            next_seq,
+            // After a restart the agent's seq is unknown: it resends from its own, and the
+            // store's (job, seq) key drops duplicates.
+            agent_seq: 0,
+            queued_at: now,
+        }
+    }
+
     /// The sandbox this job must have to itself: es-shells jobs of one sandbox run one at a
     /// time (two provisioning runs at once could each create what the other is creating).
     fn exclusive_sandbox(&self) -> Option<&str> {
@@ -316,18 +334,7 @@ impl Dispatcher {
         for (job, seq) in active {
             let state = JobState::try_from(job.state).unwrap_or(JobState::Queued);
             let key = (job.role, job.selector.clone());
-            let mut a = Active {
-                offered: None,
-                lease_expires: None,
-                deadline: None,
-                cancel_hard_at: None,
-                cancel_final: JobState::Cancelled,
-                cancel_reason: String::new(),
-                next_seq: seq,
-                agent_seq: u64::MAX, // unknown after restart: accept only seq we have not stored
-                queued_at: now,
-                job,
-            };
+            let mut a = Active::new(job, seq, now);
             if state == JobState::Running {
                 running += 1;
                 a.lease_expires = Some(now + settings.lease_ttl);
@@ -345,9 +352,6 @@ impl Dispatcher {
                     .or_default()
                     .push_back(a.job.id.clone());
             }
-            // The agent seq is unknown after a restart; the agent resends from its own seq and
-            // duplicates are dropped by the (job, seq) key in the store.
-            a.agent_seq = 0;
             if state == JobState::Running {
                 if let Some(sb) = a.exclusive_sandbox() {
                     *core.busy_sandboxes.entry(sb.to_owned()).or_default() += 1;
@@ -474,18 +478,7 @@ impl Dispatcher {
             );
             core.jobs.insert(
                 stored.id.clone(),
-                Active {
-                    job: stored.clone(),
-                    offered: None,
-                    lease_expires: None,
-                    deadline: None,
-                    cancel_hard_at: None,
-                    cancel_final: JobState::Cancelled,
-                    cancel_reason: String::new(),
-                    next_seq: 1,
-                    agent_seq: 0,
-                    queued_at: Instant::now(),
-                },
+                Active::new(stored.clone(), 1, Instant::now()),
             );
             core.queues
                 .entry(key.clone())
