@@ -219,12 +219,12 @@ impl Core {
             // A retried Acquire whose first answer was lost.
             return Ok((lease(a), None));
         }
-        if state != JobState::Queued {
+        let Some(running) = super::state::next(state, super::state::Event::Acquire) else {
             return Err(DispatchError::NotAcquirable {
                 job_id: job_id.to_owned(),
                 state: state.name(),
             });
-        }
+        };
         if a.job.role != agent_role {
             return Err(DispatchError::WrongRole {
                 job_id: job_id.to_owned(),
@@ -269,7 +269,7 @@ impl Core {
             }
         }
         a.offered = None;
-        a.job.state = JobState::Running as i32;
+        a.job.state = running as i32;
         a.job.attempt += 1;
         a.job.epoch += 1;
         a.job.agent = name.to_owned();
@@ -339,6 +339,12 @@ impl Core {
         if fence {
             a.job.epoch += 1;
         }
+        let from = JobState::try_from(a.job.state).unwrap_or_default();
+        let to = JobState::try_from(result.state).unwrap_or_default();
+        if super::state::next(from, super::state::Event::Finish(to)).is_none() {
+            // A bug, not an input: log it loudly and record what the caller decided.
+            log::error!(job_id = id; "job {id}: {} -> {} is not a transition of the state machine", from.name(), to.name());
+        }
         a.job.state = result.state;
         a.job.finished_at_us = now_us();
         a.job.result = Some(result.clone());
@@ -375,29 +381,33 @@ impl Core {
             e.leased.remove(id);
         }
         let a = self.jobs.get_mut(id).expect("checked above");
-        if a.job.cancel_requested {
-            let result = JobResult {
-                state: a.cancel_final as i32,
-                output: String::new(),
-                error: format!("{}; lease of {holder} ended: {why}", a.cancel_reason),
-                ..Default::default()
-            };
-            return self.terminate(store, id, result, true, now);
-        }
-        if a.job.attempt >= a.job.max_attempts {
-            let result = JobResult {
-                state: JobState::Failed as i32,
-                output: String::new(),
-                error: format!(
+        let to = super::state::next(
+            JobState::Running,
+            super::state::Event::LeaseLost {
+                cancel: a.job.cancel_requested.then_some(a.cancel_final),
+                attempts_left: a.job.attempt < a.job.max_attempts,
+            },
+        )
+        .unwrap_or(JobState::Failed);
+        if to != JobState::Queued {
+            let error = if a.job.cancel_requested {
+                format!("{}; lease of {holder} ended: {why}", a.cancel_reason)
+            } else {
+                format!(
                     "lease lost on attempt {} of {} (agent {holder}: {why}); no attempts left",
                     a.job.attempt, a.job.max_attempts
-                ),
+                )
+            };
+            let result = JobResult {
+                state: to as i32,
+                output: String::new(),
+                error,
                 ..Default::default()
             };
             return self.terminate(store, id, result, true, now);
         }
         log::warn!(job_id = id, agent = holder.as_str(); "lease of job {id} on {holder} lost ({why}); offering it again");
-        a.job.state = JobState::Queued as i32;
+        a.job.state = to as i32;
         a.queued_at = now;
         a.lease_expires = None;
         a.deadline = None;

@@ -26,6 +26,7 @@ mod agents;
 mod lease;
 mod queue;
 mod reaper;
+mod state;
 
 use crate::selector::{self, Candidate};
 use crate::store::{Store, StoreError};
