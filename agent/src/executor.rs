@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use es_proto::v1::{job_spec, Job, JobResult, JobState, SleepJob};
 
+use crate::job::JobFamily;
 pub use crate::job::{result, JobCtx, JobEventOut};
 
 /// Runs jobs of every kind this agent knows. The AWS clients of es-shells and es-commands are
@@ -47,25 +48,22 @@ impl Executor {
         };
         // By family (es_proto::kinds holds which kind belongs to which).
         match es_proto::kinds::info(kind).family {
-            Family::Diagnostic => diagnostic(kind, ctx).await,
+            Family::Diagnostic => Diagnostic.execute(job, &ctx).await,
             Family::Commands => {
-                let job_spec::Kind::RunCommand(rc) = kind else {
-                    return result(JobState::Failed, "", "not an es-commands kind");
-                };
                 let commands = self
                     .commands
                     .get_or_init(|| {
                         crate::commands::Commands::new(self.aws.clone(), self.ssh.clone())
                     })
                     .await;
-                commands.run(job, rc, &ctx).await
+                commands.execute(job, &ctx).await
             }
             Family::Shells => {
                 let shells = self
                     .shells
                     .get_or_init(|| crate::shells::Shells::new(self.aws.clone()))
                     .await;
-                shells.run(job, kind, &ctx).await
+                shells.execute(job, &ctx).await
             }
         }
     }
@@ -76,19 +74,16 @@ pub async fn execute(job: &Job, ctx: JobCtx) -> JobResult {
     Executor::new(Default::default()).execute(job, ctx).await
 }
 
-/// Sleep and Echo.
-async fn diagnostic(kind: &job_spec::Kind, ctx: JobCtx) -> JobResult {
-    match kind {
-        job_spec::Kind::Echo(e) => result(JobState::Succeeded, e.message.clone(), ""),
-        job_spec::Kind::Sleep(s) => sleep(s, ctx).await,
-        other => result(
-            JobState::Failed,
-            "",
-            format!(
-                "{} is not a diagnostic kind",
-                es_proto::kinds::info(other).name
-            ),
-        ),
+/// Sleep and Echo: the kinds every agent runs, with no cloud.
+struct Diagnostic;
+
+impl JobFamily for Diagnostic {
+    async fn execute(&self, job: &Job, ctx: &JobCtx) -> JobResult {
+        match job.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+            Some(job_spec::Kind::Echo(e)) => result(JobState::Succeeded, e.message.clone(), ""),
+            Some(job_spec::Kind::Sleep(s)) => sleep(s, ctx.clone()).await,
+            _ => crate::job::wrong_family(job, "diagnostic"),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! reports besides its result. Used by the runtime and by every executor (diagnostic, es-shells,
 //! es-commands), so they need not import each other.
 
-use es_proto::v1::{JobResult, JobState, Progress};
+use es_proto::v1::{Job, JobResult, JobState, Progress};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -55,4 +55,27 @@ pub fn result(state: JobState, output: impl Into<String>, error: impl Into<Strin
         shells: None,
         commands: None,
     }
+}
+
+/// The executor of one family of job kinds (`es_proto::kinds::Family`: diagnostic, es-shells,
+/// es-commands). The agent's executor hands each job to its family's; a job of another family is
+/// answered with a failed result, never a panic.
+pub trait JobFamily {
+    fn execute(
+        &self,
+        job: &Job,
+        ctx: &JobCtx,
+    ) -> impl std::future::Future<Output = JobResult> + Send;
+}
+
+/// The result of a job that reached an executor not made for its kind.
+pub fn wrong_family(job: &Job, family: &str) -> JobResult {
+    result(
+        JobState::Failed,
+        "",
+        format!(
+            "{} is not an {family} job kind; this executor cannot run it",
+            es_proto::kinds::name(job)
+        ),
+    )
 }

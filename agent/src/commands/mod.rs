@@ -319,6 +319,15 @@ pub struct Commands {
     ssh: SshSettings,
 }
 
+impl crate::job::JobFamily for Commands {
+    async fn execute(&self, job: &Job, ctx: &JobCtx) -> JobResult {
+        match job.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+            Some(es_proto::v1::job_spec::Kind::RunCommand(rc)) => self.run(job, rc, ctx).await,
+            _ => crate::job::wrong_family(job, "es-commands"),
+        }
+    }
+}
+
 impl Commands {
     pub async fn new(settings: AwsSettings, ssh: SshSettings) -> Commands {
         Commands {
@@ -327,7 +336,7 @@ impl Commands {
         }
     }
 
-    /// Runs one RunCommand job.
+    /// Runs one RunCommand job (`rc` is the job's own).
     pub async fn run(&self, job: &Job, rc: &RunCommand, ctx: &JobCtx) -> JobResult {
         let calls = CallCounter::for_job(ctx);
         let scrub = Scrubber::new(rc);

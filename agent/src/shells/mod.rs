@@ -25,6 +25,7 @@ use es_proto::v1::{job_spec::Kind, shells_result, Job, JobResult, JobState, Shel
 pub use aws::{AwsSettings, CallCounter};
 
 use crate::job::JobCtx;
+use es_proto::kinds;
 
 pub const TAG_SANDBOX: &str = "ReservationId";
 pub const TAG_CREATED_BY: &str = "CreatedBy";
@@ -64,6 +65,17 @@ pub struct Shells {
     aws: aws::Aws,
 }
 
+impl crate::job::JobFamily for Shells {
+    async fn execute(&self, job: &Job, ctx: &JobCtx) -> JobResult {
+        match job.spec.as_ref().and_then(|s| s.kind.as_ref()) {
+            Some(kind) if kinds::info(kind).family == kinds::Family::Shells => {
+                self.run(job, kind, ctx).await
+            }
+            _ => crate::job::wrong_family(job, "es-shells"),
+        }
+    }
+}
+
 impl Shells {
     pub async fn new(settings: AwsSettings) -> Shells {
         Shells {
@@ -71,7 +83,7 @@ impl Shells {
         }
     }
 
-    /// Runs one es-shells job.
+    /// Runs one es-shells job of kind `kind` (the job's own).
     pub async fn run(&self, job: &Job, kind: &Kind, ctx: &JobCtx) -> JobResult {
         let calls = CallCounter::for_job(ctx);
         let ec2 = match self.aws.client(job, calls.clone()) {
@@ -186,7 +198,10 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
             R::Deleted(teardown::sweep(cx, &s.live_sandbox_ids, s.dry_run, min_age).await?)
         }
         Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_) => {
-            unreachable!("not an es-shells job kind")
+            return Err(ShellsError::Invalid {
+                field: "spec.kind".into(),
+                reason: format!("{} is not an es-shells job kind", kinds::info(kind).name),
+            })
         }
     })
 }
