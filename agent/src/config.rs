@@ -149,7 +149,7 @@ pub enum AssumeRoleEntry {
 }
 
 impl AssumeRoleEntry {
-    fn allowed(&self) -> crate::shells::assume::AllowedRole {
+    fn allowed(&self) -> crate::aws::assume::AllowedRole {
         let (role, external_id) = match self {
             AssumeRoleEntry::Role(r) => (r.clone(), String::new()),
             AssumeRoleEntry::Account(n) => (format!("{n:012}"), String::new()),
@@ -157,7 +157,7 @@ impl AssumeRoleEntry {
                 (role.clone(), external_id.clone())
             }
         };
-        crate::shells::assume::AllowedRole { role, external_id }
+        crate::aws::assume::AllowedRole { role, external_id }
     }
 }
 
@@ -453,8 +453,8 @@ impl AgentConfig {
         ))
     }
 
-    pub fn aws_settings(&self) -> crate::shells::AwsSettings {
-        crate::shells::AwsSettings {
+    pub fn aws_settings(&self) -> crate::aws::AwsSettings {
+        crate::aws::AwsSettings {
             region: self.aws_region.clone(),
             endpoint_url: self.aws_endpoint_url.clone(),
             max_attempts: self.aws_max_attempts,

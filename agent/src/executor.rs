@@ -13,21 +13,18 @@ pub use crate::job::{result, JobCtx, JobEventOut};
 /// built on their first job, so an agent starts (and serves diagnostic jobs) without AWS
 /// settings.
 pub struct Executor {
-    aws: crate::shells::AwsSettings,
+    aws: crate::aws::AwsSettings,
     ssh: crate::commands::SshSettings,
     shells: tokio::sync::OnceCell<crate::shells::Shells>,
     commands: tokio::sync::OnceCell<crate::commands::Commands>,
 }
 
 impl Executor {
-    pub fn new(aws: crate::shells::AwsSettings) -> Executor {
+    pub fn new(aws: crate::aws::AwsSettings) -> Executor {
         Executor::with_ssh(aws, Default::default())
     }
 
-    pub fn with_ssh(
-        aws: crate::shells::AwsSettings,
-        ssh: crate::commands::SshSettings,
-    ) -> Executor {
+    pub fn with_ssh(aws: crate::aws::AwsSettings, ssh: crate::commands::SshSettings) -> Executor {
         Executor {
             aws,
             ssh,

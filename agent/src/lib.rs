@@ -5,6 +5,7 @@
 //! reports events and results. `main.rs` calls [`cli::main`], which only loads the configuration and installs signal
 //! handlers; [`run`] is what tests call in-process.
 
+pub mod aws;
 pub mod backoff;
 pub mod cli;
 pub mod commands;

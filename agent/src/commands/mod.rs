@@ -24,9 +24,10 @@ use es_proto::v1::{
     RunCommand,
 };
 
+use crate::aws::{Aws, Count};
+use crate::aws::{AwsSettings, CallCounter};
 use crate::job::JobCtx;
-use crate::shells::aws::{Aws, Count};
-use crate::shells::{AwsSettings, CallCounter, TAG_APP, TAG_SANDBOX};
+use crate::shells::{TAG_APP, TAG_SANDBOX};
 
 pub use script::{render_ssh, shell_quote, ssm_commands};
 pub use ssh::SshSettings;

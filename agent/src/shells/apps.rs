@@ -17,7 +17,7 @@ use aws_sdk_ec2::types::{
 use es_proto::v1::{AppList, AppResult, AppSpec, Deleted, DeletedResource, PublicIp};
 use futures::StreamExt;
 
-use super::aws::{aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags};
+use super::ec2::{aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags};
 use super::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
 
 const LIVE: &[&str] = &["pending", "running", "stopping", "stopped"];
@@ -121,7 +121,7 @@ async fn wait_state(
     let until = tokio::time::Instant::now() + limit;
     let mut delay = Duration::from_millis(250);
     loop {
-        let all = super::aws::describe_ids(cx.ec2, ids).await?;
+        let all = super::ec2::describe_ids(cx.ec2, ids).await?;
         let done = all.len() >= ids.len()
             && all.iter().all(|i| {
                 let s = i
@@ -538,7 +538,7 @@ async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
     })
     .await;
     if let Err(e) = r {
-        if !super::aws::already_exists(&code(&e)) {
+        if !super::ec2::already_exists(&code(&e)) {
             return Err(aws_err("AuthorizeSecurityGroupIngress", e));
         }
     }

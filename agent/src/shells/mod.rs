@@ -12,9 +12,7 @@
 //! - each job counts its EC2 calls by operation (reported in the result).
 
 mod apps;
-pub(crate) mod assume;
-pub(crate) mod aws;
-mod limiter;
+pub(crate) mod ec2;
 mod network;
 mod teardown;
 
@@ -22,7 +20,7 @@ use std::collections::BTreeMap;
 
 use es_proto::v1::{job_spec::Kind, shells_result, Job, JobResult, JobState, ShellsResult};
 
-pub use aws::{AwsSettings, CallCounter};
+use crate::aws::{self, AwsSettings, CallCounter};
 
 use crate::job::JobCtx;
 use es_proto::kinds;
@@ -88,7 +86,13 @@ impl Shells {
         let calls = CallCounter::for_job(ctx);
         let ec2 = match self.aws.client(job, calls.clone()) {
             Ok(c) => c,
-            Err(e) => return failed(e, &calls, None),
+            Err(e) => {
+                let e = ShellsError::Invalid {
+                    field: "spec.target.role_arn".into(),
+                    reason: e.0,
+                };
+                return failed(e, &calls, None);
+            }
         };
         let sb = job.sandbox_id.as_str();
         let cx = Cx {

@@ -7,7 +7,7 @@ use aws_sdk_ec2::types::{IpPermission, IpRange, ResourceType, UserIdGroupPair, V
 use es_proto::v1::{NetworkMode, NetworkResult, PrepareSandboxNetwork, SubnetResult};
 use ipnet::Ipv4Net;
 
-use super::aws::{aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags};
+use super::ec2::{aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags};
 use super::{Cx, Result, ShellsError, TAG_ROLE, TAG_SUBNET};
 
 const ROLE_VPC: &str = "sandbox-vpc";
@@ -402,7 +402,7 @@ async fn security_groups(cx: &Cx<'_>, vpc_id: &str, mgmt_cidr: &str) -> Result<(
             })
             .await;
             if let Err(e) = r {
-                if !super::aws::already_exists(&code(&e)) {
+                if !super::ec2::already_exists(&code(&e)) {
                     return Err(aws_err("AuthorizeSecurityGroupIngress", e));
                 }
             }
@@ -427,7 +427,7 @@ async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> {
     let mut out: Vec<(String, String)> = r
         .vpc_peering_connections()
         .iter()
-        .filter(|p| super::aws::live_peering(p))
+        .filter(|p| super::ec2::live_peering(p))
         .map(|p| {
             (
                 p.vpc_peering_connection_id().unwrap_or_default().to_owned(),
@@ -663,7 +663,7 @@ async fn add_route(cx: &Cx<'_>, rt: &str, cidr: &str, target: Target<'_>) -> Res
     .await;
     match r {
         Ok(_) => Ok(()),
-        Err(e) if super::aws::already_exists(&code(&e)) => Ok(()),
+        Err(e) if super::ec2::already_exists(&code(&e)) => Ok(()),
         Err(e) => Err(aws_err("CreateRoute", e)),
     }
 }
@@ -695,7 +695,7 @@ async fn associate(cx: &Cx<'_>, rt: &str, subnets: &[&SubnetResult]) -> Result<(
         })
         .await;
         if let Err(e) = r {
-            if !super::aws::already_exists(&code(&e)) {
+            if !super::ec2::already_exists(&code(&e)) {
                 return Err(aws_err("AssociateRouteTable", e));
             }
         }

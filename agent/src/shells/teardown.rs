@@ -16,7 +16,7 @@ use aws_sdk_ec2::types::{Address, Filter, IpPermission};
 use aws_sdk_ec2::Client;
 use es_proto::v1::{Deleted, DeletedResource};
 
-use super::aws::{
+use super::ec2::{
     already_gone, aws_err, code, filter, retry_consistency, sandbox_filter, tag_value,
 };
 use super::{Cx, Result, TAG_CREATED_AT, TAG_SANDBOX};
@@ -211,7 +211,7 @@ async fn cleanup_one(
     for p in peerings
         .vpc_peering_connections()
         .iter()
-        .filter(|p| super::aws::live_peering(p) && mine(p.tags(), sb))
+        .filter(|p| super::ec2::live_peering(p) && mine(p.tags(), sb))
     {
         let pcx = p.vpc_peering_connection_id().unwrap_or_default();
         // Routes through it live in the route tables of both VPCs (the Management VPC's too).
@@ -424,7 +424,7 @@ async fn wait_terminated(ec2: &Client, ids: &[String]) {
     let mut delay = Duration::from_millis(250);
     let until = tokio::time::Instant::now() + Duration::from_secs(600);
     while tokio::time::Instant::now() < until {
-        let Ok(found) = super::aws::describe_ids(ec2, ids).await else {
+        let Ok(found) = super::ec2::describe_ids(ec2, ids).await else {
             return;
         };
         let all_gone = found
@@ -536,7 +536,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeMap<String, Option<i64>>>
         .map_err(|e| aws_err("DescribeVpcPeeringConnections", e))?
         .vpc_peering_connections()
         .iter()
-        .filter(|p| super::aws::live_peering(p))
+        .filter(|p| super::ec2::live_peering(p))
     {
         add_at(x.tags(), None);
     }
