@@ -5,21 +5,18 @@
 //! submitters. Agents dial in; the server never needs a way out to them except the optional
 //! grpc.health.v1 probe of an agent's published health address.
 //!
-//! `main.rs` only parses the command line; [`run`] is what tests call in-process.
+//! Layers, top down: `api/` (gRPC services, auth, validation) calls `dispatch/` (queues, offers,
+//! leases, agents, the reaper), which writes through the `store/` trait (SQLite today);
+//! `client/` is the operator's command line (it only speaks gRPC to a server); `metrics.rs`
+//! renders a snapshot. `main.rs` only calls [`client::main`]; [`run`] is what tests call
+//! in-process.
 
-pub mod auth;
-pub mod blueprint;
-pub mod cli;
-pub mod client_conn;
+pub mod api;
+pub mod client;
 pub mod dispatch;
 pub use es_proto::logging;
 pub mod metrics;
-pub mod render;
-pub mod sandbox_cli;
-pub mod selector;
-pub mod service;
 pub mod store;
-pub mod validate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -246,7 +243,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Auth(#[from] auth::AuthError),
+    Auth(#[from] api::auth::AuthError),
 }
 
 fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
@@ -297,11 +294,11 @@ pub async fn start(
             None
         }
     };
-    let store = store::Store::open(&config.db, config.db_sync)?;
+    let store = store::sqlite::open(&config.db, config.db_sync)?;
     let dispatcher = Dispatcher::recover(store, config.settings()).await?;
-    let auth = Arc::new(auth::Auth::new(
+    let auth = Arc::new(api::auth::Auth::new(
         tls.is_some(),
-        auth::AuthFiles {
+        api::auth::AuthFiles {
             tokens: config.tokens.clone(),
             deny: config.deny.clone(),
             agents: config.agents.clone(),
@@ -324,10 +321,10 @@ pub async fn start(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
-        .set_serving::<AgentServiceServer<service::AgentApi>>()
+        .set_serving::<AgentServiceServer<api::AgentApi>>()
         .await;
     health_reporter
-        .set_serving::<JobServiceServer<service::JobApi>>()
+        .set_serving::<JobServiceServer<api::JobApi>>()
         .await;
     // Reflection in both versions: v1, and v1alpha for the clients that speak only that one
     // (Python's grpcio-reflection, several GUI clients), which get UNIMPLEMENTED otherwise.
@@ -393,7 +390,7 @@ pub async fn start(
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(
-            AgentServiceServer::new(service::AgentApi {
+            AgentServiceServer::new(api::AgentApi {
                 d: dispatcher.clone(),
                 auth: auth.clone(),
             })
@@ -401,7 +398,7 @@ pub async fn start(
             .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            JobServiceServer::new(service::JobApi {
+            JobServiceServer::new(api::JobApi {
                 d: dispatcher.clone(),
                 auth: auth.clone(),
             })
@@ -430,7 +427,7 @@ pub async fn start(
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 health_reporter
-                    .set_not_serving::<AgentServiceServer<service::AgentApi>>()
+                    .set_not_serving::<AgentServiceServer<api::AgentApi>>()
                     .await;
             })
             .await;
@@ -467,7 +464,7 @@ impl Drop for Live {
 }
 
 /// SIGHUP reads the tokens, deny and agents files again (revocation without a restart).
-async fn reload_on_sighup(auth: Arc<auth::Auth>, stop: tokio_util::sync::CancellationToken) {
+async fn reload_on_sighup(auth: Arc<api::auth::Auth>, stop: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         log::warn!("cannot listen for SIGHUP: credentials are read at start only");
@@ -634,7 +631,7 @@ mod tests {
             store.audit(vec![]).await.is_err(),
             "the writer is gone: later writes are refused, not lost silently"
         );
-        let reopened = store::Store::open(&db, store::Sync::Normal).unwrap();
+        let reopened = store::sqlite::open(&db, store::Sync::Normal).unwrap();
         assert_eq!(reopened.get(&job.id).await.unwrap().unwrap().id, job.id);
         reopened.shutdown();
     }

@@ -1,4 +1,4 @@
-//! `es-server`: see `es_server::cli`.
+//! `es-server`: see `es_server::client`.
 fn main() -> std::process::ExitCode {
-    es_server::cli::main()
+    es_server::client::main()
 }

@@ -100,7 +100,7 @@ impl Secure {
         }
     }
 
-    async fn client(&self, who: &str) -> es_server::cli::Client {
+    async fn client(&self, who: &str) -> es_server::client::Client {
         tls_client(
             self.server.addr,
             &self.pki.ca_file,
@@ -152,7 +152,7 @@ fn sweep(live: &[&str], no_live: bool) -> SubmitRequest {
     }
 }
 
-async fn job_count(c: &mut es_server::cli::Client) -> usize {
+async fn job_count(c: &mut es_server::client::Client) -> usize {
     c.list(ListRequest {
         limit: 10_000,
         ..Default::default()
@@ -458,7 +458,7 @@ async fn a_selector_is_bound_to_the_agent_identity_and_revocation_needs_no_resta
 }
 
 /// Polls `Get` until the job is final.
-async fn finished(c: &mut es_server::cli::Client, id: &str) -> Job {
+async fn finished(c: &mut es_server::client::Client, id: &str) -> Job {
     let until = std::time::Instant::now() + LONG;
     loop {
         let j = c

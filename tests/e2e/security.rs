@@ -81,14 +81,14 @@ impl TlsEnv {
         )
     }
 
-    async fn client(&self) -> es_server::cli::Client {
+    async fn client(&self) -> es_server::client::Client {
         tls_client(self.server.addr, &self.pki.ca_file, None, Some(&self.token))
             .await
             .expect("submitter client")
     }
 }
 
-async fn agent_names(c: &mut es_server::cli::Client) -> Vec<String> {
+async fn agent_names(c: &mut es_server::client::Client) -> Vec<String> {
     c.agents(AgentsRequest {})
         .await
         .unwrap()

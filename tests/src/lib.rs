@@ -198,7 +198,7 @@ pub async fn tls_client(
     ca: &Path,
     identity: Option<&pki::CertFiles>,
     token: Option<&str>,
-) -> Result<es_server::cli::Client, String> {
+) -> Result<es_server::client::Client, String> {
     let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
         tonic::transport::Certificate::from_pem(std::fs::read(ca).map_err(|e| e.to_string())?),
     );
@@ -218,7 +218,7 @@ pub async fn tls_client(
     let token = token.map(|t| format!("Bearer {t}").parse().expect("ascii token"));
     Ok(JobServiceClient::with_interceptor(
         ch,
-        es_server::cli::Credentials(token),
+        es_server::client::Credentials(token),
     ))
 }
 

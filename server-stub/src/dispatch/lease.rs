@@ -59,7 +59,7 @@ impl Dispatcher {
             }
             let acked = a.agent_seq;
             let pending = (!out.is_empty()).then(|| Pending {
-                commit: Box::pin(self.store.events(out.clone())),
+                commit: self.store.events(out.clone()),
                 events: out,
             });
             (acked, pending)
@@ -280,7 +280,7 @@ impl Core {
         self.metrics
             .dispatched(now.saturating_duration_since(a.queued_at));
         let ev = event(a, job_event::Event::State(JobState::Running as i32));
-        let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
+        let commit = store.update(&a.job, vec![ev.clone()]);
         let lease = lease(a);
         let agent = self.agents.get_mut(name).expect("session maps to agent");
         agent.offered.remove(job_id);
@@ -349,7 +349,7 @@ impl Core {
         a.job.finished_at_us = now_us();
         a.job.result = Some(result.clone());
         let ev = event(&mut a, job_event::Event::Result(result));
-        let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
+        let commit = store.update(&a.job, vec![ev.clone()]);
         self.finished.insert(id.to_owned(), (a.job.epoch, now));
         let st = JobState::try_from(a.job.state).unwrap_or_default();
         self.metrics.finished(st.name());
@@ -420,7 +420,7 @@ impl Core {
             job_event::Event::Log(format!("lease of {holder} lost: {why}")),
         );
         let st_ev = event(a, job_event::Event::State(JobState::Queued as i32));
-        let commit = Box::pin(store.update(&a.job, vec![log_ev.clone(), st_ev.clone()]));
+        let commit = store.update(&a.job, vec![log_ev.clone(), st_ev.clone()]);
         self.queues
             .entry((a.job.role, a.job.selector.clone()))
             .or_default()
@@ -451,7 +451,7 @@ impl Core {
             a,
             job_event::Event::Log(format!("cancel requested: {reason}")),
         );
-        let commit = Box::pin(store.update(&a.job, vec![ev.clone()]));
+        let commit = store.update(&a.job, vec![ev.clone()]);
         let msg = CancelJob {
             job_id: id.to_owned(),
             epoch: a.job.epoch,

@@ -26,10 +26,11 @@ mod agents;
 mod lease;
 mod queue;
 mod reaper;
+mod selector;
 mod state;
 
-use crate::selector::{self, Candidate};
 use crate::store::{Store, StoreError};
+use selector::Candidate;
 
 /// Timing settings of the dispatch core.
 #[derive(Debug, Clone)]
@@ -290,7 +291,7 @@ fn note_sandbox(
 
 /// A committed-later write plus the events to publish once it is committed.
 struct Pending {
-    commit: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>,
+    commit: crate::store::StoreFuture<()>,
     events: Vec<JobEvent>,
 }
 
@@ -322,13 +323,13 @@ impl Dispatcher {
             unfinished_by: HashMap::new(),
             alive: HashMap::new(),
         };
-        for (sb, at, cleanup, state) in store.sandbox_history().await? {
+        for h in store.sandbox_history().await? {
             note_sandbox(
                 &mut core.alive,
-                &sb,
-                at,
-                cleanup,
-                state == JobState::Succeeded as i32,
+                &h.sandbox_id,
+                h.created_at_us,
+                h.cleanup,
+                h.state == JobState::Succeeded as i32,
             );
         }
         let (mut queued, mut running) = (0, 0);
@@ -367,7 +368,7 @@ impl Dispatcher {
         if queued + running > 0 {
             log::info!(
                 "recovered {queued} queued and {running} running jobs from {}",
-                store.path().display()
+                store.describe()
             );
         }
         let (events, _) = broadcast::channel(16 * 1024);

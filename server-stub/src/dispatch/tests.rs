@@ -6,7 +6,7 @@ use es_proto::v1::{job_spec, EchoJob, JobSpec, Role};
 
 async fn setup() -> (tempfile::TempDir, Arc<Dispatcher>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("es.db"), Sync::Normal).unwrap();
+    let store = crate::store::sqlite::open(&dir.path().join("es.db"), Sync::Normal).unwrap();
     (
         dir,
         Dispatcher::recover(store, Settings::default())

@@ -1,5 +1,5 @@
 //! The es-server entry point, built inside this package so the end-to-end tests always run the
 //! current code (`CARGO_BIN_EXE_e2e-server`).
 fn main() -> std::process::ExitCode {
-    es_server::cli::main()
+    es_server::client::main()
 }

@@ -22,8 +22,6 @@
 //! With `--insecure` (plaintext, loopback only) agents are trusted as they describe themselves;
 //! submitters still need a token when a tokens file is configured.
 
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use es_proto::metrics::{labels, Labels};
@@ -31,9 +29,15 @@ use es_proto::v1::AgentIdentity;
 use es_proto::Role;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
 
+mod policy;
+
+pub use policy::{
+    digest, new_token, normalize_serial, parse_agents, parse_tokens, AgentGrant, AuthError,
+    AuthFiles, Scope,
+};
+use policy::{hex, Policy};
 /// A caller as proven by its certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertIdentity {
@@ -48,32 +52,6 @@ impl CertIdentity {
     /// The agent role the certificate is for, if it is an agent's.
     pub fn role(&self) -> Option<Role> {
         Role::parse(&self.unit)
-    }
-}
-
-/// What a submitter may do; each scope includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    Read,
-    Submit,
-    Admin,
-}
-
-impl Scope {
-    pub fn parse(s: &str) -> Option<Scope> {
-        match s {
-            "read" => Some(Scope::Read),
-            "submit" => Some(Scope::Submit),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Submit => "submit",
-            Scope::Admin => "admin",
-        }
     }
 }
 
@@ -101,48 +79,6 @@ impl Caller {
     }
 }
 
-/// What an agent identity may register as (from the agents file).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentGrant {
-    pub role: Role,
-    /// Selector values it may serve; `*` = any.
-    pub selectors: Vec<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    #[error("{flag} {path}: {detail}")]
-    File {
-        flag: &'static str,
-        path: PathBuf,
-        detail: String,
-    },
-}
-
-/// The files the policy is read from (and read again on SIGHUP).
-#[derive(Debug, Clone, Default)]
-pub struct AuthFiles {
-    pub tokens: Option<PathBuf>,
-    pub deny: Option<PathBuf>,
-    pub agents: Option<PathBuf>,
-}
-
-#[derive(Debug, Default)]
-struct Deny {
-    serials: HashSet<String>,
-    names: HashSet<String>,
-    digests: HashSet<[u8; 32]>,
-}
-
-#[derive(Debug, Default)]
-struct Policy {
-    /// Token digest -> (submitter name, scope). `None`: no tokens file configured.
-    tokens: Option<HashMap<[u8; 32], (String, Scope)>>,
-    deny: Deny,
-    /// Agent name -> what it may register as. `None`: no agents file (any selector).
-    agents: Option<HashMap<String, AgentGrant>>,
-}
-
 /// The authentication policy of a running server.
 pub struct Auth {
     /// TLS with client certificates is on.
@@ -150,152 +86,6 @@ pub struct Auth {
     files: AuthFiles,
     policy: RwLock<Arc<Policy>>,
     failures: Family<Labels, Counter>,
-}
-
-/// Digest under which a token is stored.
-pub fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut d = [0u8; 32];
-    for (j, chunk) in s.as_bytes().chunks(2).enumerate() {
-        d[j] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-    }
-    Some(d)
-}
-
-/// A serial as `openssl x509 -serial` or a certificate parser prints it, normalized.
-pub fn normalize_serial(s: &str) -> String {
-    let s = s.trim().to_ascii_lowercase();
-    let s = s.strip_prefix("serial=").unwrap_or(&s);
-    let digits: String = s.chars().filter(|c| *c != ':').collect();
-    let trimmed = digits.trim_start_matches('0');
-    if trimmed.is_empty() {
-        "0".into()
-    } else {
-        trimmed.into()
-    }
-}
-
-/// A fresh random token (256 bits, hex) and the line to add to the tokens file for `name`.
-pub fn new_token(name: &str, scope: Scope) -> (String, String) {
-    let bytes: [u8; 32] = rand::random();
-    let token = format!("es_{}", hex(&bytes));
-    let line = format!("{name} {} {}", hex(&digest(&token)), scope.name());
-    (token, line)
-}
-
-fn lines(text: &str) -> impl Iterator<Item = (usize, Vec<&str>)> {
-    text.lines().enumerate().filter_map(|(i, l)| {
-        let l = l.trim();
-        (!l.is_empty() && !l.starts_with('#')).then(|| (i + 1, l.split_whitespace().collect()))
-    })
-}
-
-/// Parses a tokens file: `NAME SHA256HEX [read|submit|admin]` per line (default `submit`),
-/// `#` comments and blank lines ignored.
-pub fn parse_tokens(text: &str) -> Result<HashMap<[u8; 32], (String, Scope)>, String> {
-    let mut out = HashMap::new();
-    for (n, parts) in lines(text) {
-        let (name, hexd, scope) = match parts.as_slice() {
-            [name, hexd] => (*name, *hexd, Scope::Submit),
-            [name, hexd, scope] => {
-                let s = Scope::parse(scope).ok_or_else(|| {
-                    format!("line {n}: scope {scope:?} of {name}: use read, submit or admin")
-                })?;
-                (*name, *hexd, s)
-            }
-            _ => {
-                return Err(format!(
-                    "line {n}: expected `NAME SHA256HEX [SCOPE]` (make one with `es-server token NAME`)"
-                ))
-            }
-        };
-        let d = unhex32(hexd).ok_or_else(|| {
-            format!("line {n}: the digest of {name} is not 64 hex digits (store the SHA-256 of the token, not the token)")
-        })?;
-        if out.insert(d, (name.to_owned(), scope)).is_some() {
-            return Err(format!("line {n}: the token of {name} is listed twice"));
-        }
-    }
-    Ok(out)
-}
-
-/// Parses a deny-list: `serial HEX` or `serial=HEX` (a certificate, as openssl prints it),
-/// `digest SHA256HEX` (a token), or `name NAME` (every certificate and token of that agent or
-/// submitter).
-fn parse_deny(text: &str) -> Result<Deny, String> {
-    let mut d = Deny::default();
-    for (n, parts) in lines(text) {
-        // `openssl x509 -serial -noout` prints `serial=HEX`: take that line as it is.
-        let parts: Vec<&str> = match parts.as_slice() {
-            [one] if one.starts_with("serial=") => vec!["serial", one],
-            _ => parts,
-        };
-        match parts.as_slice() {
-            ["serial", s]
-                if s.trim_start_matches("serial=")
-                    .chars()
-                    .all(|c| c.is_ascii_hexdigit() || c == ':') =>
-            {
-                d.serials.insert(normalize_serial(s));
-            }
-            ["digest", h] => {
-                d.digests.insert(
-                    unhex32(h).ok_or_else(|| format!("line {n}: digest is not 64 hex digits"))?,
-                );
-            }
-            ["name", name] => {
-                d.names.insert((*name).to_owned());
-            }
-            _ => {
-                return Err(format!(
-                    "line {n}: expected `serial HEX`, `digest SHA256HEX` or `name NAME`"
-                ))
-            }
-        }
-    }
-    Ok(d)
-}
-
-/// Parses an agents file: `NAME ROLE SELECTOR[,SELECTOR...]` per line (`*` = any selector,
-/// `-` = the empty selector).
-pub fn parse_agents(text: &str) -> Result<HashMap<String, AgentGrant>, String> {
-    let mut out = HashMap::new();
-    for (n, parts) in lines(text) {
-        let [name, role, sels] = parts.as_slice() else {
-            return Err(format!(
-                "line {n}: expected `NAME ROLE SELECTOR[,SELECTOR...]` (e.g. es-shells-prod shells prod)"
-            ));
-        };
-        let role = Role::parse(role)
-            .ok_or_else(|| format!("line {n}: role {role:?} of {name}: use shells or commands"))?;
-        let selectors = sels
-            .split(',')
-            .map(|s| {
-                if s == "-" {
-                    String::new()
-                } else {
-                    s.to_owned()
-                }
-            })
-            .collect();
-        if out
-            .insert((*name).to_owned(), AgentGrant { role, selectors })
-            .is_some()
-        {
-            return Err(format!("line {n}: agent {name} is listed twice"));
-        }
-    }
-    Ok(out)
 }
 
 /// The name and role in a DER certificate's subject (`CN`, `OU`), and its serial.
@@ -319,39 +109,6 @@ pub fn cert_identity(der: &[u8]) -> Result<CertIdentity, String> {
         unit,
         serial: normalize_serial(&hex(cert.raw_serial())),
     })
-}
-
-fn read(flag: &'static str, path: &Path) -> Result<String, AuthError> {
-    std::fs::read_to_string(path).map_err(|e| AuthError::File {
-        flag,
-        path: path.to_owned(),
-        detail: e.to_string(),
-    })
-}
-
-impl AuthFiles {
-    fn load(&self) -> Result<Policy, AuthError> {
-        fn parse_err<'a>(flag: &'static str, path: &'a Path) -> impl Fn(String) -> AuthError + 'a {
-            move |detail| AuthError::File {
-                flag,
-                path: path.to_owned(),
-                detail,
-            }
-        }
-        let mut p = Policy::default();
-        if let Some(path) = &self.tokens {
-            p.tokens =
-                Some(parse_tokens(&read("--tokens", path)?).map_err(parse_err("--tokens", path))?);
-        }
-        if let Some(path) = &self.deny {
-            p.deny = parse_deny(&read("--deny", path)?).map_err(parse_err("--deny", path))?;
-        }
-        if let Some(path) = &self.agents {
-            p.agents =
-                Some(parse_agents(&read("--agents", path)?).map_err(parse_err("--agents", path))?);
-        }
-        Ok(p)
-    }
 }
 
 fn peer_addr<T>(req: &Request<T>) -> String {
@@ -641,82 +398,4 @@ impl Auth {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_file_round_trip_scopes_and_errors() {
-        let (token, line) = new_token("ci", Scope::Read);
-        let map = parse_tokens(&format!("# comment\n\n{line}\n")).unwrap();
-        assert_eq!(map.get(&digest(&token)), Some(&("ci".into(), Scope::Read)));
-        // A line of an older release (no scope) keeps what it could do: submit.
-        let (t2, l2) = new_token("old", Scope::Admin);
-        let old = l2.rsplit_once(' ').unwrap().0;
-        assert_eq!(
-            parse_tokens(old).unwrap().get(&digest(&t2)),
-            Some(&("old".into(), Scope::Submit))
-        );
-        for (text, want) in [
-            ("ci es_plaintext".to_owned(), "64 hex"),
-            (format!("{line}\n{line}"), "twice"),
-            ("lonely".to_owned(), "NAME SHA256HEX"),
-            (
-                format!("{} root", &line[..line.len() - 5]),
-                "scope \"root\"",
-            ),
-        ] {
-            let e = parse_tokens(&text).unwrap_err();
-            assert!(e.contains(want), "{text}: {e}");
-        }
-    }
-
-    #[test]
-    fn deny_and_agents_files() {
-        let d = parse_deny(&format!(
-            "serial=0A:1B\nserial 00ff\ndigest {}\nname es-shells-old\n",
-            "ab".repeat(32)
-        ))
-        .unwrap();
-        assert!(d.serials.contains("a1b") && d.serials.contains("ff"));
-        assert!(d.names.contains("es-shells-old") && d.digests.len() == 1);
-        assert!(parse_deny("serial zz").is_err());
-        assert!(parse_deny("token x").unwrap_err().contains("line 1"));
-
-        let a = parse_agents("es-shells-prod shells prod,prod-b\nes-cmd commands -\nany shells *")
-            .unwrap();
-        assert_eq!(
-            a["es-shells-prod"],
-            AgentGrant {
-                role: Role::Shells,
-                selectors: vec!["prod".into(), "prod-b".into()]
-            }
-        );
-        assert_eq!(a["es-cmd"].selectors, vec![String::new()]);
-        assert!(parse_agents("x wizard prod").unwrap_err().contains("role"));
-        assert!(parse_agents("x shells").unwrap_err().contains("NAME ROLE"));
-    }
-
-    #[test]
-    fn scopes_nest() {
-        let c = Caller {
-            actor: "submitter:ro".into(),
-            scope: Scope::Read,
-        };
-        assert!(c.require(Scope::Read, "Get").is_ok());
-        let e = c.require(Scope::Submit, "Submit").unwrap_err();
-        assert_eq!(e.code(), tonic::Code::PermissionDenied);
-        assert!(e.message().contains("--scope submit"), "{}", e.message());
-        let admin = Caller {
-            actor: "submitter:ops".into(),
-            scope: Scope::Admin,
-        };
-        assert!(admin.require(Scope::Submit, "Submit").is_ok());
-    }
-
-    #[test]
-    fn serials_are_normalized() {
-        assert_eq!(normalize_serial("serial=00:0A:ff"), "aff");
-        assert_eq!(normalize_serial("0AFF"), "aff");
-        assert_eq!(normalize_serial("00"), "0");
-    }
-}
+mod tests;

@@ -1,5 +1,5 @@
 //! The submitter's connection to the server: the client type, the interceptor that adds the
-//! token, and the CLI's exit codes (shared by cli.rs and sandbox_cli.rs).
+//! token, the CLI's exit codes and its error (shared by every client command).
 
 use es_proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
@@ -25,3 +25,31 @@ impl tonic::service::Interceptor for Credentials {
 /// The CLI's connection to the server's JobService.
 pub type Client =
     JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Credentials>>;
+
+/// A failed client command: the exit code and what to print.
+pub struct CliError {
+    pub code: u8,
+    pub message: String,
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> CliError {
+        let code = match s.code() {
+            tonic::Code::InvalidArgument | tonic::Code::AlreadyExists => EXIT_USAGE,
+            tonic::Code::Unavailable => EXIT_UNAVAILABLE,
+            _ => 1,
+        };
+        CliError {
+            code,
+            message: format!("{:?}: {}", s.code(), s.message()),
+        }
+    }
+}
+
+/// Bad input of the user (exit 64).
+pub fn usage(message: String) -> CliError {
+    CliError {
+        code: EXIT_USAGE,
+        message,
+    }
+}

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use es_proto::v1::*;
 
-use crate::blueprint::Blueprint;
-use crate::client_conn::{Client, EXIT_USAGE};
-use crate::render::{job_json, state_name};
+use super::blueprint::Blueprint;
+use super::conn::{Client, EXIT_USAGE};
+use super::render::{job_json, state_name};
 
 #[derive(Subcommand, Debug)]
 pub enum SandboxCmd {

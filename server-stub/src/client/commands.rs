@@ -1,0 +1,462 @@
+//! The client subcommands of `es-server`, one function each (`serve` is in `mod.rs`); output
+//! through `render.rs`, `--json` everywhere.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use es_proto::error_chain;
+use es_proto::v1::job_service_client::JobServiceClient;
+use es_proto::v1::*;
+use serde_json::{json, Value};
+
+use super::args::{ClientOpts, Command, SubmitArgs};
+use super::conn::{usage, CliError, Client, Credentials, EXIT_UNAVAILABLE};
+use super::render::*;
+
+/// Runs one client subcommand; answers the process exit code or the error to print.
+pub async fn run(cmd: Command) -> Result<ExitCode, CliError> {
+    match cmd {
+        Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Submit { job, wait, client } => submit(job, wait, client).await,
+        Command::Jobs {
+            state,
+            role,
+            sandbox,
+            selector,
+            limit,
+            client,
+        } => jobs(state, role, sandbox, selector, limit, client).await,
+        Command::Get { job_id, client } => get(job_id, client).await,
+        Command::Watch { job_id, client } => watch_job(job_id, client).await,
+        Command::Cancel {
+            job_id,
+            reason,
+            client,
+        } => cancel(job_id, reason, client).await,
+        Command::Sandbox { cmd, client } => sandbox(cmd, client).await,
+        Command::Agents { client } => agents(client).await,
+        Command::Audit {
+            sandbox,
+            job,
+            all,
+            client,
+        } => audit(sandbox, job, all, client).await,
+        Command::Drain {
+            name,
+            reason,
+            no_wait,
+            timeout,
+            client,
+        } => drain(name, reason, no_wait, timeout, client).await,
+        Command::Token { name, scope } => token(name, scope).await,
+    }
+}
+
+async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(opts.server.clone())
+        .map_err(|e| usage(format!("--server {:?}: {e}", opts.server)))?
+        .connect_timeout(Duration::from_secs(5));
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| usage(format!("{flag} {}: {e}", p.display())))
+    };
+    if opts.server.starts_with("https://") {
+        let ca = opts.ca.as_ref().ok_or_else(|| {
+            usage(
+                "--ca (ES_CA) is needed for an https:// server: the CA that signed its certificate"
+                    .into(),
+            )
+        })?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
+        if let (Some(cert), Some(key)) = (&opts.cert, &opts.cert_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("--cert", cert)?,
+                read("--cert-key", key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| usage(format!("--ca/--cert/--cert-key: {e}")))?;
+    } else if opts.cert.is_some() || opts.ca.is_some() {
+        return Err(usage(format!(
+            "--ca/--cert need an https:// --server (got {})",
+            opts.server
+        )));
+    }
+    let token = match &opts.token {
+        None => None,
+        Some(t) => {
+            if opts.server.starts_with("http://") {
+                eprintln!(
+                    "es-server: warning: sending the token in plaintext to {}",
+                    opts.server
+                );
+            }
+            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                    usage("--token (ES_TOKEN) holds characters not allowed in a header".into())
+                })?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+    };
+    let channel = endpoint.connect().await.map_err(|e| CliError {
+        code: EXIT_UNAVAILABLE,
+        message: format!("cannot reach {}: {}", opts.server, error_chain(&e)),
+    })?;
+    Ok(
+        JobServiceClient::with_interceptor(channel, Credentials(token))
+            .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
+            .max_encoding_message_size(es_proto::limits::MAX_MESSAGE),
+    )
+}
+
+/// `submit`: sends the job, then follows it with `--wait`.
+async fn submit(job: SubmitArgs, wait: bool, client: ClientOpts) -> Result<ExitCode, CliError> {
+    let req = job.request().map_err(usage)?;
+    let mut c = connect(&client).await?;
+    let resp = c.submit(req).await?.into_inner();
+    let j = resp.job.unwrap_or_default();
+    if client.json && !wait {
+        print_json(&json!({"created": resp.created, "job": job_json(&j)}));
+    } else if !client.json {
+        let verb = if resp.created {
+            "submitted"
+        } else {
+            "already submitted (same key)"
+        };
+        println!(
+            "{verb} job {} ({} {})",
+            j.id,
+            role_name(j.role),
+            es_proto::kinds::name(&j)
+        );
+    }
+    if wait {
+        return watch(&mut c, &j.id, client.json).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `jobs`: pages through the list until `--limit`.
+async fn jobs(
+    state: Vec<String>,
+    role: Option<String>,
+    sandbox: Option<String>,
+    selector: Option<String>,
+    limit: u32,
+    client: ClientOpts,
+) -> Result<ExitCode, CliError> {
+    let mut states = Vec::new();
+    for s in &state {
+        let st = es_proto::JobState::parse(s).ok_or_else(|| {
+            usage(format!(
+                "--state {s:?}: use queued, running, succeeded, failed, cancelled or timed_out"
+            ))
+        })?;
+        states.push(st as i32);
+    }
+    let role = match role {
+        None => 0,
+        Some(r) => es_proto::Role::parse(&r)
+            .ok_or_else(|| usage(format!("--role {r:?}: must be shells or commands")))?
+            as i32,
+    };
+    let mut c = connect(&client).await?;
+    // Pages until `limit` jobs (an answer stops early at the message size budget).
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .list(ListRequest {
+                states: states.clone(),
+                role,
+                sandbox_id: sandbox.clone().unwrap_or_default(),
+                selector: selector.clone().unwrap_or_default(),
+                limit: limit.saturating_sub(jobs.len() as u32).max(1),
+                page_token,
+            })
+            .await?
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() || jobs.len() >= limit as usize {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    if client.json {
+        print_json(&Value::Array(jobs.iter().map(job_json).collect()));
+    } else {
+        println!(
+            "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  SANDBOX",
+            "JOB", "STATE", "ROLE", "KIND", "ATTEMPT", "AGENT"
+        );
+        for j in &jobs {
+            println!(
+                "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  {}",
+                j.id,
+                state_name(j.state),
+                role_name(j.role),
+                es_proto::kinds::name(j),
+                format!("{}/{}", j.attempt, j.max_attempts),
+                j.agent,
+                j.sandbox_id
+            );
+        }
+        println!("{} jobs", jobs.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `get`: one job.
+async fn get(job_id: String, client: ClientOpts) -> Result<ExitCode, CliError> {
+    let mut c = connect(&client).await?;
+    let j = c.get(GetRequest { job_id }).await?.into_inner();
+    if client.json {
+        print_json(&job_json(&j));
+    } else {
+        print_job(&j);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `watch`: a job's events until it finishes.
+async fn watch_job(job_id: String, client: ClientOpts) -> Result<ExitCode, CliError> {
+    let mut c = connect(&client).await?;
+    watch(&mut c, &job_id, client.json).await
+}
+
+/// `cancel`: asks for a cancel.
+async fn cancel(job_id: String, reason: String, client: ClientOpts) -> Result<ExitCode, CliError> {
+    let mut c = connect(&client).await?;
+    let j = c
+        .cancel(CancelRequest { job_id, reason })
+        .await?
+        .into_inner()
+        .job
+        .unwrap_or_default();
+    if client.json {
+        print_json(&job_json(&j));
+    } else if j.cancel_requested && j.state == JobState::Running as i32 {
+        println!("cancel requested for job {} (running on {})", j.id, j.agent);
+    } else {
+        println!("job {} is {}", j.id, state_name(j.state));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sandbox …`: see `sandbox.rs`.
+async fn sandbox(
+    cmd: super::sandbox::SandboxCmd,
+    client: ClientOpts,
+) -> Result<ExitCode, CliError> {
+    let mut c = connect(&client).await?;
+    super::sandbox::run(&mut c, cmd, client.json)
+        .await
+        .map_err(|(code, message)| CliError { code, message })
+}
+
+/// `agents`: the connected agents as a table.
+async fn agents(client: ClientOpts) -> Result<ExitCode, CliError> {
+    let mut c = connect(&client).await?;
+    let agents = c.agents(AgentsRequest {}).await?.into_inner().agents;
+    if client.json {
+        print_json(&Value::Array(agents.iter().map(agent_json).collect()));
+    } else {
+        println!(
+            "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {:>8}  {:>8}  {:>7}  {:>7}  DETAIL",
+            "AGENT",
+            "ROLE",
+            "SELECTOR",
+            "KIND",
+            "HEALTH",
+            "SLOTS",
+            "LEASED",
+            "DONE",
+            "REFUSED",
+            "EXPIRED"
+        );
+        for a in &agents {
+            let id = a.identity.clone().unwrap_or_default();
+            let health = if a.draining {
+                "draining"
+            } else if a.healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            let n = a.counters.unwrap_or_default();
+            println!(
+                "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {:>8}  {:>8}  {:>7}  {:>7}  {}",
+                id.name,
+                role_name(id.role),
+                id.selector,
+                if id.fallback { "fallback" } else { "primary" },
+                health,
+                format!("{}/{}", a.slots_in_use, id.slots),
+                n.leases_granted,
+                n.results_accepted,
+                n.writes_refused,
+                n.leases_expired,
+                a.health_detail
+            );
+        }
+        println!("{} agents", agents.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `audit`: every page of the trail, oldest first.
+async fn audit(
+    sandbox: Option<String>,
+    job: Option<String>,
+    all: bool,
+    client: ClientOpts,
+) -> Result<ExitCode, CliError> {
+    let mut c = connect(&client).await?;
+    let mut after_id = 0;
+    if !client.json {
+        println!(
+            "{:<26}  {:<24}  {:<12}  {:<36}  DETAIL",
+            "TIME", "ACTOR", "ACTION", "JOB"
+        );
+    }
+    loop {
+        let page = c
+            .audit(AuditRequest {
+                sandbox_id: sandbox.clone().unwrap_or_default(),
+                job_id: job.clone().unwrap_or_default(),
+                all,
+                after_id,
+                limit: 1000,
+            })
+            .await?
+            .into_inner();
+        let entries = page.entries;
+        for e in &entries {
+            if client.json {
+                // One object per line: `> audit.jsonl` is the export.
+                println!("{}", audit_json(e));
+            } else {
+                println!(
+                    "{:<26}  {:<24}  {:<12}  {:<36}  {}",
+                    time(e.at_us).as_str().unwrap_or("-"),
+                    e.actor,
+                    e.action,
+                    e.job_id,
+                    e.detail_json
+                );
+            }
+        }
+        match page.next_after_id {
+            0 => break,
+            next => after_id = next,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drain`: asks the agent to drain, then waits until it has left (or came back under a new session).
+async fn drain(
+    name: String,
+    reason: String,
+    no_wait: bool,
+    timeout: Duration,
+    client: ClientOpts,
+) -> Result<ExitCode, CliError> {
+    let mut c = connect(&client).await?;
+    let a = c
+        .drain_agent(DrainAgentRequest {
+            name: name.clone(),
+            reason,
+        })
+        .await?
+        .into_inner()
+        .agent
+        .unwrap_or_default();
+    if !client.json {
+        println!(
+            "{name}: draining ({} jobs in flight); it takes no new work",
+            a.slots_in_use
+        );
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let session = a.registered_at_us;
+    let mut last = a;
+    // Gone, or back under a new session (systemd restarted it after the drain).
+    loop {
+        if no_wait {
+            break;
+        }
+        let agents = c.agents(AgentsRequest {}).await?.into_inner().agents;
+        let me = agents
+            .into_iter()
+            .find(|x| x.identity.as_ref().is_some_and(|i| i.name == name));
+        match me {
+            Some(x) if x.connected && x.registered_at_us == session => last = x,
+            _ => {
+                if !client.json {
+                    println!("{name}: drained and gone");
+                }
+                break;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(CliError {
+                code: 1,
+                message: format!(
+                    "{name} is still draining after {} ({} jobs in flight)",
+                    humantime::format_duration(timeout),
+                    last.slots_in_use
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if client.json {
+        print_json(&agent_json(&last));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `token`: a fresh token and its line for the tokens file (no server needed).
+async fn token(name: String, scope: String) -> Result<ExitCode, CliError> {
+    if name.is_empty() || name.chars().any(char::is_whitespace) {
+        return Err(usage(format!(
+            "token name {name:?}: give a name without spaces"
+        )));
+    }
+    let scope = crate::api::auth::Scope::parse(&scope)
+        .ok_or_else(|| usage(format!("--scope {scope:?}: use read, submit or admin")))?;
+    let (token, line) = crate::api::auth::new_token(&name, scope);
+    println!("token for {name} (give it to the submitter as ES_TOKEN; it is not stored):");
+    println!("  {token}");
+    println!("line for the server's --tokens file:");
+    println!("  {line}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn watch(c: &mut Client, job_id: &str, as_json: bool) -> Result<ExitCode, CliError> {
+    let mut stream = c
+        .watch(WatchRequest {
+            job_id: job_id.to_owned(),
+            after_seq: 0,
+        })
+        .await?
+        .into_inner();
+    let mut final_state = JobState::Unspecified;
+    while let Some(ev) = stream.message().await? {
+        if as_json {
+            println!("{}", event_json(&ev));
+        } else {
+            println!("{}", event_line(&ev));
+        }
+        if let Some(job_event::Event::Result(r)) = &ev.event {
+            final_state = JobState::try_from(r.state).unwrap_or_default();
+        }
+    }
+    Ok(match final_state {
+        JobState::Succeeded => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
+}

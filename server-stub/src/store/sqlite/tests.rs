@@ -1,0 +1,81 @@
+//! The SQLite store against a real file: idempotency, reopen, events.
+
+use super::*;
+use es_proto::v1::{job_spec, EchoJob, Role};
+
+fn job(id: &str, key: &str) -> Job {
+    Job {
+        id: id.into(),
+        idempotency_key: key.into(),
+        role: Role::Shells as i32,
+        selector: "us-east-1".into(),
+        spec: Some(JobSpec {
+            kind: Some(job_spec::Kind::Echo(EchoJob {
+                message: "hi".into(),
+            })),
+            target: None,
+        }),
+        state: JobState::Queued as i32,
+        max_attempts: 3,
+        created_at_us: 1,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn insert_is_idempotent_by_key_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("es.db");
+    let store = SqliteStore::open(&path, Sync::Normal).unwrap();
+    let (a, created) = store.insert(job("j1", "k"), vec![]).await.unwrap();
+    assert!(created);
+    let (b, created) = store.insert(job("j2", "k"), vec![]).await.unwrap();
+    assert!(!created, "same key must return the first job");
+    assert_eq!(b.id, a.id);
+    let mut done = a.clone();
+    done.state = JobState::Succeeded as i32;
+    done.finished_at_us = 10;
+    done.result = Some(JobResult {
+        state: JobState::Succeeded as i32,
+        output: "hi".into(),
+        error: String::new(),
+        ..Default::default()
+    });
+    store.update(&done, vec![]).await.unwrap();
+    drop(store);
+
+    let store = SqliteStore::open(&path, Sync::Full).unwrap();
+    let got = store.get("j1").await.unwrap().unwrap();
+    assert_eq!(got.state, JobState::Succeeded as i32);
+    assert_eq!(got.result.unwrap().output, "hi");
+    assert!(store.get("j2").await.unwrap().is_none());
+    assert!(store.load_active().await.unwrap().is_empty());
+    assert_eq!(store.purge(11).await.unwrap(), 1);
+    assert!(store.get("j1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn events_are_deduplicated_by_seq_and_listed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("es.db"), Sync::Normal).unwrap();
+    store.insert(job("j1", ""), vec![]).await.unwrap();
+    let ev = |seq| JobEvent {
+        job_id: "j1".into(),
+        seq,
+        at_us: seq as i64,
+        ..Default::default()
+    };
+    store.events(vec![ev(1), ev(2)]).await.unwrap();
+    store.events(vec![ev(2), ev(3)]).await.unwrap();
+    let got: Vec<u64> = store
+        .events_after("j1", 1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(got, vec![2, 3]);
+    let active = store.load_active().await.unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].1, 3);
+}
