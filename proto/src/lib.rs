@@ -7,6 +7,7 @@ pub mod kinds;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod resources;
 
 pub mod v1 {
     tonic::include_proto!("es.v1");

@@ -292,6 +292,14 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
         .filter(|r| r.starts_with("instance "))
         .count();
     assert_eq!(live, 3);
+    // The leak check below can see what it checks for: each kind this sandbox has now.
+    let seen = tagged_resources(&a.ec2, sandbox).await;
+    for kind in ["instance", "volume", "security-group", "subnet"] {
+        assert!(
+            seen.iter().any(|r| r.starts_with(&format!("{kind} "))),
+            "the leak check sees no {kind} of a deployed sandbox: {seen:?}"
+        );
+    }
 
     // Power off, off again (no-op), on.
     let off = run(

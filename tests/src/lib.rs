@@ -738,131 +738,137 @@ impl Moto {
     }
 }
 
-/// Every resource still tagged `ReservationId=<sandbox>`, as "kind id", checked type by type
-/// with the SDK (instances that are not terminated, Elastic IPs, network interfaces, security
-/// groups, subnets, route tables, internet gateways, live peering connections, VPCs).
+/// Every resource still tagged `ReservationId=<sandbox>`, as "kind id", for every tagged kind of
+/// `es_proto::resources::EC2_KINDS` (instances that are not terminated, EBS volumes, Elastic IPs,
+/// network interfaces, live peering connections, security groups, subnets, route tables,
+/// internet gateways, VPCs). Listed here with the SDK's own calls, not the agent's code, so a
+/// lookup bug of the agent cannot hide a leak; the match is exhaustive, so a kind added to the
+/// table fails to compile until this check sees it too.
 pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<String> {
     use aws_sdk_ec2::types::Filter;
+    use es_proto::resources::{Ec2Kind, EC2_KINDS};
     let f = Filter::builder()
         .name("tag:ReservationId")
         .values(sandbox)
         .build();
     let mut out = Vec::new();
-    // Every page: EC2 pages these (and moto does, at 100, even with filters).
-    let mut pages = ec2
-        .describe_instances()
-        .filters(f.clone())
-        .into_paginator()
-        .send();
-    while let Some(r) = pages.next().await {
-        for i in r.unwrap().reservations().iter().flat_map(|r| r.instances()) {
-            if i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated") {
-                out.push(format!("instance {}", i.instance_id().unwrap_or_default()));
+    for k in EC2_KINDS {
+        let name = k.name;
+        let mut add = |id: Option<&str>| out.push(format!("{name} {}", id.unwrap_or_default()));
+        match k.kind {
+            Ec2Kind::Instance => {
+                // Every page: EC2 pages these (and moto does, at 100, even with filters).
+                let mut pages = ec2
+                    .describe_instances()
+                    .filters(f.clone())
+                    .into_paginator()
+                    .send();
+                while let Some(r) = pages.next().await {
+                    for i in r.unwrap().reservations().iter().flat_map(|r| r.instances()) {
+                        if i.state().and_then(|s| s.name()).map(|n| n.as_str())
+                            != Some("terminated")
+                        {
+                            add(i.instance_id());
+                        }
+                    }
+                }
+            }
+            Ec2Kind::Volume => {
+                let mut pages = ec2
+                    .describe_volumes()
+                    .filters(f.clone())
+                    .into_paginator()
+                    .send();
+                while let Some(r) = pages.next().await {
+                    for v in r.unwrap().volumes() {
+                        add(v.volume_id());
+                    }
+                }
+            }
+            Ec2Kind::ElasticIp => {
+                let r = ec2.describe_addresses().filters(f.clone()).send().await;
+                for a in r.unwrap().addresses() {
+                    add(a.allocation_id());
+                }
+            }
+            Ec2Kind::NetworkInterface => {
+                let mut pages = ec2
+                    .describe_network_interfaces()
+                    .filters(f.clone())
+                    .into_paginator()
+                    .send();
+                while let Some(r) = pages.next().await {
+                    for n in r.unwrap().network_interfaces() {
+                        add(n.network_interface_id());
+                    }
+                }
+            }
+            // Routes carry no tags: the tests that peer check the Management VPC's route table.
+            Ec2Kind::PeeringRoute => {}
+            Ec2Kind::VpcPeering => {
+                let r = ec2
+                    .describe_vpc_peering_connections()
+                    .filters(f.clone())
+                    .send()
+                    .await;
+                for p in r.unwrap().vpc_peering_connections() {
+                    let status = p
+                        .status()
+                        .and_then(|s| s.code())
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default();
+                    // moto ignores the tag filter on this call: check the tag here.
+                    let tagged = p
+                        .tags()
+                        .iter()
+                        .any(|t| t.key() == Some("ReservationId") && t.value() == Some(sandbox));
+                    if tagged && status != "deleted" && status != "rejected" {
+                        out.push(format!(
+                            "{name} {} ({status})",
+                            p.vpc_peering_connection_id().unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+            Ec2Kind::SecurityGroup => {
+                let r = ec2
+                    .describe_security_groups()
+                    .filters(f.clone())
+                    .send()
+                    .await;
+                for g in r.unwrap().security_groups() {
+                    add(g.group_id());
+                }
+            }
+            Ec2Kind::Subnet => {
+                let r = ec2.describe_subnets().filters(f.clone()).send().await;
+                for s in r.unwrap().subnets() {
+                    add(s.subnet_id());
+                }
+            }
+            Ec2Kind::RouteTable => {
+                let r = ec2.describe_route_tables().filters(f.clone()).send().await;
+                for t in r.unwrap().route_tables() {
+                    add(t.route_table_id());
+                }
+            }
+            Ec2Kind::InternetGateway => {
+                let r = ec2
+                    .describe_internet_gateways()
+                    .filters(f.clone())
+                    .send()
+                    .await;
+                for g in r.unwrap().internet_gateways() {
+                    add(g.internet_gateway_id());
+                }
+            }
+            Ec2Kind::Vpc => {
+                let r = ec2.describe_vpcs().filters(f.clone()).send().await;
+                for v in r.unwrap().vpcs() {
+                    add(v.vpc_id());
+                }
             }
         }
-    }
-    for a in ec2
-        .describe_addresses()
-        .filters(f.clone())
-        .send()
-        .await
-        .unwrap()
-        .addresses()
-    {
-        out.push(format!(
-            "elastic-ip {}",
-            a.allocation_id().unwrap_or_default()
-        ));
-    }
-    let mut pages = ec2
-        .describe_network_interfaces()
-        .filters(f.clone())
-        .into_paginator()
-        .send();
-    while let Some(r) = pages.next().await {
-        for n in r.unwrap().network_interfaces() {
-            out.push(format!(
-                "network-interface {}",
-                n.network_interface_id().unwrap_or_default()
-            ));
-        }
-    }
-    for g in ec2
-        .describe_security_groups()
-        .filters(f.clone())
-        .send()
-        .await
-        .unwrap()
-        .security_groups()
-    {
-        out.push(format!(
-            "security-group {}",
-            g.group_id().unwrap_or_default()
-        ));
-    }
-    for s in ec2
-        .describe_subnets()
-        .filters(f.clone())
-        .send()
-        .await
-        .unwrap()
-        .subnets()
-    {
-        out.push(format!("subnet {}", s.subnet_id().unwrap_or_default()));
-    }
-    for t in ec2
-        .describe_route_tables()
-        .filters(f.clone())
-        .send()
-        .await
-        .unwrap()
-        .route_tables()
-    {
-        out.push(format!(
-            "route-table {}",
-            t.route_table_id().unwrap_or_default()
-        ));
-    }
-    for g in ec2
-        .describe_internet_gateways()
-        .filters(f.clone())
-        .send()
-        .await
-        .unwrap()
-        .internet_gateways()
-    {
-        out.push(format!(
-            "internet-gateway {}",
-            g.internet_gateway_id().unwrap_or_default()
-        ));
-    }
-    for p in ec2
-        .describe_vpc_peering_connections()
-        .filters(f.clone())
-        .send()
-        .await
-        .unwrap()
-        .vpc_peering_connections()
-    {
-        let status = p
-            .status()
-            .and_then(|s| s.code())
-            .map(|c| c.as_str().to_owned())
-            .unwrap_or_default();
-        // moto ignores the tag filter on this call: check the tag here.
-        let tagged = p
-            .tags()
-            .iter()
-            .any(|t| t.key() == Some("ReservationId") && t.value() == Some(sandbox));
-        if tagged && status != "deleted" && status != "rejected" {
-            out.push(format!(
-                "vpc-peering-connection {} ({status})",
-                p.vpc_peering_connection_id().unwrap_or_default()
-            ));
-        }
-    }
-    for v in ec2.describe_vpcs().filters(f).send().await.unwrap().vpcs() {
-        out.push(format!("vpc {}", v.vpc_id().unwrap_or_default()));
     }
     out
 }
