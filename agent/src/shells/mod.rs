@@ -186,13 +186,13 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
         Kind::PrepareNetwork(p) => R::Network(network::prepare(cx, p).await?),
         Kind::DeployApp(d) => {
             let apps: Vec<_> = d.app.iter().cloned().collect();
-            R::Apps(apps::deploy(cx, &apps).await?)
+            R::Apps(apps::deploy::deploy(cx, &apps).await?)
         }
-        Kind::DeploySandbox(d) => R::Apps(apps::deploy(cx, &d.apps).await?),
-        Kind::Power(p) => R::Apps(apps::power(cx, &p.apps, p.on).await?),
-        Kind::RefreshIp(r) => R::Apps(apps::describe(cx, &r.apps).await?),
-        Kind::GetVmDetails(g) => R::Apps(apps::describe(cx, &g.apps).await?),
-        Kind::DeleteApp(d) => R::Deleted(apps::delete(cx, &d.app).await?),
+        Kind::DeploySandbox(d) => R::Apps(apps::deploy::deploy(cx, &d.apps).await?),
+        Kind::Power(p) => R::Apps(apps::ops::power(cx, &p.apps, p.on).await?),
+        Kind::RefreshIp(r) => R::Apps(apps::ops::describe(cx, &r.apps).await?),
+        Kind::GetVmDetails(g) => R::Apps(apps::ops::describe(cx, &g.apps).await?),
+        Kind::DeleteApp(d) => R::Deleted(apps::ops::delete(cx, &d.app).await?),
         Kind::CleanupSandbox(_) => R::Deleted(teardown::cleanup(cx).await?),
         Kind::SweepOrphans(s) => {
             // The job may ask for a longer minimum age, never a shorter one than the agent's.

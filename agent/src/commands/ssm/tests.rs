@@ -12,6 +12,7 @@ use aws_sdk_ssm::operation::send_command::SendCommandOutput;
 use aws_sdk_ssm::types::{Command, CommandInvocation, CommandPlugin, InstanceInformation};
 use aws_sdk_ssm::Client;
 use aws_smithy_mocks::{mock, mock_client, Rule, RuleMode};
+use es_proto::v1::Shell;
 use tokio::sync::mpsc;
 
 const FAST: PollPace = PollPace {

@@ -1,195 +1,27 @@
-//! PrepareSandboxNetwork in its three modes. Each step looks up by tag before it creates, so a
-//! second run (after a crash, or on the fallback) finds what the first made and adds only what
-//! is missing. Two concurrent runs may both create a VPC; both then keep the one with the
-//! smallest id and the loser deletes its own, so one VPC remains.
+//! The steps of PrepareSandboxNetwork, one resource each, every one looking up by tag before it
+//! creates: the dedicated VPC (reconciled with a concurrent run), subnets, the two security
+//! groups, peering, the internet gateway, route tables, routes and associations.
 
 use aws_sdk_ec2::types::{IpPermission, IpRange, ResourceType, UserIdGroupPair, Vpc};
-use es_proto::v1::{NetworkMode, NetworkResult, PrepareSandboxNetwork, SubnetResult};
+use es_proto::v1::SubnetResult;
 use ipnet::Ipv4Net;
 
-use super::ec2::{aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags};
-use super::{Cx, Result, ShellsError, TAG_ROLE, TAG_SUBNET};
+use crate::shells::ec2::{
+    aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags,
+};
+use crate::shells::{Cx, Result, ShellsError, TAG_ROLE, TAG_SUBNET};
 
-const ROLE_VPC: &str = "sandbox-vpc";
-const ROLE_SG_SANDBOX: &str = "sandbox-sg";
-const ROLE_SG_ISOLATED: &str = "isolated-sg";
-const ROLE_IGW: &str = "internet-gateway";
-const ROLE_PEERING: &str = "peering";
+pub(super) const ROLE_VPC: &str = "sandbox-vpc";
+pub(super) const ROLE_SG_SANDBOX: &str = "sandbox-sg";
+pub(super) const ROLE_SG_ISOLATED: &str = "isolated-sg";
+pub(super) const ROLE_IGW: &str = "internet-gateway";
+pub(super) const ROLE_PEERING: &str = "peering";
 
-pub(crate) async fn prepare(cx: &Cx<'_>, p: &PrepareSandboxNetwork) -> Result<NetworkResult> {
-    let mode = NetworkMode::try_from(p.mode).unwrap_or_default();
-    let mgmt = p.management.clone().unwrap_or_default();
-    let mut out = NetworkResult::default();
-    let (vpc_id, vpc_cidrs) = match mode {
-        NetworkMode::Dedicated => {
-            let id = dedicated_vpc(cx, &p.vpc_cidr).await?;
-            (
-                id,
-                vec![p
-                    .vpc_cidr
-                    .parse::<Ipv4Net>()
-                    .map_err(|_| invalid("spec.prepare_network.vpc_cidr", "not a CIDR"))?],
-            )
-        }
-        NetworkMode::Shared => {
-            let shared = p.shared.clone().unwrap_or_default();
-            let cidrs =
-                existing_vpc_cidrs(cx, &shared.vpc_id, "spec.prepare_network.shared.vpc_id")
-                    .await?;
-            (shared.vpc_id, cidrs)
-        }
-        NetworkMode::Single => {
-            let cidrs =
-                existing_vpc_cidrs(cx, &mgmt.vpc_id, "spec.prepare_network.management.vpc_id")
-                    .await?;
-            (mgmt.vpc_id.clone(), cidrs)
-        }
-        NetworkMode::Unspecified => {
-            return Err(invalid("spec.prepare_network.mode", "unknown mode"))
-        }
-    };
-    // Check every subnet against the VPC before creating anything.
-    for (i, s) in p.subnets.iter().enumerate() {
-        let net: Ipv4Net = s.cidr.parse().map_err(|_| {
-            invalid(
-                &format!("spec.prepare_network.subnets[{i}].cidr"),
-                "not a CIDR",
-            )
-        })?;
-        if !vpc_cidrs.iter().any(|v| v.contains(&net)) {
-            let list: Vec<String> = vpc_cidrs.iter().map(|c| c.to_string()).collect();
-            return Err(invalid(
-                &format!("spec.prepare_network.subnets[{i}].cidr"),
-                &format!("{net} is outside VPC {vpc_id} ({})", list.join(", ")),
-            ));
-        }
-    }
-    out.vpc_id = vpc_id.clone();
-    cx.ctx.progress(1, 5, format!("vpc {vpc_id}"));
-
-    // Subnets.
-    let existing = cx
-        .ec2
-        .describe_subnets()
-        .filters(sandbox_filter(cx.sandbox))
-        .filters(filter("vpc-id", &[&vpc_id]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSubnets", e))?;
-    for s in &p.subnets {
-        let found = existing
-            .subnets()
-            .iter()
-            .find(|x| tag_value(x.tags(), TAG_SUBNET) == Some(s.name.as_str()));
-        let id = match found {
-            Some(x) => x.subnet_id().unwrap_or_default().to_owned(),
-            None => {
-                let mut req = cx
-                    .ec2
-                    .create_subnet()
-                    .vpc_id(&vpc_id)
-                    .cidr_block(&s.cidr)
-                    .tag_specifications(tags(
-                        ResourceType::Subnet,
-                        cx.sandbox,
-                        &format!("{}-{}", cx.sandbox, s.name),
-                        &[(TAG_SUBNET, &s.name)],
-                    ));
-                if !s.availability_zone.is_empty() {
-                    req = req.availability_zone(&s.availability_zone);
-                }
-                match retry_consistency(|| req.clone().send()).await {
-                    Ok(r) => r
-                        .subnet()
-                        .and_then(|x| x.subnet_id())
-                        .unwrap_or_default()
-                        .to_owned(),
-                    // A concurrent run created it between our lookup and our create.
-                    Err(e) if code(&e) == "InvalidSubnet.Conflict" => {
-                        match sandbox_subnet(cx, &vpc_id, &s.name).await? {
-                            Some(id) => id,
-                            None => return Err(aws_err("CreateSubnet", e)),
-                        }
-                    }
-                    Err(e) => return Err(aws_err("CreateSubnet", e)),
-                }
-            }
-        };
-        out.subnets.push(SubnetResult {
-            name: s.name.clone(),
-            subnet_id: id,
-            cidr: s.cidr.clone(),
-        });
-    }
-    cx.ctx
-        .progress(2, 5, format!("{} subnets", out.subnets.len()));
-
-    // Security groups: "sandbox" (members talk to each other, management comes in) and
-    // "isolated" (only management comes in).
-    let (sandbox_sg, isolated_sg) = security_groups(cx, &vpc_id, &mgmt.cidr).await?;
-    out.sandbox_security_group_id = sandbox_sg;
-    out.isolated_security_group_id = isolated_sg;
-    cx.ctx.progress(3, 5, "security groups");
-
-    // Routing.
-    match mode {
-        NetworkMode::Dedicated => {
-            let public: Vec<&SubnetResult> = out
-                .subnets
-                .iter()
-                .filter(|s| p.subnets.iter().any(|r| r.name == s.name && r.public))
-                .collect();
-            let private: Vec<&SubnetResult> = out
-                .subnets
-                .iter()
-                .filter(|s| !public.iter().any(|p| p.name == s.name))
-                .collect();
-            let pcx = peering(cx, &vpc_id, &mgmt.vpc_id).await?;
-            out.peering_connection_id = pcx.clone();
-            let mut igw = String::new();
-            if !public.is_empty() {
-                igw = internet_gateway(cx, &vpc_id).await?;
-                out.internet_gateway_id = igw.clone();
-            }
-            for (kind, subnets) in [("public", &public), ("private", &private)] {
-                if subnets.is_empty() {
-                    continue;
-                }
-                let rt = route_table(cx, &vpc_id, kind).await?;
-                add_route(cx, &rt, &mgmt.cidr, Target::Peering(&pcx)).await?;
-                if kind == "public" {
-                    add_route(cx, &rt, "0.0.0.0/0", Target::Gateway(&igw)).await?;
-                }
-                associate(cx, &rt, subnets).await?;
-                out.route_table_ids.push(rt);
-            }
-            // The way back: sandbox CIDR -> peering in the Management VPC's route tables.
-            for rt in &mgmt.route_table_ids {
-                add_route(cx, rt, &p.vpc_cidr, Target::Peering(&pcx)).await?;
-            }
-        }
-        NetworkMode::Shared => {
-            let shared = p.shared.clone().unwrap_or_default();
-            let rt = route_table(cx, &vpc_id, "private").await?;
-            add_route(
-                cx,
-                &rt,
-                &mgmt.cidr,
-                Target::TransitGateway(&shared.transit_gateway_id),
-            )
-            .await?;
-            let all: Vec<&SubnetResult> = out.subnets.iter().collect();
-            associate(cx, &rt, &all).await?;
-            out.route_table_ids.push(rt);
-        }
-        // Inside the Management VPC: its own routing already reaches everything.
-        NetworkMode::Single | NetworkMode::Unspecified => {}
-    }
-    cx.ctx.progress(5, 5, "routes");
-    Ok(out)
-}
-
-async fn sandbox_subnet(cx: &Cx<'_>, vpc_id: &str, name: &str) -> Result<Option<String>> {
+pub(super) async fn sandbox_subnet(
+    cx: &Cx<'_>,
+    vpc_id: &str,
+    name: &str,
+) -> Result<Option<String>> {
     let r = cx
         .ec2
         .describe_subnets()
@@ -210,21 +42,21 @@ async fn sandbox_subnet(cx: &Cx<'_>, vpc_id: &str, name: &str) -> Result<Option<
 
 /// After creating `mine`, agree with any concurrent run on one winner (the smallest id among
 /// `all`); answers the winner and whether `mine` lost (the caller then deletes it).
-fn reconcile(mine: &str, mut all: Vec<String>) -> (String, bool) {
+pub(super) fn reconcile(mine: &str, mut all: Vec<String>) -> (String, bool) {
     all.sort();
     let winner = all.into_iter().next().unwrap_or_else(|| mine.to_owned());
     let lost = winner != mine;
     (winner, lost)
 }
 
-fn invalid(field: &str, reason: &str) -> ShellsError {
+pub(super) fn invalid(field: &str, reason: &str) -> ShellsError {
     ShellsError::Invalid {
         field: field.to_owned(),
         reason: reason.to_owned(),
     }
 }
 
-fn vpc_cidrs(v: &Vpc) -> Vec<Ipv4Net> {
+pub(super) fn vpc_cidrs(v: &Vpc) -> Vec<Ipv4Net> {
     let mut out: Vec<Ipv4Net> = v
         .cidr_block()
         .and_then(|c| c.parse().ok())
@@ -240,7 +72,11 @@ fn vpc_cidrs(v: &Vpc) -> Vec<Ipv4Net> {
     out
 }
 
-async fn existing_vpc_cidrs(cx: &Cx<'_>, vpc_id: &str, field: &str) -> Result<Vec<Ipv4Net>> {
+pub(super) async fn existing_vpc_cidrs(
+    cx: &Cx<'_>,
+    vpc_id: &str,
+    field: &str,
+) -> Result<Vec<Ipv4Net>> {
     let r = cx.ec2.describe_vpcs().vpc_ids(vpc_id).send().await;
     match r {
         Ok(r) => match r.vpcs().first() {
@@ -255,7 +91,7 @@ async fn existing_vpc_cidrs(cx: &Cx<'_>, vpc_id: &str, field: &str) -> Result<Ve
     }
 }
 
-async fn sandbox_vpcs(cx: &Cx<'_>) -> Result<Vec<String>> {
+pub(super) async fn sandbox_vpcs(cx: &Cx<'_>) -> Result<Vec<String>> {
     let r = cx
         .ec2
         .describe_vpcs()
@@ -273,7 +109,7 @@ async fn sandbox_vpcs(cx: &Cx<'_>) -> Result<Vec<String>> {
     Ok(ids)
 }
 
-async fn dedicated_vpc(cx: &Cx<'_>, cidr: &str) -> Result<String> {
+pub(super) async fn dedicated_vpc(cx: &Cx<'_>, cidr: &str) -> Result<String> {
     if let Some(id) = sandbox_vpcs(cx).await?.into_iter().next() {
         return Ok(id);
     }
@@ -305,7 +141,11 @@ async fn dedicated_vpc(cx: &Cx<'_>, cidr: &str) -> Result<String> {
     Ok(winner)
 }
 
-async fn security_groups(cx: &Cx<'_>, vpc_id: &str, mgmt_cidr: &str) -> Result<(String, String)> {
+pub(super) async fn security_groups(
+    cx: &Cx<'_>,
+    vpc_id: &str,
+    mgmt_cidr: &str,
+) -> Result<(String, String)> {
     let existing = cx
         .ec2
         .describe_security_groups()
@@ -402,7 +242,7 @@ async fn security_groups(cx: &Cx<'_>, vpc_id: &str, mgmt_cidr: &str) -> Result<(
             })
             .await;
             if let Err(e) = r {
-                if !super::ec2::already_exists(&code(&e)) {
+                if !crate::shells::ec2::already_exists(&code(&e)) {
                     return Err(aws_err("AuthorizeSecurityGroupIngress", e));
                 }
             }
@@ -412,7 +252,7 @@ async fn security_groups(cx: &Cx<'_>, vpc_id: &str, mgmt_cidr: &str) -> Result<(
     Ok((ids[0].clone(), ids[1].clone()))
 }
 
-async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> {
+pub(super) async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> {
     let r = cx
         .ec2
         .describe_vpc_peering_connections()
@@ -427,7 +267,7 @@ async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> {
     let mut out: Vec<(String, String)> = r
         .vpc_peering_connections()
         .iter()
-        .filter(|p| super::ec2::live_peering(p))
+        .filter(|p| crate::shells::ec2::live_peering(p))
         .map(|p| {
             (
                 p.vpc_peering_connection_id().unwrap_or_default().to_owned(),
@@ -442,7 +282,7 @@ async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
+pub(super) async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
     let (id, status) = match live_peerings(cx).await?.into_iter().next() {
         Some(found) => found,
         None => {
@@ -502,7 +342,7 @@ async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
     Ok(id)
 }
 
-async fn sandbox_igws(cx: &Cx<'_>) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>> {
+pub(super) async fn sandbox_igws(cx: &Cx<'_>) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>> {
     let r = cx
         .ec2
         .describe_internet_gateways()
@@ -515,7 +355,7 @@ async fn sandbox_igws(cx: &Cx<'_>) -> Result<Vec<aws_sdk_ec2::types::InternetGat
     Ok(v)
 }
 
-async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
+pub(super) async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
     let attached_to = |g: &aws_sdk_ec2::types::InternetGateway| {
         g.attachments().iter().any(|a| a.vpc_id() == Some(vpc_id))
     };
@@ -581,7 +421,11 @@ async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
     Ok(id)
 }
 
-async fn sandbox_route_tables(cx: &Cx<'_>, vpc_id: &str, role: &str) -> Result<Vec<String>> {
+pub(super) async fn sandbox_route_tables(
+    cx: &Cx<'_>,
+    vpc_id: &str,
+    role: &str,
+) -> Result<Vec<String>> {
     let r = cx
         .ec2
         .describe_route_tables()
@@ -600,7 +444,7 @@ async fn sandbox_route_tables(cx: &Cx<'_>, vpc_id: &str, role: &str) -> Result<V
     Ok(ids)
 }
 
-async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result<String> {
+pub(super) async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result<String> {
     let role = format!("{kind}-routes");
     if let Some(id) = sandbox_route_tables(cx, vpc_id, &role)
         .await?
@@ -640,13 +484,13 @@ async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result<String> {
     Ok(winner)
 }
 
-enum Target<'a> {
+pub(super) enum Target<'a> {
     Peering(&'a str),
     Gateway(&'a str),
     TransitGateway(&'a str),
 }
 
-async fn add_route(cx: &Cx<'_>, rt: &str, cidr: &str, target: Target<'_>) -> Result<()> {
+pub(super) async fn add_route(cx: &Cx<'_>, rt: &str, cidr: &str, target: Target<'_>) -> Result<()> {
     let r = retry_consistency(|| {
         let req = cx
             .ec2
@@ -663,12 +507,12 @@ async fn add_route(cx: &Cx<'_>, rt: &str, cidr: &str, target: Target<'_>) -> Res
     .await;
     match r {
         Ok(_) => Ok(()),
-        Err(e) if super::ec2::already_exists(&code(&e)) => Ok(()),
+        Err(e) if crate::shells::ec2::already_exists(&code(&e)) => Ok(()),
         Err(e) => Err(aws_err("CreateRoute", e)),
     }
 }
 
-async fn associate(cx: &Cx<'_>, rt: &str, subnets: &[&SubnetResult]) -> Result<()> {
+pub(super) async fn associate(cx: &Cx<'_>, rt: &str, subnets: &[&SubnetResult]) -> Result<()> {
     let current = cx
         .ec2
         .describe_route_tables()
@@ -695,7 +539,7 @@ async fn associate(cx: &Cx<'_>, rt: &str, subnets: &[&SubnetResult]) -> Result<(
         })
         .await;
         if let Err(e) = r {
-            if !super::ec2::already_exists(&code(&e)) {
+            if !crate::shells::ec2::already_exists(&code(&e)) {
                 return Err(aws_err("AssociateRouteTable", e));
             }
         }

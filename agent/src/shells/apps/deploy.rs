@@ -1,169 +1,24 @@
-//! Apps: deploy (one or many, in parallel within a bound), power, IP refresh, details, delete.
-//!
-//! A deploy makes, per app on the happy path, one RunInstances call (tags, NICs, security
-//! groups, volume, profile and user data in the one call), plus AllocateAddress and
-//! AssociateAddress for an Elastic IP. Lookups are shared by the whole job: one DescribeSubnets,
-//! one DescribeSecurityGroups, one DescribeInstances to find apps that already exist, and waits
-//! that poll all instances in one DescribeInstances call.
+//! DeployApp and DeploySandbox: the network lookups shared by the whole job, one RunInstances per
+//! missing app (tags, NICs, security groups, volume, profile and user data in the one call), its
+//! own security group for inbound ports, an Elastic IP when asked, then waits for every app.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, IamInstanceProfileSpecification, Instance,
-    InstanceNetworkInterfaceSpecification, InstanceStateName, InstanceType, IpPermission, IpRange,
-    ResourceType, VolumeType,
+    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, ResourceType,
+    VolumeType,
 };
-use es_proto::v1::{AppList, AppResult, AppSpec, Deleted, DeletedResource, PublicIp};
+use es_proto::v1::{AppList, AppResult, AppSpec, PublicIp};
 use futures::StreamExt;
 
-use super::ec2::{aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags};
-use super::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
+use crate::shells::ec2::{
+    aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags,
+};
+use crate::shells::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
 
-const LIVE: &[&str] = &["pending", "running", "stopping", "stopped"];
-
-/// Deterministic RunInstances ClientToken for (job, app): a retry of the same job on any agent
-/// gets the same token, so EC2 does not launch the app twice.
-fn client_token(job_id: &str, app: &str) -> String {
-    let u = stable_hash(format!("{job_id}/{app}").as_bytes());
-    format!("es-{u}")
-}
-
-fn stable_hash(data: &[u8]) -> String {
-    // FNV-1a 128 folded into hex: stable across builds and platforms (unlike std's hasher).
-    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
-    for b in data {
-        h ^= *b as u128;
-        h = h.wrapping_mul(0x0000000001000000000000000000013B);
-    }
-    format!("{h:032x}")
-}
-
-pub(crate) fn app_result(i: &Instance) -> AppResult {
-    let mut ips: Vec<(i32, String)> = i
-        .network_interfaces()
-        .iter()
-        .filter_map(|n| {
-            let idx = n.attachment().and_then(|a| a.device_index()).unwrap_or(0);
-            n.private_ip_address().map(|ip| (idx, ip.to_owned()))
-        })
-        .collect();
-    ips.sort();
-    let mut private_ips: Vec<String> = ips.into_iter().map(|(_, ip)| ip).collect();
-    if private_ips.is_empty() {
-        private_ips.extend(i.private_ip_address().map(str::to_owned));
-    }
-    AppResult {
-        name: tag_value(i.tags(), TAG_APP).unwrap_or_default().to_owned(),
-        instance_id: i.instance_id().unwrap_or_default().to_owned(),
-        state: i
-            .state()
-            .and_then(|s| s.name())
-            .map(|n| n.as_str().to_owned())
-            .unwrap_or_default(),
-        private_ips,
-        public_ip: i.public_ip_address().unwrap_or_default().to_owned(),
-        error: String::new(),
-        instance_type: i
-            .instance_type()
-            .map(|t| t.as_str().to_owned())
-            .unwrap_or_default(),
-        ami: i.image_id().unwrap_or_default().to_owned(),
-        subnet_id: i.subnet_id().unwrap_or_default().to_owned(),
-    }
-}
-
-fn no_app(cx: &Cx<'_>, field: &str, app: &str) -> ShellsError {
-    ShellsError::Invalid {
-        field: field.into(),
-        reason: format!("no app {app:?} in sandbox {}", cx.sandbox),
-    }
-}
-
-/// The sandbox's live instances (optionally only the named apps), in one call per 1000.
-pub(crate) async fn instances(
-    cx: &Cx<'_>,
-    apps: &[String],
-    states: &[&str],
-) -> Result<Vec<Instance>> {
-    let mut req = cx
-        .ec2
-        .describe_instances()
-        .filters(sandbox_filter(cx.sandbox))
-        .filters(filter("instance-state-name", states));
-    // EC2 takes at most 200 values per filter: for long lists, filter here instead.
-    let server_side = !apps.is_empty() && apps.len() <= 100;
-    if server_side {
-        let names: Vec<&str> = apps.iter().map(String::as_str).collect();
-        req = req.filters(filter(&format!("tag:{TAG_APP}"), &names));
-    }
-    let mut out = Vec::new();
-    let mut pages = req.into_paginator().send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| aws_err("DescribeInstances", e))?;
-        for r in page.reservations() {
-            out.extend(r.instances().iter().cloned());
-        }
-    }
-    if !apps.is_empty() && !server_side {
-        out.retain(|i| tag_value(i.tags(), TAG_APP).is_some_and(|n| apps.iter().any(|a| a == n)));
-    }
-    Ok(out)
-}
-
-/// Polls the given instances (one DescribeInstances per round) until all are in `want`.
-async fn wait_state(
-    cx: &Cx<'_>,
-    ids: &[String],
-    want: &[&str],
-    limit: Duration,
-) -> Result<Vec<Instance>> {
-    let until = tokio::time::Instant::now() + limit;
-    let mut delay = Duration::from_millis(250);
-    loop {
-        let all = super::ec2::describe_ids(cx.ec2, ids).await?;
-        let done = all.len() >= ids.len()
-            && all.iter().all(|i| {
-                let s = i
-                    .state()
-                    .and_then(|s| s.name())
-                    .map(|n| n.as_str().to_owned())
-                    .unwrap_or_default();
-                want.contains(&s.as_str())
-            });
-        if done || tokio::time::Instant::now() > until {
-            return Ok(all);
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
-
-/// Polls the live instances of `names` (one listing per round) until every id in `ids` is
-/// running; answers the last listing.
-async fn wait_apps(
-    cx: &Cx<'_>,
-    names: &[String],
-    ids: &[String],
-    limit: Duration,
-) -> Result<Vec<Instance>> {
-    let until = tokio::time::Instant::now() + limit;
-    let mut delay = Duration::from_millis(250);
-    loop {
-        let all = instances(cx, names, LIVE).await?;
-        let done = ids.iter().all(|id| {
-            all.iter().any(|i| {
-                i.instance_id() == Some(id.as_str())
-                    && i.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running)
-            })
-        });
-        if done || tokio::time::Instant::now() > until {
-            return Ok(all);
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
-}
+use super::*;
 
 struct Network {
     subnets: HashMap<String, String>,
@@ -538,7 +393,7 @@ async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
     })
     .await;
     if let Err(e) = r {
-        if !super::ec2::already_exists(&code(&e)) {
+        if !crate::shells::ec2::already_exists(&code(&e)) {
             return Err(aws_err("AuthorizeSecurityGroupIngress", e));
         }
     }
@@ -593,172 +448,4 @@ async fn elastic_ip(cx: &Cx<'_>, app: &str, instance_id: &str) -> Result<String>
         .map_err(|e| aws_err("AssociateAddress", e))?;
     }
     Ok(ip)
-}
-
-/// Power on or off (no call for apps already in that state); waits for the state.
-pub(crate) async fn power(cx: &Cx<'_>, apps: &[String], on: bool) -> Result<AppList> {
-    let all = instances(cx, apps, LIVE).await?;
-    if !apps.is_empty() {
-        for a in apps {
-            if !all
-                .iter()
-                .any(|i| tag_value(i.tags(), TAG_APP) == Some(a.as_str()))
-            {
-                return Err(no_app(cx, "apps", a));
-            }
-        }
-    }
-    let (want, from): (&str, &[InstanceStateName]) = if on {
-        (
-            "running",
-            &[InstanceStateName::Stopped, InstanceStateName::Stopping],
-        )
-    } else {
-        (
-            "stopped",
-            &[InstanceStateName::Running, InstanceStateName::Pending],
-        )
-    };
-    let to_change: Vec<String> = all
-        .iter()
-        .filter(|i| {
-            i.state()
-                .and_then(|s| s.name())
-                .is_some_and(|n| from.contains(n))
-        })
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
-    let ids: Vec<String> = all
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
-    for chunk in to_change.chunks(1000) {
-        if on {
-            cx.ec2
-                .start_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| aws_err("StartInstances", e))?;
-        } else {
-            cx.ec2
-                .stop_instances()
-                .set_instance_ids(Some(chunk.to_vec()))
-                .send()
-                .await
-                .map_err(|e| aws_err("StopInstances", e))?;
-        }
-    }
-    let after = if to_change.is_empty() {
-        all
-    } else {
-        wait_state(cx, &ids, &[want], Duration::from_secs(600)).await?
-    };
-    let mut out: Vec<AppResult> = after.iter().map(app_result).collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    cx.ctx.progress(
-        1,
-        1,
-        format!("{} apps {want} ({} changed)", out.len(), to_change.len()),
-    );
-    Ok(AppList { apps: out })
-}
-
-/// Current state and addresses of the apps (RefreshIp, GetVmDetails).
-pub(crate) async fn describe(cx: &Cx<'_>, apps: &[String]) -> Result<AppList> {
-    let mut out: Vec<AppResult> = instances(cx, apps, LIVE)
-        .await?
-        .iter()
-        .map(app_result)
-        .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    for a in apps {
-        if !out.iter().any(|r| &r.name == a) {
-            return Err(no_app(cx, "apps", a));
-        }
-    }
-    Ok(AppList { apps: out })
-}
-
-/// Deletes one app: its Elastic IP, its instance (waiting until terminated), its port group.
-pub(crate) async fn delete(cx: &Cx<'_>, app: &str) -> Result<Deleted> {
-    let mut out = Vec::new();
-    let rec = |kind: &str, id: &str, outcome: &str, error: String| DeletedResource {
-        kind: kind.into(),
-        id: id.into(),
-        sandbox_id: cx.sandbox.into(),
-        outcome: outcome.into(),
-        error,
-    };
-    let addrs = cx
-        .ec2
-        .describe_addresses()
-        .filters(sandbox_filter(cx.sandbox))
-        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeAddresses", e))?;
-    for a in addrs.addresses() {
-        out.push(super::teardown::release_address(cx.ec2, a, cx.sandbox).await);
-    }
-    let found = instances(cx, &[app.to_owned()], LIVE).await?;
-    let ids: Vec<String> = found
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
-    if !ids.is_empty() {
-        match cx
-            .ec2
-            .terminate_instances()
-            .set_instance_ids(Some(ids.clone()))
-            .send()
-            .await
-        {
-            Ok(_) => {
-                wait_state(cx, &ids, &["terminated"], Duration::from_secs(600)).await?;
-                for id in &ids {
-                    out.push(rec("instance", id, "deleted", String::new()));
-                }
-            }
-            Err(e) => return Err(aws_err("TerminateInstances", e)),
-        }
-    }
-    let groups = cx
-        .ec2
-        .describe_security_groups()
-        .filters(sandbox_filter(cx.sandbox))
-        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
-    for g in groups.security_groups() {
-        let id = g.group_id().unwrap_or_default();
-        match retry_consistency(|| cx.ec2.delete_security_group().group_id(id).send()).await {
-            Ok(_) => out.push(rec("security-group", id, "deleted", String::new())),
-            Err(e) => out.push(rec(
-                "security-group",
-                id,
-                "failed",
-                aws_err("DeleteSecurityGroup", e).to_string(),
-            )),
-        }
-    }
-    if out.is_empty() {
-        return Err(no_app(cx, "app", app));
-    }
-    Ok(Deleted { resources: out })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_tokens_are_stable_short_and_distinct() {
-        let a = client_token("job-1", "web");
-        assert_eq!(a, client_token("job-1", "web"));
-        assert_ne!(a, client_token("job-1", "db"));
-        assert_ne!(a, client_token("job-2", "web"));
-        assert!(a.len() <= 64 && a.is_ascii());
-    }
 }

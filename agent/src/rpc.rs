@@ -1,0 +1,60 @@
+//! How the agent calls the server: the endpoint it dials (TLS, keepalives), a deadline on every
+//! unary call, and the text of a failed call.
+
+use std::time::Duration;
+
+use es_proto::error_chain;
+use tonic::transport::Endpoint;
+
+use crate::config::AgentConfig;
+use crate::error::AgentError;
+
+/// Time limit of a unary call to the server.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A unary request with a deadline.
+pub(crate) fn call<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(CALL_TIMEOUT);
+    r
+}
+
+/// The endpoint the agent dials, with HTTP/2 keepalives so an idle connection survives load
+/// balancers (AWS NLB idle cut: 350 s) and a dead peer is noticed.
+pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, AgentError> {
+    let server = &cfg.server;
+    let mut ep = Endpoint::from_shared(server.to_owned())
+        .map_err(|e| AgentError::Server(server.to_owned(), e.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    match cfg
+        .client_tls()
+        .map_err(|e| AgentError::Server(server.to_owned(), e.to_string()))?
+    {
+        Some(tls) => {
+            ep = ep
+                .tls_config(tls)
+                .map_err(|e| AgentError::Server(server.to_owned(), error_chain(&e)))?;
+        }
+        None => {
+            log::warn!(agent = cfg.name.as_str(); "INSECURE: talking plaintext to {server} without a client certificate (insecure = true)");
+        }
+    }
+    Ok(ep)
+}
+
+/// A gRPC status with the causes of a transport failure (TLS refusals are named there, e.g.
+/// "invalid peer certificate: UnknownIssuer" or "received fatal alert: CertificateExpired").
+pub(crate) fn status_text(s: &tonic::Status) -> String {
+    let mut out = s.message().to_owned();
+    if let Some(src) = std::error::Error::source(s) {
+        let chain = error_chain(src);
+        if !out.contains(&chain) {
+            out = format!("{out}: {chain}");
+        }
+    }
+    out
+}
