@@ -3,8 +3,10 @@
 //!
 //! Each beat renews every held lease. Leases the server reports lost are fenced at once. When
 //! renewals keep failing, the agent fences all its jobs before the server's lease TTL can run
-//! out (`lease_ttl - heartbeat_interval / 2` after the last success), so a partitioned agent
-//! stops before another agent is given its jobs.
+//! out (`lease_ttl - heartbeat_interval / 2` after the last success was sent), so a partitioned
+//! agent stops before another agent is given its jobs. That check runs on its own clock
+//! ([`silence_watch`]): a heartbeat call blocked by a cut link (up to its timeout) must not
+//! delay it past the server's TTL.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,7 +35,11 @@ pub(crate) fn spawn(
                 .enable_all()
                 .build()
                 .expect("heartbeat runtime");
-            rt.block_on(beat_loop(shared, endpoint, stop));
+            rt.block_on(async move {
+                let watch = tokio::spawn(silence_watch(shared.clone(), stop.clone()));
+                beat_loop(shared, endpoint, stop).await;
+                let _ = watch.await;
+            });
         })
         .expect("spawn heartbeat thread")
 }
@@ -43,8 +49,6 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
         .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
         .max_encoding_message_size(es_proto::limits::MAX_MESSAGE);
     let mut failures = 0u32;
-    let mut fenced_for_silence = false;
-    let mut known: Option<(Duration, Duration)> = None;
     loop {
         let interval = shared
             .session()
@@ -53,14 +57,6 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.cancelled() => return,
-        }
-        // The silence check runs even while the agent has no session (re-registering through
-        // a cut link): a cut-off agent must still stop its jobs before the server re-lets them.
-        if let Some(s) = shared.session() {
-            known = Some((s.lease_ttl, s.heartbeat_interval));
-        }
-        if let Some((ttl, hb)) = known {
-            fence_if_silent(&shared, ttl, hb, &mut fenced_for_silence);
         }
         let Some(session) = shared.session() else {
             continue;
@@ -78,7 +74,6 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
         match client.heartbeat(r).await {
             Ok(resp) => {
                 failures = 0;
-                fenced_for_silence = false;
                 shared.renewed(sent);
                 // systemd's watchdog is fed only while the server answers: an agent that cannot
                 // reach it for WatchdogSec is restarted.
@@ -112,24 +107,97 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
                 }
             }
         }
-        fence_if_silent(
-            &shared,
-            session.lease_ttl,
-            session.heartbeat_interval,
-            &mut fenced_for_silence,
-        );
     }
 }
 
-/// Fences every job once no renewal has succeeded for `lease_ttl - heartbeat_interval / 2`.
-fn fence_if_silent(shared: &Shared, ttl: Duration, hb: Duration, fenced: &mut bool) {
-    let silent = shared.last_renew().elapsed();
-    if silent > ttl.saturating_sub(hb / 2) && !*fenced && shared.in_flight() > 0 {
-        *fenced = true;
-        shared.fence_all(&format!(
-            "no lease renewal for {} ms (lease TTL {} ms): another agent may own these jobs now",
-            silent.as_millis(),
-            ttl.as_millis()
-        ));
+/// What the silence watch does at `now`, given the last renewal (when its heartbeat was sent),
+/// the lease TTL and heartbeat interval, the jobs in flight and the renewal it last fenced for:
+/// whether to fence every job now, and how long to sleep before looking again. Pure, so its
+/// table test covers every case.
+fn silence_step(
+    now: Instant,
+    last_renew: Instant,
+    ttl: Duration,
+    hb: Duration,
+    in_flight: usize,
+    fenced_for: Option<Instant>,
+) -> (bool, Duration) {
+    let due = last_renew + ttl.saturating_sub(hb / 2);
+    if now < due {
+        return (false, due - now);
+    }
+    // Past due: fence once per silence (a renewal since then starts a new one); look again
+    // soon, for a renewal or for a job that started anyway.
+    let again = (hb / 4).max(Duration::from_millis(10));
+    let fence = in_flight > 0 && fenced_for != Some(last_renew);
+    (fence, again)
+}
+
+/// Fences every job once no renewal has succeeded for `lease_ttl - heartbeat_interval / 2`,
+/// waking exactly when that is due. Runs even while the agent has no session (re-registering
+/// through a cut link): a cut-off agent must still stop its jobs before the server re-lets them.
+async fn silence_watch(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut known: Option<(Duration, Duration)> = None;
+    let mut fenced_for: Option<Instant> = None;
+    loop {
+        if let Some(s) = shared.session() {
+            known = Some((s.lease_ttl, s.heartbeat_interval));
+        }
+        let wait = match known {
+            None => Duration::from_millis(100),
+            Some((ttl, hb)) => {
+                let last = shared.last_renew();
+                let (fence, wait) = silence_step(
+                    Instant::now(),
+                    last,
+                    ttl,
+                    hb,
+                    shared.in_flight(),
+                    fenced_for,
+                );
+                if fence {
+                    fenced_for = Some(last);
+                    shared.fence_all(&format!(
+                        "no lease renewal for {} ms (lease TTL {} ms): another agent may own these jobs now",
+                        last.elapsed().as_millis(),
+                        ttl.as_millis()
+                    ));
+                }
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_silence_fence_is_due_before_the_server_ttl_and_fires_once_per_silence() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let (ttl, hb) = (ms(1500), ms(250));
+        // (now after t0, jobs in flight, fenced for t0 already) -> (fence, wait)
+        let cases = [
+            (ms(0), 2, false, (false, ms(1375))),
+            (ms(1000), 2, false, (false, ms(375))),
+            (ms(1374), 2, false, (false, ms(1))),
+            (ms(1375), 2, false, (true, hb / 4)),
+            (ms(1400), 2, true, (false, hb / 4)),
+            (ms(1400), 0, false, (false, hb / 4)),
+            (ms(5000), 1, false, (true, hb / 4)),
+        ];
+        for (at, jobs, fenced, want) in cases {
+            let fenced_for = fenced.then_some(t0);
+            let got = silence_step(t0 + at, t0, ttl, hb, jobs, fenced_for);
+            assert_eq!(got, want, "at {at:?}, {jobs} jobs, fenced {fenced}");
+        }
+        // Due strictly before the server's TTL would run out.
+        assert!(ttl.saturating_sub(hb / 2) < ttl);
     }
 }

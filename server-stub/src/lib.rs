@@ -417,9 +417,15 @@ pub async fn start(
     let incoming = tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(60)));
+    // The timings in force, so benchmarks and operators read them rather than assume defaults.
+    let d = humantime::format_duration;
     log::info!(
-        "es-server listening on {addr}, store {}",
-        config.db.display()
+        "es-server listening on {addr}, store {}; heartbeat {}, lease TTL {}, heartbeat timeout {}, offer timeout {}",
+        config.db.display(),
+        d(config.heartbeat_interval),
+        d(config.lease_ttl),
+        d(config.heartbeat_timeout),
+        d(config.offer_timeout)
     );
     let dispatcher_for_task = dispatcher.clone();
     let task = tokio::spawn(async move {

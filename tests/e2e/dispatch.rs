@@ -460,6 +460,13 @@ async fn app_pings_keep_an_idle_stream_through_a_proxy_that_cuts_idle_connection
         "{}",
         agent.log()
     );
+    // Seen from the proxy (the independent observer): no connection was ever idle long enough
+    // to be cut.
+    assert_eq!(
+        proxy.idle_cuts.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the proxy cut an idle connection"
+    );
     proxy.sever();
 }
 

@@ -130,6 +130,24 @@ async fn server_killed_mid_flow_loses_nothing_and_agents_reconnect() {
         back < Duration::from_secs(10),
         "agents took {back:?} to reconnect"
     );
+    // The cap itself, from the agents' own logs: they did retry while the server was down, and
+    // never waited longer than the 1 s cap between attempts.
+    for agent in [&_a, &_b] {
+        let delays: Vec<u64> = agent
+            .log()
+            .lines()
+            .filter_map(|l| l.split_once("retrying in ")?.1.split_once(" ms"))
+            .filter_map(|(ms, _)| ms.parse().ok())
+            .collect();
+        assert!(
+            !delays.is_empty(),
+            "no retry logged while the server was down"
+        );
+        assert!(
+            delays.iter().all(|&ms| ms <= 1000),
+            "a retry waited past the 1 s cap: {delays:?}"
+        );
+    }
     let cc = c.clone();
     wait_until(
         "every job finished after the restart",

@@ -113,6 +113,68 @@ async fn hung_primary_is_detected_by_heartbeat_and_health_probe() {
     let _ = Duration::ZERO;
 }
 
+/// Probe-only detection: the primary's heartbeats go on, but its health endpoint stops
+/// answering (the server reaches it through a TCP proxy the test partitions). The server marks
+/// it unhealthy for the probe alone, sends new work to the fallback, and takes the primary back
+/// once the probe answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_failing_its_health_probe_gets_no_work_while_it_still_heartbeats() {
+    let env = Env::start(&[]); // probes every 250 ms (the test kit's FAST settings)
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let health: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let proxy = es_tests::tcpproxy::start(health, Duration::from_secs(3600)).await;
+    let advertised = proxy.url.trim_start_matches("http://").to_owned();
+    let _primary = env.agent(
+        &AgentSpec::new("es-commands", "commands")
+            .slots(2)
+            .env("ES_AGENT_HEALTH_ADDR", &health.to_string())
+            .env("ES_AGENT_ADVERTISE_HEALTH_ADDR", &advertised),
+    );
+    let _fallback = env.agent(
+        &AgentSpec::new("es-commands-b", "commands")
+            .slots(2)
+            .fallback(),
+    );
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-commands", "es-commands-b"]).await;
+    let j = submit(&mut c, submission("commands", echo("before"))).await;
+    assert_eq!(wait_done(&mut c, &j.id, LONG).await.agent, "es-commands");
+
+    proxy.partition();
+    let cc = c.clone();
+    wait_until("the primary to fail its probe", LONG, move || {
+        let mut c = cc.clone();
+        async move {
+            agents(&mut c).await.iter().any(|a| {
+                a.identity.as_ref().unwrap().name == "es-commands"
+                    && !a.healthy
+                    && a.health_detail.starts_with("health probe failing")
+            })
+        }
+    })
+    .await;
+    // Still connected and heartbeating: the probe alone took it out.
+    let me = agents(&mut c)
+        .await
+        .into_iter()
+        .find(|a| a.identity.as_ref().unwrap().name == "es-commands")
+        .unwrap();
+    assert!(me.connected, "{me:?}");
+    assert!(!me.health_detail.contains("no heartbeat"), "{me:?}");
+    let j = submit(&mut c, submission("commands", echo("while probing fails"))).await;
+    assert_eq!(wait_done(&mut c, &j.id, LONG).await.agent, "es-commands-b");
+
+    proxy.heal();
+    wait_healthy(&mut c, &["es-commands"]).await;
+    let j = submit(&mut c, submission("commands", echo("after"))).await;
+    assert_eq!(wait_done(&mut c, &j.id, LONG).await.agent, "es-commands");
+    proxy.sever();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn selector_values_keep_work_apart() {
     let env = Env::start(&[]);
@@ -139,5 +201,19 @@ async fn selector_values_keep_work_apart() {
     r.selector = "eu-west-1".into();
     let j = submit(&mut c, r).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(get(&mut c, &j.id).await.state, JobState::Queued as i32);
+    let waiting = get(&mut c, &j.id).await;
+    assert_eq!(
+        (waiting.state, waiting.attempt),
+        (JobState::Queued as i32, 0),
+        "never leased to an agent of another selector"
+    );
+    // It waited for an agent of its selector, not for nothing: one that comes runs it.
+    let mut eu = AgentSpec::new("es-shells-eu", "shells");
+    eu.selector = "eu-west-1".into();
+    let _eu = env.agent(&eu);
+    let done = wait_done(&mut c, &j.id, LONG).await;
+    assert_eq!(
+        (done.state, done.agent.as_str(), done.attempt),
+        (JobState::Succeeded as i32, "es-shells-eu", 1)
+    );
 }

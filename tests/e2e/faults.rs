@@ -58,9 +58,25 @@ enum Fault {
     Cut,
 }
 
-/// True once an agent's log shows it stopped job `id`, or if it never started it.
-fn stopped_or_never_started(log: &str, id: &str) -> bool {
-    log.contains(&format!("stopping job {id}")) || !log.contains(&format!("running job {id}"))
+/// Whether an agent's log shows it started job `id` ("running job", logged as the work begins).
+fn started(log: &str, id: &str) -> bool {
+    log.contains(&format!("running job {id} "))
+}
+
+/// Whether an agent's log shows it stopped its copy of job `id` (positive evidence: a renamed
+/// message fails the tests that wait for it instead of passing them).
+fn stopped(log: &str, id: &str) -> bool {
+    log.contains(&format!("stopping job {id} "))
+}
+
+/// When (µs since the epoch) the first line of `log` containing `needle` was logged, read from
+/// the line's own timestamp (`[2026-11-30T05:29:39.123Z INFO ...`, milliseconds: the answer is
+/// the start of that millisecond).
+fn logged_at_us(log: &str, needle: &str) -> Option<i64> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let ts = line.strip_prefix('[')?.split_whitespace().next()?;
+    let t = humantime::parse_rfc3339_weak(ts.trim_end_matches('Z')).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_micros() as i64)
 }
 
 /// A primary holding two jobs hangs or is cut off; the jobs are re-leased to the fallback with a
@@ -92,6 +108,13 @@ async fn lose_primary_holding_jobs(fault: Fault) {
     for id in &ids {
         let j = wait_state(&mut c, id, JobState::Running, LONG).await;
         assert_eq!(j.agent, "es-shells", "the primary takes the work first");
+        // Seen from the agent: it started the work (so it must stop it later).
+        let p = &primary;
+        wait_until("the primary to start the job", LONG, || {
+            let hit = started(&p.log(), id);
+            async move { hit }
+        })
+        .await;
     }
     match fault {
         Fault::Hang => primary.sigstop(),
@@ -110,13 +133,12 @@ async fn lose_primary_holding_jobs(fault: Fault) {
         .await;
     }
     if fault == Fault::Cut {
-        // Cut off, the agent cannot renew: it stops its copies before the server's TTL runs out.
-        // (If the cut froze the Acquire answer, the server counted the lease but the agent never
-        // learned of it and never started the job: nothing to stop.)
+        // Cut off, the agent cannot renew: it stops its copies before the server's TTL runs out
+        // (checked against the fallback's lease below).
         for id in &ids {
             let p = &primary;
             wait_until("the cut-off primary to fence itself", LONG, || {
-                let hit = stopped_or_never_started(&p.log(), id);
+                let hit = stopped(&p.log(), id);
                 async move { hit }
             })
             .await;
@@ -134,13 +156,25 @@ async fn lose_primary_holding_jobs(fault: Fault) {
         );
         nothing_accepted_after_the_re_lease(&job_events(&mut c, id).await, "es-shells-b");
         // The woken or reconnected primary stopped its copy (fenced by its own clock, by the
-        // heartbeat's lost-lease answer, or by a refused write), if it had started one.
+        // heartbeat's lost-lease answer, or by a refused write).
         let p = &primary;
         wait_until("the old primary to stop its copy", LONG, || {
-            let hit = stopped_or_never_started(&p.log(), id);
+            let hit = stopped(&p.log(), id);
             async move { hit }
         })
         .await;
+        if fault == Fault::Cut {
+            // The safety property itself: the cut-off primary stopped its copy before the
+            // fallback's lease began (the job's start time is the fallback's acquire).
+            let stop = logged_at_us(&primary.log(), &format!("stopping job {id} "))
+                .expect("the stop line has a timestamp");
+            assert!(
+                stop <= j.started_at_us,
+                "job {id}: the cut-off primary stopped at {stop} us, after the fallback's lease \
+                 began at {} us",
+                j.started_at_us
+            );
+        }
     }
     let n = counters(&mut c).await;
     let (old, new) = (&n["es-shells"], &n["es-shells-b"]);
@@ -477,6 +511,26 @@ async fn ten_thousand_jobs_on_two_primaries_and_two_fallbacks_complete_exactly_o
     assert!(
         seen == ids,
         "the agents' completions are not the submitted jobs"
+    );
+    // Nothing ran twice, from the agents' side and before any result: each job was started
+    // ("running job", logged before the work begins, whether or not the server later takes
+    // the result) by exactly one agent, once.
+    let mut started_jobs = HashSet::new();
+    for p in &procs {
+        for line in p.log().lines() {
+            let run = line
+                .split_once("] running job ")
+                .and_then(|(_, r)| r.split_once(' '));
+            if let Some((id, _)) = run {
+                assert!(started_jobs.insert(id.to_owned()), "{id} was started twice");
+            }
+        }
+    }
+    assert!(
+        started_jobs == ids,
+        "jobs started by the agents ({}) are not the submitted ones ({})",
+        started_jobs.len(),
+        ids.len()
     );
     let fallbacks = n["es-commands-1-b"].results_accepted + n["es-commands-2-b"].results_accepted;
     assert!(

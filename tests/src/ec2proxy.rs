@@ -37,6 +37,9 @@ pub struct ProxyConfig {
     pub latency: Duration,
     /// Enforce the EC2 token buckets.
     pub buckets: bool,
+    /// With `buckets`: the buckets never refill (a control whose outcome does not depend on how
+    /// fast the machine sends the burst).
+    pub no_refill: bool,
     /// Share (0..=100) of calls answered RequestLimitExceeded at random.
     pub throttle_percent: u32,
     /// Share (0..=100) of calls answered 503 InternalError at random.
@@ -233,13 +236,16 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
 
     let mut throttled = roll(st.cfg.throttle_percent);
     if !throttled && st.cfg.buckets {
-        let (size, refill) = if act == "RunInstances" {
+        let (size, mut refill) = if act == "RunInstances" {
             (1000.0, 2.0)
         } else if act.starts_with("Describe") {
             (100.0, 20.0)
         } else {
             (50.0, 5.0)
         };
+        if st.cfg.no_refill {
+            refill = 0.0;
+        }
         let ok = st
             .buckets
             .lock()

@@ -118,6 +118,23 @@ impl Proc {
     }
 }
 
+/// Records that test `test` could not check something on this machine, and why: printed as
+/// "skipped: ..." and appended to the file named by `ES_TESTS_SKIPPED`, which `scripts/test`
+/// lists at the end as skipped (not passed). The test then returns without asserting.
+pub fn skipped(test: &str, why: &str) {
+    eprintln!("skipped: {test}: {why}");
+    if let Ok(path) = std::env::var("ES_TESTS_SKIPPED") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}: {why}");
+        }
+    }
+}
+
 /// VmRSS of a process, in KiB.
 pub fn rss_kib(pid: i32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

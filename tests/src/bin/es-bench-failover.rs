@@ -68,12 +68,21 @@ async fn main() {
     );
     let mut c = server.client().await;
     wait_healthy(&mut c, &["es-shells-b"]).await;
+    // The timings in force, as the server itself logs them at start (not assumed defaults).
+    let log = server.proc.log();
+    let timings = log
+        .lines()
+        .find_map(|l| {
+            l.split_once("; heartbeat ")
+                .map(|(_, t)| format!("heartbeat {t}"))
+        })
+        .expect("the server logs its timings at start");
     println!(
-        "server settings: {}",
+        "server settings: {timings}{}",
         if extra.is_empty() {
-            "defaults (heartbeat 1s, lease TTL 4s, heartbeat timeout 3s)".to_owned()
+            String::new()
         } else {
-            extra.join(" ")
+            format!(" (from {})", extra.join(" "))
         }
     );
 

@@ -126,6 +126,10 @@ async fn main() {
             }
         };
         let octet = 100 + i;
+        // Call counts come from the proxy (the agent is its only client and jobs run one at a
+        // time), checked against the agent's own counter.
+        let proxied = || stats.calls().values().sum::<u64>();
+        let p0 = proxied();
         let prepare = submit_wait(job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             mode: NetworkMode::Dedicated as i32,
             vpc_cidr: format!("10.{octet}.0.0/16"),
@@ -152,9 +156,23 @@ async fn main() {
                 ..Default::default()
             })
             .collect();
+        let p1 = proxied();
         let deploy = submit_wait(job_spec::Kind::DeploySandbox(DeploySandbox { apps })).await;
+        let p2 = proxied();
         let cleanup = submit_wait(job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await;
-        let (deploy_calls, per_op) = calls(&deploy);
+        let p3 = proxied();
+        let (prepare_calls, deploy_calls, cleanup_calls) = (p1 - p0, p2 - p1, p3 - p2);
+        let (agent_deploy_calls, per_op) = calls(&deploy);
+        for (what, proxy, agent) in [
+            ("prepare", prepare_calls, calls(&prepare).0),
+            ("deploy", deploy_calls, agent_deploy_calls),
+            ("cleanup", cleanup_calls, calls(&cleanup).0),
+        ] {
+            assert_eq!(
+                proxy, agent,
+                "{what} of {n}: the proxy saw {proxy} calls, the agent counted {agent}"
+            );
+        }
         let ratio = secs(&deploy) / (DEPLOY_CHAIN as f64 * latency.as_secs_f64());
         println!(
             "{:>5}  {:>10.2} {:>10.2} {:>10.2}  {:>9.2} {:>13.2}  {:>12}  {:>9}",
@@ -164,15 +182,12 @@ async fn main() {
             secs(&cleanup),
             deploy_calls as f64 / n as f64,
             ratio,
-            calls(&cleanup).0,
+            cleanup_calls,
             stats.throttled_total() - throttled_before
         );
         let mut ops: Vec<_> = per_op.into_iter().collect();
         ops.sort();
-        eprintln!(
-            "  deploy of {n}: {ops:?}; prepare calls {}",
-            calls(&prepare).0
-        );
+        eprintln!("  deploy of {n}: {ops:?}; prepare calls {prepare_calls}");
         let left = tagged_resources(&ec2, &sb).await;
         assert!(left.is_empty(), "left behind by the cleanup: {left:?}");
     }

@@ -78,6 +78,34 @@ fn rows(db: &std::path::Path, since_us: i64) -> Vec<Row> {
     .collect()
 }
 
+/// Fails loudly unless every one of the `n` jobs created since `since_us` succeeded: a figure
+/// over the span of succeeded jobs means nothing if some failed.
+fn require_all_succeeded(db: &std::path::Path, since_us: i64, n: usize) {
+    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open store read-only");
+    let mut st = c
+        .prepare("SELECT state, COUNT(*) FROM jobs WHERE created_at_us >= ?1 GROUP BY state")
+        .unwrap();
+    let by: Vec<(i32, i64)> = st
+        .query_map([since_us], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let succeeded = by.iter().find(|(s, _)| *s == 3).map_or(0, |(_, n)| *n) as usize;
+    assert!(
+        succeeded == n && by.len() == 1,
+        "not every job succeeded: {n} submitted, by state {:?}",
+        by.iter()
+            .map(|(s, n)| format!(
+                "{}: {n}",
+                es_proto::v1::JobState::try_from(*s)
+                    .unwrap_or_default()
+                    .as_str_name()
+            ))
+            .collect::<Vec<_>>()
+    );
+}
+
 fn count_done(db: &std::path::Path, since_us: i64) -> usize {
     let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .expect("open store read-only");
@@ -201,6 +229,7 @@ async fn main() {
         h.await.unwrap();
     }
     wait_all(&db, since, args.latency_jobs, Duration::from_secs(120)).await;
+    require_all_succeeded(&db, since, args.latency_jobs);
     let r = rows(&db, since);
     let start_lat: Vec<f64> = r
         .iter()
@@ -262,6 +291,7 @@ async fn main() {
     }
     let submit_secs = t0.elapsed().as_secs_f64();
     wait_all(&db, since, total, Duration::from_secs(600)).await;
+    require_all_succeeded(&db, since, total);
     let cpu: Vec<f64> = pids
         .iter()
         .zip(&cpu0)
