@@ -24,6 +24,7 @@ async fn all_jobs(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_submissions_survive_kill_9() {
+    let _turn = crate::shared_turn();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("es.db");
     let mut server = start_server(&bins(), dir.path(), &db, "127.0.0.1:0", FAST);
@@ -57,6 +58,7 @@ async fn acknowledged_submissions_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_mid_flow_loses_nothing_and_agents_reconnect() {
+    let _turn = crate::shared_turn();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("es.db");
     let mut server = start_server(&bins(), dir.path(), &db, "127.0.0.1:0", FAST);

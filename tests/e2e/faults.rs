@@ -413,7 +413,58 @@ async fn aws_faults_fail_nothing_and_leak_nothing() {
     let bursts = *stats.burst_errors.lock().unwrap();
     let spiked = *stats.spiked.lock().unwrap();
     eprintln!("faults injected: {throttled} throttled, {bursts} 500s in bursts, {spiked} spikes");
-    assert!(throttled > 0 && spiked > 0, "the proxy injected too little");
+    assert!(
+        throttled > 0 && spiked > 0 && bursts > 0,
+        "the proxy injected too little: every kind of fault must have happened"
+    );
+}
+
+/// `aws_call_timeout` exercised: the proxy holds every EC2 call 5 s; with a 1 s call timeout and
+/// 2 attempts the job fails in about 2 s, saying the call timed out, instead of waiting for an
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_aws_call_is_cut_by_the_call_timeout() {
+    let env = Env::start(&[]);
+    let moto = start_moto(env.dir.path());
+    let (slow, stats) = ec2proxy::start(
+        &moto.url,
+        ec2proxy::ProxyConfig {
+            spike: Some((100, Duration::from_secs(5))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let _agent = env.agent(
+        &moto
+            .agent_env_via(AgentSpec::new("es-shells", "shells").slots(2), &slow)
+            .env("ES_AGENT_AWS_CALL_TIMEOUT", "1s")
+            .env("ES_AGENT_AWS_MAX_ATTEMPTS", "2"),
+    );
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells"]).await;
+    let mut r = shells_req(
+        "sb-slow",
+        job_spec::Kind::GetVmDetails(GetVmDetails { apps: vec![] }),
+    );
+    r.max_attempts = 1;
+    let j = submit(&mut c, r).await;
+    let j = wait_done(&mut c, &j.id, LONG).await;
+    let err = j.result.clone().unwrap_or_default().error;
+    let took = (j.finished_at_us - j.started_at_us) as f64 / 1e6;
+    eprintln!("failed after {took:.1} s: {err}");
+    assert_eq!(j.state, JobState::Failed as i32, "{j:?}");
+    assert!(
+        err.contains("operation attempt timeout") && err.contains("after 1s"),
+        "{err}"
+    );
+    assert!(
+        took < 4.5,
+        "two 1 s attempts took {took:.1} s: the 5 s answer was waited for"
+    );
+    assert!(
+        *stats.spiked.lock().unwrap() >= 2,
+        "both attempts reached the proxy"
+    );
 }
 
 // ------------------------------------------------------------------------------ load
@@ -421,7 +472,8 @@ async fn aws_faults_fail_nothing_and_leak_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_jobs_on_two_primaries_and_two_fallbacks_complete_exactly_once() {
     const JOBS: usize = 10_000;
-    let env = Env::start(&[]);
+    // Alone on the machine: it requires zero lease expiries with the 1.5 s test TTL.
+    let env = Env::start_alone(&[]);
     let names = [
         ("es-commands-1", false),
         ("es-commands-2", false),

@@ -44,6 +44,7 @@ struct Secure {
     agents_file: PathBuf,
     deny_file: PathBuf,
     dir: tempfile::TempDir,
+    _turn: crate::Turn,
 }
 
 impl Secure {
@@ -97,6 +98,7 @@ impl Secure {
             agents_file,
             deny_file,
             dir,
+            _turn: crate::shared_turn(),
         }
     }
 

@@ -36,6 +36,7 @@ fn unit_copy(dir: &Path, unit: &str, as_name: &str, from: &str, exe: &Path) -> P
 
 #[test]
 fn systemd_units_verify_clean_with_exposure_at_most_2() {
+    let _turn = crate::shared_turn();
     let analyze = tool("systemd-analyze");
     let dir = tempfile::tempdir().unwrap();
     let bins = crate::bins();
@@ -158,6 +159,7 @@ fn resolve(v: &serde_yaml::Value) -> serde_json::Value {
 
 #[test]
 fn iam_policies_match_their_cloudformation_and_pass_cfn_lint() {
+    let _turn = crate::shared_turn();
     let dir = repo().join("packaging/iam");
     let template: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(dir.join("es-agent-roles.cfn.yaml")).unwrap(),
@@ -196,6 +198,7 @@ fn run(cmd: &mut Command) -> String {
 /// root (DPKG_ROOT) creates the system user and locks the configuration down.
 #[test]
 fn deb_packages_hold_binaries_units_config_and_create_the_user() {
+    let _turn = crate::shared_turn();
     let target = repo().join("target/debug");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     tool("cargo-deb");

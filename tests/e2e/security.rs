@@ -21,6 +21,7 @@ struct TlsEnv {
     pki: Pki,
     token: String,
     dir: tempfile::TempDir,
+    _turn: crate::Turn,
 }
 
 impl TlsEnv {
@@ -65,6 +66,7 @@ impl TlsEnv {
             pki,
             token,
             dir,
+            _turn: crate::shared_turn(),
         }
     }
 

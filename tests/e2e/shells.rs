@@ -261,6 +261,130 @@ fn three_apps() -> Vec<AppSpec> {
     vec![web, db, worker]
 }
 
+/// What `three_apps` asked for, read back from the emulator (not from the agent's report):
+/// exact counts of instances, NICs and Elastic IPs; the web app's root volume size, user data,
+/// custom tag, its own group opening 443 and its Elastic IP; the isolated db app in the
+/// isolated group only, with a NIC per subnet; the worker in the sandbox group.
+async fn deployed_as_asked_in_the_emulator(a: &Aws, sandbox: &str, net: &NetworkResult) {
+    use base64::Engine;
+    let f = aws_sdk_ec2::types::Filter::builder()
+        .name("tag:ReservationId")
+        .values(sandbox)
+        .build();
+    let r = a
+        .ec2
+        .describe_instances()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap();
+    let by_app: std::collections::BTreeMap<String, aws_sdk_ec2::types::Instance> = r
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
+        .map(|i| {
+            let app = i
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some("AppName"))
+                .and_then(|t| t.value())
+                .unwrap_or_default()
+                .to_owned();
+            (app, i.clone())
+        })
+        .collect();
+    assert_eq!(
+        by_app.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["db", "web", "worker"]
+    );
+    let nics: usize = by_app.values().map(|i| i.network_interfaces().len()).sum();
+    assert_eq!(nics, 4, "web 1, db 2 (one per subnet), worker 1");
+    // Groups are set per NIC (RunInstances with network interfaces): the union of every NIC's.
+    let groups = |app: &str| -> Vec<String> {
+        let mut out: Vec<String> = by_app[app]
+            .network_interfaces()
+            .iter()
+            .flat_map(|n| n.groups())
+            .chain(by_app[app].security_groups())
+            .filter_map(|g| g.group_id().map(str::to_owned))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    };
+
+    // web: root volume, user data, tag, inbound 443, Elastic IP.
+    let web = &by_app["web"];
+    let root = web
+        .block_device_mappings()
+        .iter()
+        .find_map(|m| m.ebs().and_then(|e| e.volume_id()))
+        .expect("web has a root volume");
+    let vol = a
+        .ec2
+        .describe_volumes()
+        .volume_ids(root)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(vol.volumes()[0].size(), Some(20), "root volume size");
+    let ud = a
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(web.instance_id().unwrap())
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let ud = ud.user_data().and_then(|v| v.value()).unwrap_or_default();
+    let ud = base64::engine::general_purpose::STANDARD
+        .decode(ud)
+        .unwrap();
+    assert_eq!(String::from_utf8(ud).unwrap(), "#!/bin/sh\necho hello\n");
+    assert!(
+        web.tags()
+            .iter()
+            .any(|t| t.key() == Some("Team") && t.value() == Some("qa")),
+        "custom tag: {:?}",
+        web.tags()
+    );
+    let web_groups = groups("web");
+    let sgs = a
+        .ec2
+        .describe_security_groups()
+        .set_group_ids(Some(web_groups.clone()))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        sgs.security_groups().iter().any(|g| g
+            .ip_permissions()
+            .iter()
+            .any(|p| p.ip_protocol() == Some("tcp")
+                && p.from_port() == Some(443)
+                && p.to_port() == Some(443))),
+        "no group of web opens tcp/443: {sgs:?}"
+    );
+    assert!(
+        web_groups.contains(&net.sandbox_security_group_id),
+        "web is in {web_groups:?}, not in the sandbox group {}",
+        net.sandbox_security_group_id
+    );
+    let addrs = a.ec2.describe_addresses().filters(f).send().await.unwrap();
+    assert_eq!(addrs.addresses().len(), 1, "one Elastic IP: web's");
+    assert_eq!(addrs.addresses()[0].instance_id(), web.instance_id());
+
+    // db isolated: only the isolated group; worker: the sandbox group.
+    let db_groups = groups("db");
+    assert!(
+        db_groups.contains(&net.isolated_security_group_id)
+            && !db_groups.contains(&net.sandbox_security_group_id),
+        "db (isolated) is in {db_groups:?}"
+    );
+    assert!(groups("worker").contains(&net.sandbox_security_group_id));
+}
+
 fn apps_of(j: &Job) -> Vec<AppResult> {
     match &shells(j).result {
         Some(shells_result::Result::Apps(a)) => a.apps.clone(),
@@ -322,6 +446,7 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
         .is_empty());
     let calls = &shells(&deploy).api_calls;
     assert_eq!(calls.get("RunInstances"), Some(&3), "{calls:?}");
+    deployed_as_asked_in_the_emulator(a, sandbox, &net).await;
     // Per-app progress was reported as apps finished.
     let mut c = a.env.server.client().await;
     let mut w = c
