@@ -93,6 +93,27 @@ pub struct ProxyStats {
     pub burst_errors: Mutex<u64>,
     /// Calls delayed by a spike.
     pub spiked: Mutex<u64>,
+    /// Every call as (arrived, answered), in the order answered: what the longest chain of
+    /// calls that followed one another is computed from ([`longest_chain`]).
+    pub spans: Mutex<Vec<(Instant, Instant)>>,
+}
+
+/// The longest sequence of calls in `spans` where each one arrived only after the one before it
+/// was answered: the dependent chain a job's calls formed, as seen from outside the agent (an
+/// upper bound of its true critical path: two independent calls may also follow one another).
+pub fn longest_chain(spans: &[(Instant, Instant)]) -> usize {
+    let mut by_end: Vec<(Instant, Instant)> = spans.to_vec();
+    by_end.sort_by_key(|s| s.1);
+    let mut best: Vec<usize> = Vec::with_capacity(by_end.len());
+    for i in 0..by_end.len() {
+        let before = (0..i)
+            .filter(|&j| by_end[j].1 <= by_end[i].0)
+            .map(|j| best[j])
+            .max()
+            .unwrap_or(0);
+        best.push(before + 1);
+    }
+    best.into_iter().max().unwrap_or(0)
 }
 
 impl ProxyStats {
@@ -213,6 +234,7 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         sock.write_all(&reply).await?;
         return sock.shutdown().await;
     }
+    let arrived = Instant::now();
     let (act, count) = action(&body);
     *st.stats
         .calls
@@ -305,5 +327,10 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         resp
     };
     sock.write_all(&reply).await?;
+    st.stats
+        .spans
+        .lock()
+        .unwrap()
+        .push((arrived, Instant::now()));
     sock.shutdown().await
 }
