@@ -31,9 +31,7 @@ struct Args {
     concurrency: u32,
 }
 
-/// Dependent calls of a deploy on the happy path: the lookups (subnets, groups, existing
-/// instances; all at once) -> RunInstances -> one DescribeInstances that finds them running.
-
+/// The calls a job reports it made (attempts, by operation).
 fn calls(j: &Job) -> (u64, std::collections::HashMap<String, u64>) {
     let m = j
         .result
