@@ -300,6 +300,18 @@ async fn deployed_as_asked_in_the_emulator(a: &Aws, sandbox: &str, net: &Network
     );
     let nics: usize = by_app.values().map(|i| i.network_interfaces().len()).sum();
     assert_eq!(nics, 4, "web 1, db 2 (one per subnet), worker 1");
+    let volumes = a
+        .ec2
+        .describe_volumes()
+        .filters(f.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        volumes.volumes().len(),
+        3,
+        "one root volume per app, tagged"
+    );
     // Groups are set per NIC (RunInstances with network interfaces): the union of every NIC's.
     let groups = |app: &str| -> Vec<String> {
         let mut out: Vec<String> = by_app[app]
@@ -404,6 +416,24 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
         !net.sandbox_security_group_id.is_empty() && !net.isolated_security_group_id.is_empty()
     );
     let before = tagged_resources(&a.ec2, sandbox).await;
+    // Exact counts by tag, from the emulator: what this mode must have made, no more.
+    let count = |kind: &str| {
+        before
+            .iter()
+            .filter(|r| r.starts_with(&format!("{kind} ")))
+            .count()
+    };
+    let dedicated = prepare.mode == NetworkMode::Dedicated as i32;
+    assert_eq!(
+        (
+            count("subnet"),
+            count("security-group"),
+            count("vpc"),
+            count("vpc-peering-connection")
+        ),
+        (2, 2, dedicated as usize, dedicated as usize),
+        "subnets, groups, VPC, peering after prepare: {before:?}"
+    );
     let again = run(a, sandbox, job_spec::Kind::PrepareNetwork(prepare.clone())).await;
     ok(&again);
     let Some(shells_result::Result::Network(net2)) = shells(&again).result.clone() else {
@@ -484,12 +514,48 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
     assert_eq!(live, 3);
     // The leak check below can see what it checks for: each kind this sandbox has now.
     let seen = tagged_resources(&a.ec2, sandbox).await;
-    for kind in ["instance", "volume", "security-group", "subnet"] {
+    for kind in [
+        "instance",
+        "volume",
+        "security-group",
+        "subnet",
+        "elastic-ip",
+    ] {
         assert!(
             seen.iter().any(|r| r.starts_with(&format!("{kind} "))),
             "the leak check sees no {kind} of a deployed sandbox: {seen:?}"
         );
     }
+    // moto does not apply the NIC tags RunInstances asks for: a stray tagged NIC in the
+    // sandbox's subnet (as another service may leave one) shows the check sees that kind too,
+    // and the cleanup below must delete it.
+    let stray = a
+        .ec2
+        .create_network_interface()
+        .subnet_id(&net.subnets[0].subnet_id)
+        .tag_specifications(tagspec(ResourceType::NetworkInterface, sandbox, &[]))
+        .send()
+        .await
+        .unwrap();
+    let stray = stray
+        .network_interface()
+        .and_then(|n| n.network_interface_id())
+        .unwrap()
+        .to_owned();
+    assert!(
+        tagged_resources(&a.ec2, sandbox)
+            .await
+            .contains(&format!("network-interface {stray}")),
+        "the leak check does not see a tagged network interface"
+    );
+    // The per-app group (web's inbound 443) is seen too: the two network groups plus it.
+    assert_eq!(
+        seen.iter()
+            .filter(|r| r.starts_with("security-group "))
+            .count(),
+        3,
+        "{seen:?}"
+    );
 
     // Power off, off again (no-op), on.
     let off = run(
@@ -616,6 +682,19 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
         shells(&clean2).result
     );
     check_audit_and_policy(a, sandbox, &instances).await;
+}
+
+/// Routes to `cidr` in the Management VPC's route tables (untagged: the leak check cannot see
+/// them, so every test that peers a dedicated VPC checks them itself).
+async fn mgmt_routes(a: &Aws, cidr: &str) -> usize {
+    let rts = a
+        .ec2
+        .describe_route_tables()
+        .set_route_table_ids(Some(a.mgmt.route_table_ids.clone()))
+        .send()
+        .await
+        .unwrap();
+    mgmt_routes_to(&rts, cidr)
 }
 
 fn mgmt_routes_to(
@@ -1242,8 +1321,18 @@ async fn concurrent_runs_of_one_prepare_leave_one_network() {
         (1, 2, 2, 2, 1, 1),
         "{left:?}"
     );
+    assert_eq!(
+        mgmt_routes(&a, "10.5.0.0/16").await,
+        1,
+        "one route back, not two"
+    );
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert!(tagged_resources(&a.ec2, sb).await.is_empty());
+    assert_eq!(
+        mgmt_routes(&a, "10.5.0.0/16").await,
+        0,
+        "the route back is gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
