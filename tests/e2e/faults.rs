@@ -454,7 +454,9 @@ async fn a_hung_aws_call_is_cut_by_the_call_timeout() {
     eprintln!("failed after {took:.1} s: {err}");
     assert_eq!(j.state, JobState::Failed as i32, "{j:?}");
     assert!(
-        err.contains("operation attempt timeout") && err.contains("after 1s"),
+        err.starts_with("EC2 DescribeInstances failed: Timeout: ")
+            && err.contains("operation attempt timeout")
+            && err.contains("after 1s"),
         "{err}"
     );
     assert!(

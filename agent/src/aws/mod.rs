@@ -143,3 +143,24 @@ impl Aws {
         Ok(aws_sdk_ec2::Client::from_conf(conf))
     }
 }
+
+/// The error code an AWS service answered, or, when no answer came (a timeout, a connection
+/// failure), the class of the failure, so an error never reads "failed: : ...".
+pub fn error_code<E, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> String
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata,
+{
+    use aws_smithy_runtime_api::client::result::SdkError;
+    if let Some(code) = aws_sdk_ec2::error::ProvideErrorMetadata::code(e).filter(|c| !c.is_empty())
+    {
+        return code.to_owned();
+    }
+    match e {
+        SdkError::TimeoutError(_) => "Timeout",
+        SdkError::DispatchFailure(_) => "ConnectionFailed",
+        SdkError::ResponseError(_) => "BadResponse",
+        SdkError::ConstructionFailure(_) => "BadRequest",
+        _ => "Error",
+    }
+    .to_owned()
+}

@@ -103,7 +103,7 @@ where
     R: std::fmt::Debug,
 {
     use aws_sdk_ec2::error::ProvideErrorMetadata;
-    let code = e.code().unwrap_or("").to_owned();
+    let code = crate::aws::error_code(&e);
     let message = e.message().map(str::to_owned).unwrap_or_else(|| {
         format!(
             "{}",

@@ -38,9 +38,9 @@ pub(crate) async fn describe_ids(
     Ok(all)
 }
 
-/// The error code of an SDK error ("" for transport errors).
+/// The error code of an SDK error (the failure's class when no answer came: `Timeout`, ...).
 pub fn code<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> String {
-    e.code().unwrap_or("").to_owned()
+    crate::aws::error_code(e)
 }
 
 /// Turns an SDK error into a job error, with a hint for the errors people can fix.
