@@ -62,7 +62,7 @@ async fn cleanup_one(
         let got = kinds::delete(ec2, k.kind, sb, &f, dry_run, &mut pass).await?;
         if !dry_run && !got.is_empty() {
             let failed = got.iter().filter(|r| r.outcome == "failed").count();
-            let mut line = format!("{} {} of sandbox {sb} deleted", got.len() - failed, k.name);
+            let mut line = format!("{}: {} deleted", k.name, got.len() - failed);
             if failed > 0 {
                 line.push_str(&format!(", {failed} failed"));
             }
