@@ -178,12 +178,7 @@ async fn emulator_apps(
 ) -> std::collections::BTreeMap<String, (String, Vec<String>)> {
     let r = ec2
         .describe_instances()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:ReservationId")
-                .values(sandbox)
-                .build(),
-        )
+        .filters(sandbox_tag_filter(sandbox))
         .send()
         .await
         .unwrap();
@@ -267,10 +262,7 @@ fn three_apps() -> Vec<AppSpec> {
 /// isolated group only, with a NIC per subnet; the worker in the sandbox group.
 async fn deployed_as_asked_in_the_emulator(a: &Aws, sandbox: &str, net: &NetworkResult) {
     use base64::Engine;
-    let f = aws_sdk_ec2::types::Filter::builder()
-        .name("tag:ReservationId")
-        .values(sandbox)
-        .build();
+    let f = sandbox_tag_filter(sandbox);
     let r = a
         .ec2
         .describe_instances()
@@ -1766,12 +1758,7 @@ async fn a_vpc_made_by_a_concurrent_run_is_reconciled_to_one() {
     let mut vpcs: Vec<String> = a
         .ec2
         .describe_vpcs()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:ReservationId")
-                .values(sb)
-                .build(),
-        )
+        .filters(sandbox_tag_filter(sb))
         .send()
         .await
         .unwrap()
@@ -1801,12 +1788,7 @@ async fn a_vpc_made_by_a_concurrent_run_is_reconciled_to_one() {
     let subnets = a
         .ec2
         .describe_subnets()
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("tag:ReservationId")
-                .values(sb)
-                .build(),
-        )
+        .filters(sandbox_tag_filter(sb))
         .send()
         .await
         .unwrap();

@@ -755,6 +755,14 @@ impl Moto {
     }
 }
 
+/// The EC2 filter `tag:ReservationId = sandbox`.
+pub fn sandbox_tag_filter(sandbox: &str) -> aws_sdk_ec2::types::Filter {
+    aws_sdk_ec2::types::Filter::builder()
+        .name("tag:ReservationId")
+        .values(sandbox)
+        .build()
+}
+
 /// Every resource still tagged `ReservationId=<sandbox>`, as "kind id", for every tagged kind of
 /// `es_proto::resources::EC2_KINDS` (instances that are not terminated, EBS volumes, Elastic IPs,
 /// network interfaces, live peering connections, security groups, subnets, route tables,
@@ -762,12 +770,8 @@ impl Moto {
 /// lookup bug of the agent cannot hide a leak; the match is exhaustive, so a kind added to the
 /// table fails to compile until this check sees it too.
 pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<String> {
-    use aws_sdk_ec2::types::Filter;
     use es_proto::resources::{Ec2Kind, EC2_KINDS};
-    let f = Filter::builder()
-        .name("tag:ReservationId")
-        .values(sandbox)
-        .build();
+    let f = sandbox_tag_filter(sandbox);
     let mut out = Vec::new();
     for k in EC2_KINDS {
         let name = k.name;
