@@ -252,7 +252,9 @@ fn three_apps() -> Vec<AppSpec> {
     web.tags.insert("Team".into(), "qa".into());
     let mut db = app("db", &["db", "app"]);
     db.isolated = true;
-    let worker = app("worker", &["app"]);
+    let mut worker = app("worker", &["app"]);
+    worker.imds_v1_allowed = true;
+    worker.imds_hop_limit = 1;
     vec![web, db, worker]
 }
 
@@ -290,6 +292,23 @@ async fn deployed_as_asked_in_the_emulator(a: &Aws, sandbox: &str, net: &Network
         by_app.keys().map(String::as_str).collect::<Vec<_>>(),
         ["db", "web", "worker"]
     );
+    // Instance metadata: IMDSv2 only with 2 hops by default; the worker asked for v1 and 1 hop.
+    for (app, i) in &by_app {
+        let m = i.metadata_options().expect("metadata options");
+        let want = if app == "worker" {
+            ("optional", 1)
+        } else {
+            ("required", 2)
+        };
+        assert_eq!(
+            (
+                m.http_tokens().map(|t| t.as_str()).unwrap_or_default(),
+                m.http_put_response_hop_limit().unwrap_or_default()
+            ),
+            want,
+            "{app}: {m:?}"
+        );
+    }
     let nics: usize = by_app.values().map(|i| i.network_interfaces().len()).sum();
     assert_eq!(nics, 4, "web 1, db 2 (one per subnet), worker 1");
     let volumes = a
@@ -1067,6 +1086,15 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
                 }),
             }),
             "spec.deploy_app.app.ami",
+        ),
+        (
+            job_spec::Kind::DeployApp(DeployApp {
+                app: Some(AppSpec {
+                    imds_hop_limit: 65,
+                    ..app("web", &["app"])
+                }),
+            }),
+            "spec.deploy_app.app.imds_hop_limit",
         ),
     ];
     for (kind, field) in cases {

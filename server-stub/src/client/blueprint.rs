@@ -111,6 +111,12 @@ pub struct App {
     pub instance_profile: String,
     #[serde(default)]
     pub tags: HashMap<String, String>,
+    /// IMDSv2 only unless true.
+    #[serde(default)]
+    pub imds_v1_allowed: bool,
+    /// Metadata response hops, 1..=64 (0 = 2).
+    #[serde(default)]
+    pub imds_hop_limit: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,6 +214,8 @@ impl Blueprint {
                     instance_profile: a.instance_profile.clone(),
                     tags: a.tags.clone(),
                     root_device_name: a.root_device_name.clone(),
+                    imds_v1_allowed: a.imds_v1_allowed,
+                    imds_hop_limit: a.imds_hop_limit,
                 })
             })
             .collect()
@@ -232,7 +240,7 @@ mod tests {
         let f = dir.path().join("bp.yaml");
         std::fs::write(
             &f,
-            "network:\n  mode: dedicated\n  vpc_cidr: 10.1.0.0/16\n  subnets: [{name: app, cidr: 10.1.1.0/24, public: true}]\n  management: {vpc_id: vpc-1, cidr: 10.0.0.0/16}\napps:\n  - {name: web, ami: ami-1, instance_type: t3.micro, subnets: [app], public_ip: elastic, tags: {Team: qa}}\n",
+            "network:\n  mode: dedicated\n  vpc_cidr: 10.1.0.0/16\n  subnets: [{name: app, cidr: 10.1.1.0/24, public: true}]\n  management: {vpc_id: vpc-1, cidr: 10.0.0.0/16}\napps:\n  - {name: web, ami: ami-1, instance_type: t3.micro, subnets: [app], public_ip: elastic, tags: {Team: qa}, imds_hop_limit: 1}\n",
         )
         .unwrap();
         let bp = Blueprint::load(&f).unwrap();
@@ -241,6 +249,11 @@ mod tests {
         let apps = bp.apps().unwrap();
         assert_eq!(apps[0].public_ip, PublicIp::Elastic as i32);
         assert_eq!(apps[0].tags["Team"], "qa");
+        assert_eq!(
+            (apps[0].imds_v1_allowed, apps[0].imds_hop_limit),
+            (false, 1),
+            "IMDSv2 only unless asked"
+        );
         std::fs::write(
             &f,
             "apps:\n  - {name: web, ami: ami-1, instance_typ: t3.micro, subnets: [app]}\n",

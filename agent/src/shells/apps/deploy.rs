@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, IamInstanceProfileSpecification, Instance,
+    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification, Instance,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
     InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, ResourceType,
     VolumeType,
 };
@@ -285,6 +286,22 @@ async fn launch(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
             &name,
             &extra,
         ));
+    // IMDSv2 only (session tokens) unless the app allows v1; 2 hops so containers reach it.
+    req = req.metadata_options(
+        InstanceMetadataOptionsRequest::builder()
+            .http_endpoint(InstanceMetadataEndpointState::Enabled)
+            .http_tokens(if a.imds_v1_allowed {
+                HttpTokensState::Optional
+            } else {
+                HttpTokensState::Required
+            })
+            .http_put_response_hop_limit(if a.imds_hop_limit == 0 {
+                2
+            } else {
+                a.imds_hop_limit as i32
+            })
+            .build(),
+    );
     if a.root_volume_gb > 0 || !a.root_volume_type.is_empty() {
         let mut ebs = EbsBlockDevice::builder()
             .delete_on_termination(true)

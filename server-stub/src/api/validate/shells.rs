@@ -389,6 +389,12 @@ fn app_spec(f: &str, a: &AppSpec) -> Result<(), FieldError> {
     if a.root_volume_gb > 16_384 {
         return Err(bad(format!("{f}.root_volume_gb"), "at most 16384"));
     }
+    if a.imds_hop_limit > 64 {
+        return Err(bad(
+            format!("{f}.imds_hop_limit"),
+            "1..=64 hops (0 = the default, 2)",
+        ));
+    }
     if !a.root_volume_type.is_empty() && !VOLUME_TYPES.contains(&a.root_volume_type.as_str()) {
         return Err(bad(
             format!("{f}.root_volume_type"),
