@@ -626,6 +626,57 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
         [("db", "running"), ("web", "running"), ("worker", "stopped")],
         "the emulator's instances after powering on web and db"
     );
+    // Reboot web (an OS restart: RebootInstances, seen at the proxy), power-cycle db (off, then
+    // on); both end running in the emulator, the worker stays stopped.
+    let calls_of = |op: &str| {
+        a.proxy
+            .as_ref()
+            .map(|p| p.calls().get(op).copied().unwrap_or(0))
+    };
+    let (stops, starts) = (calls_of("StopInstances"), calls_of("StartInstances"));
+    let reboot = run(
+        a,
+        sandbox,
+        job_spec::Kind::Reboot(RebootApps {
+            apps: vec!["web".into()],
+            power_cycle: false,
+        }),
+    )
+    .await;
+    ok(&reboot);
+    assert_eq!(shells(&reboot).api_calls.get("RebootInstances"), Some(&1));
+    let cycle = run(
+        a,
+        sandbox,
+        job_spec::Kind::Reboot(RebootApps {
+            apps: vec!["db".into()],
+            power_cycle: true,
+        }),
+    )
+    .await;
+    ok(&cycle);
+    assert_eq!(apps_of(&cycle)[0].state, "running");
+    if a.proxy.is_some() {
+        assert_eq!(
+            calls_of("RebootInstances"),
+            Some(1),
+            "one reboot reached EC2"
+        );
+        assert_eq!(
+            (calls_of("StopInstances"), calls_of("StartInstances")),
+            (stops.map(|n| n + 1), starts.map(|n| n + 1)),
+            "the power cycle stopped and started once"
+        );
+    }
+    let after_restarts = emulator_apps(&a.ec2, sandbox).await;
+    let states: Vec<(&str, &str)> = after_restarts
+        .iter()
+        .map(|(app, (st, _))| (app.as_str(), st.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [("db", "running"), ("web", "running"), ("worker", "stopped")]
+    );
     let ips = run(
         a,
         sandbox,
@@ -1544,6 +1595,20 @@ async fn sandbox_cli_runs_a_blueprint_and_refuses_a_bad_one() {
     ]);
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains("stopped"),
+        "{out:?}"
+    );
+    // A power cycle of the stopped db: off (already), then on.
+    let out = cli(&[
+        "sandbox",
+        "reboot",
+        "--sandbox",
+        "sb-cli",
+        "--app",
+        "db",
+        "--cycle",
+    ]);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("running"),
         "{out:?}"
     );
     let out = cli(&["sandbox", "details", "--sandbox", "sb-cli", "--json"]);

@@ -190,6 +190,11 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
         }
         Kind::DeploySandbox(d) => R::Apps(apps::deploy::deploy(cx, &d.apps).await?),
         Kind::Power(p) => R::Apps(apps::ops::power(cx, &p.apps, p.on).await?),
+        Kind::Reboot(r) if r.power_cycle => {
+            apps::ops::power(cx, &r.apps, false).await?;
+            R::Apps(apps::ops::power(cx, &r.apps, true).await?)
+        }
+        Kind::Reboot(r) => R::Apps(apps::ops::reboot(cx, &r.apps).await?),
         Kind::RefreshIp(r) => R::Apps(apps::ops::describe(cx, &r.apps).await?),
         Kind::GetVmDetails(g) => R::Apps(apps::ops::describe(cx, &g.apps).await?),
         Kind::DeleteApp(d) => R::Deleted(apps::ops::delete(cx, &d.app).await?),

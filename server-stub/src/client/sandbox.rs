@@ -1,6 +1,6 @@
 //! `es-server sandbox ...`: the es-shells jobs from the command line. `up` takes a blueprint
 //! (YAML or JSON), prepares the network and deploys the apps, showing per-app progress and a
-//! summary table; `power`, `ips`, `details`, `delete-app`, `down` and `sweep` act on a sandbox;
+//! summary table; `power`, `reboot`, `ips`, `details`, `delete-app`, `down` and `sweep` act on a sandbox;
 //! `run` runs a script on its instances (es-commands, SSM or SSH) and prints each one's output.
 
 use std::path::PathBuf;
@@ -31,6 +31,19 @@ pub enum SandboxCmd {
         sandbox: String,
         #[arg(long)]
         app: Vec<String>,
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Reboot the running apps (all unless --app is given); --cycle powers them off, then on.
+    Reboot {
+        #[arg(long)]
+        sandbox: String,
+        #[arg(long)]
+        app: Vec<String>,
+        /// Off, then on (each app waits until stopped, then until running), instead of an OS
+        /// reboot.
+        #[arg(long)]
+        cycle: bool,
         #[arg(long, default_value = "")]
         selector: String,
     },
@@ -289,6 +302,20 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
             job_spec::Kind::Power(PowerApps {
                 apps: app,
                 on: state == "on",
+            }),
+            None,
+        )),
+        SandboxCmd::Reboot {
+            sandbox,
+            app,
+            cycle,
+            selector,
+        } => jobs.push(req(
+            &sandbox,
+            &selector,
+            job_spec::Kind::Reboot(RebootApps {
+                apps: app,
+                power_cycle: cycle,
             }),
             None,
         )),

@@ -1,4 +1,5 @@
-//! Operations on deployed apps: power on and off, IP refresh and VM details, delete one app.
+//! Operations on deployed apps: power on and off, reboot, IP refresh and VM details, delete one
+//! app.
 
 use std::time::Duration;
 
@@ -10,19 +11,55 @@ use crate::shells::{Cx, Result, TAG_APP};
 
 use super::*;
 
-/// Power on or off (no call for apps already in that state); waits for the state.
-pub(crate) async fn power(cx: &Cx<'_>, apps: &[String], on: bool) -> Result<AppList> {
+/// The live instances of the named apps (every app when none is named); an unknown name is
+/// refused before anything is changed.
+async fn live_apps(cx: &Cx<'_>, apps: &[String]) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
     let all = instances(cx, apps, LIVE).await?;
-    if !apps.is_empty() {
-        for a in apps {
-            if !all
-                .iter()
-                .any(|i| tag_value(i.tags(), TAG_APP) == Some(a.as_str()))
-            {
-                return Err(no_app(cx, "apps", a));
-            }
+    for a in apps {
+        if !all
+            .iter()
+            .any(|i| tag_value(i.tags(), TAG_APP) == Some(a.as_str()))
+        {
+            return Err(no_app(cx, "apps", a));
         }
     }
+    Ok(all)
+}
+
+/// Reboots the running ones of the apps (RebootInstances: an OS restart, same instance, same
+/// IPs); apps that are not running are reported as they are.
+pub(crate) async fn reboot(cx: &Cx<'_>, apps: &[String]) -> Result<AppList> {
+    let all = live_apps(cx, apps).await?;
+    let running: Vec<String> = all
+        .iter()
+        .filter(|i| i.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running))
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    for chunk in running.chunks(1000) {
+        cx.ec2
+            .reboot_instances()
+            .set_instance_ids(Some(chunk.to_vec()))
+            .send()
+            .await
+            .map_err(|e| aws_err("RebootInstances", e))?;
+    }
+    let mut out: Vec<AppResult> = all.iter().map(app_result).collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    cx.ctx.progress(
+        1,
+        1,
+        format!(
+            "{} of {} apps rebooted (the others are not running)",
+            running.len(),
+            out.len()
+        ),
+    );
+    Ok(AppList { apps: out })
+}
+
+/// Power on or off (no call for apps already in that state); waits for the state.
+pub(crate) async fn power(cx: &Cx<'_>, apps: &[String], on: bool) -> Result<AppList> {
+    let all = live_apps(cx, apps).await?;
     let (want, from): (&str, &[InstanceStateName]) = if on {
         (
             "running",

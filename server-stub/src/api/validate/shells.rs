@@ -140,6 +140,7 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
             Ok(())
         }
         Kind::Power(p) => names("spec.power.apps", &p.apps),
+        Kind::Reboot(r) => names("spec.reboot.apps", &r.apps),
         Kind::RefreshIp(r) => names("spec.refresh_ip.apps", &r.apps),
         Kind::GetVmDetails(g) => names("spec.get_vm_details.apps", &g.apps),
         Kind::DeleteApp(d) => name_ok("spec.delete_app.app", &d.app),
