@@ -193,6 +193,25 @@ pub fn live_peering(p: &aws_sdk_ec2::types::VpcPeeringConnection) -> bool {
     )
 }
 
+/// Adds ingress rules to a security group; rules it already has count as added (a re-run).
+pub async fn authorize_ingress(
+    ec2: &aws_sdk_ec2::Client,
+    group_id: &str,
+    perms: &[aws_sdk_ec2::types::IpPermission],
+) -> Result<()> {
+    let r = retry_consistency(|| {
+        ec2.authorize_security_group_ingress()
+            .group_id(group_id)
+            .set_ip_permissions(Some(perms.to_vec()))
+            .send()
+    })
+    .await;
+    match r {
+        Err(e) if !already_exists(&code(&e)) => Err(aws_err("AuthorizeSecurityGroupIngress", e)),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

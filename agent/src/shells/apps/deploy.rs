@@ -14,9 +14,7 @@ use aws_sdk_ec2::types::{
 use es_proto::v1::{AppList, AppResult, AppSpec, PublicIp};
 use futures::StreamExt;
 
-use crate::shells::ec2::{
-    aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags,
-};
+use crate::shells::ec2::{aws_err, filter, retry_consistency, sandbox_filter, tag_value, tags};
 use crate::shells::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
 
 use super::*;
@@ -401,19 +399,7 @@ async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
                 .build()
         })
         .collect();
-    let r = retry_consistency(|| {
-        cx.ec2
-            .authorize_security_group_ingress()
-            .group_id(&id)
-            .set_ip_permissions(Some(perms.clone()))
-            .send()
-    })
-    .await;
-    if let Err(e) = r {
-        if !crate::shells::ec2::already_exists(&code(&e)) {
-            return Err(aws_err("AuthorizeSecurityGroupIngress", e));
-        }
-    }
+    crate::shells::ec2::authorize_ingress(cx.ec2, &id, &perms).await?;
     Ok(id)
 }
 

@@ -233,19 +233,7 @@ pub(super) async fn security_groups(
                         .build(),
                 );
             }
-            let r = retry_consistency(|| {
-                cx.ec2
-                    .authorize_security_group_ingress()
-                    .group_id(&id)
-                    .set_ip_permissions(Some(perms.clone()))
-                    .send()
-            })
-            .await;
-            if let Err(e) = r {
-                if !crate::shells::ec2::already_exists(&code(&e)) {
-                    return Err(aws_err("AuthorizeSecurityGroupIngress", e));
-                }
-            }
+            crate::shells::ec2::authorize_ingress(cx.ec2, &id, &perms).await?;
         }
         ids.push(id);
     }
