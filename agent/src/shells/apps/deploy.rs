@@ -404,15 +404,8 @@ async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
 }
 
 async fn elastic_ip(cx: &Cx<'_>, app: &str, instance_id: &str) -> Result<String> {
-    let existing = cx
-        .ec2
-        .describe_addresses()
-        .filters(sandbox_filter(cx.sandbox))
-        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeAddresses", e))?;
-    let (alloc, ip, associated) = match existing.addresses().first() {
+    let existing = app_addresses(cx, app).await?;
+    let (alloc, ip, associated) = match existing.first() {
         Some(a) => (
             a.allocation_id().unwrap_or_default().to_owned(),
             a.public_ip().unwrap_or_default().to_owned(),

@@ -162,6 +162,23 @@ async fn wait_apps(
     }
 }
 
+/// The Elastic IPs tagged with the sandbox and app `app`.
+pub(crate) async fn app_addresses(
+    cx: &Cx<'_>,
+    app: &str,
+) -> Result<Vec<aws_sdk_ec2::types::Address>> {
+    Ok(cx
+        .ec2
+        .describe_addresses()
+        .filters(sandbox_filter(cx.sandbox))
+        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeAddresses", e))?
+        .addresses()
+        .to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,15 +142,8 @@ pub(crate) async fn delete(cx: &Cx<'_>, app: &str) -> Result<Deleted> {
         outcome: outcome.into(),
         error,
     };
-    let addrs = cx
-        .ec2
-        .describe_addresses()
-        .filters(sandbox_filter(cx.sandbox))
-        .filters(filter(&format!("tag:{TAG_APP}"), &[app]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeAddresses", e))?;
-    for a in addrs.addresses() {
+    let addrs = app_addresses(cx, app).await?;
+    for a in &addrs {
         out.push(crate::shells::teardown::release_address(cx.ec2, a, cx.sandbox).await);
     }
     let found = instances(cx, &[app.to_owned()], LIVE).await?;
