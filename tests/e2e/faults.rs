@@ -210,7 +210,7 @@ async fn network_cut_primary_fences_itself_and_rejoins_after_the_heal() {
 fn app(name: &str) -> AppSpec {
     AppSpec {
         name: name.into(),
-        ami: "ami-0123456789abcdef0".into(),
+        ami: MOTO_AMI.into(),
         instance_type: "t3.micro".into(),
         subnets: vec!["app".into()],
         ..Default::default()

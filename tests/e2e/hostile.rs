@@ -525,7 +525,7 @@ async fn oversized_input_is_refused_and_the_server_stays_usable() {
             kind: Some(job_spec::Kind::DeployApp(DeployApp {
                 app: Some(AppSpec {
                     name: "web".into(),
-                    ami: "ami-0123456789abcdef0".into(),
+                    ami: MOTO_AMI.into(),
                     instance_type: "t3.micro".into(),
                     subnets: vec!["app".into()],
                     tags: big_tags,

@@ -1,6 +1,7 @@
 //! End-to-end tests: real es-server and es-agent processes on 127.0.0.1 (port 0), real SQLite
 //! files in temporary directories. One test binary, so the workspace links it once.
 
+mod apps;
 mod bad_input;
 mod commands;
 mod dispatch;

@@ -2,8 +2,9 @@
 //! each network mode end to end (prepare -> deploy 3 apps -> power off/on -> cleanup -> nothing
 //! tagged with the sandbox remains), re-runs after a simulated crash, sweep, and bad input.
 //!
-//! moto accepts any AMI id and ignores `ClientToken`: these tests use a made-up AMI id and do
-//! not rely on ClientToken for idempotency (the agent looks apps up by tag before launching).
+//! moto ignores `ClientToken`: these tests do not rely on it for idempotency (the agent looks
+//! apps up by tag before launching). Apps boot from an AMI of moto's bundled image list
+//! (`MOTO_AMI`): the agent reads the image's root device and size before it launches.
 
 use std::time::Duration;
 
@@ -15,12 +16,12 @@ use crate::{bins, Env};
 
 const LONG: Duration = Duration::from_secs(90);
 
-struct Aws {
-    env: Env,
-    moto: Moto,
-    ec2: aws_sdk_ec2::Client,
+pub(crate) struct Aws {
+    pub env: Env,
+    pub moto: Moto,
+    pub ec2: aws_sdk_ec2::Client,
     _agent: Proc,
-    mgmt: ManagementNetwork,
+    pub mgmt: ManagementNetwork,
     /// Every EC2 operation the agent reported for the jobs of this test.
     ops: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// What went through the (pass-through) proxy between the agent and moto: the independent
@@ -29,12 +30,17 @@ struct Aws {
 }
 
 async fn setup() -> Aws {
+    setup_with(ec2proxy::ProxyConfig::default()).await
+}
+
+/// An es-server, moto, and an es-shells agent reaching moto through a proxy configured by
+/// `proxy` (by default it changes nothing and counts every call).
+pub(crate) async fn setup_with(proxy: ec2proxy::ProxyConfig) -> Aws {
     let env = Env::start(&[]);
     let moto = start_moto(env.dir.path());
     let ec2 = moto.ec2().await;
     let (vpc_id, main_rt) = moto.management_vpc().await;
-    // The agent reaches moto through a proxy that changes nothing and counts every call.
-    let (proxy_url, stats) = ec2proxy::start(&moto.url, ec2proxy::ProxyConfig::default()).await;
+    let (proxy_url, stats) = ec2proxy::start(&moto.url, proxy).await;
     // The shared-VPC test's account is on the agent's allow-list of roles to assume.
     let agent = env.agent(
         &moto
@@ -58,14 +64,14 @@ async fn setup() -> Aws {
     }
 }
 
-fn spec(kind: job_spec::Kind) -> JobSpec {
+pub(crate) fn spec(kind: job_spec::Kind) -> JobSpec {
     JobSpec {
         kind: Some(kind),
         target: None,
     }
 }
 
-fn shells_req(sandbox: &str, kind: job_spec::Kind) -> SubmitRequest {
+pub(crate) fn shells_req(sandbox: &str, kind: job_spec::Kind) -> SubmitRequest {
     SubmitRequest {
         role: role("shells"),
         sandbox_id: sandbox.into(),
@@ -74,7 +80,7 @@ fn shells_req(sandbox: &str, kind: job_spec::Kind) -> SubmitRequest {
     }
 }
 
-async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
+pub(crate) async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
     let mut c = a.env.server.client().await;
     let job = submit(&mut c, shells_req(sandbox, kind)).await;
     let done = wait_done(&mut c, &job.id, LONG).await;
@@ -87,7 +93,7 @@ async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
 /// The sandbox's audit trail (exported with the CLI as JSON lines) names who submitted each
 /// job, the agent that leased it, every mutating EC2 call with its resource ids, and the
 /// outcome; and the es-shells IAM policy allows every operation the agent made.
-async fn check_audit_and_policy(a: &Aws, sandbox: &str, instances: &[String]) {
+pub(crate) async fn check_audit_and_policy(a: &Aws, sandbox: &str, instances: &[String]) {
     let ops = a.ops.lock().unwrap().clone();
     assert_policy_allows("es-shells-policy.json", "ec2", &ops);
     // The policy check again on what the proxy saw (not what the agent says it did), and the
@@ -163,7 +169,7 @@ async fn check_audit_and_policy(a: &Aws, sandbox: &str, instances: &[String]) {
     assert!(entries.iter().all(|e| e["sandbox_id"] == sandbox));
 }
 
-fn shells(j: &Job) -> &ShellsResult {
+pub(crate) fn shells(j: &Job) -> &ShellsResult {
     j.result
         .as_ref()
         .and_then(|r| r.shells.as_ref())
@@ -172,7 +178,7 @@ fn shells(j: &Job) -> &ShellsResult {
 
 /// The sandbox's instances as the emulator has them (not as the agent reported them): app name
 /// -> (state, private IPs), instances that are not terminated.
-async fn emulator_apps(
+pub(crate) async fn emulator_apps(
     ec2: &aws_sdk_ec2::Client,
     sandbox: &str,
 ) -> std::collections::BTreeMap<String, (String, Vec<String>)> {
@@ -210,7 +216,7 @@ async fn emulator_apps(
     out
 }
 
-fn ok(j: &Job) {
+pub(crate) fn ok(j: &Job) {
     assert_eq!(
         j.state,
         JobState::Succeeded as i32,
@@ -219,7 +225,7 @@ fn ok(j: &Job) {
     );
 }
 
-fn subnet(name: &str, cidr: &str, public: bool) -> SubnetRequest {
+pub(crate) fn subnet(name: &str, cidr: &str, public: bool) -> SubnetRequest {
     SubnetRequest {
         name: name.into(),
         cidr: cidr.into(),
@@ -228,10 +234,10 @@ fn subnet(name: &str, cidr: &str, public: bool) -> SubnetRequest {
     }
 }
 
-fn app(name: &str, subnets: &[&str]) -> AppSpec {
+pub(crate) fn app(name: &str, subnets: &[&str]) -> AppSpec {
     AppSpec {
         name: name.into(),
-        ami: "ami-0123456789abcdef0".into(),
+        ami: MOTO_AMI.into(),
         instance_type: "t3.micro".into(),
         subnets: subnets.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
@@ -408,7 +414,7 @@ async fn deployed_as_asked_in_the_emulator(a: &Aws, sandbox: &str, net: &Network
     assert!(groups("worker").contains(&net.sandbox_security_group_id));
 }
 
-fn apps_of(j: &Job) -> Vec<AppResult> {
+pub(crate) fn apps_of(j: &Job) -> Vec<AppResult> {
     match &shells(j).result {
         Some(shells_result::Result::Apps(a)) => a.apps.clone(),
         other => panic!("not an app list: {other:?}"),
@@ -1557,7 +1563,7 @@ async fn sandbox_cli_runs_a_blueprint_and_refuses_a_bad_one() {
     std::fs::write(
         &bp,
         format!(
-            "network:\n  mode: dedicated\n  vpc_cidr: 10.3.0.0/16\n  subnets:\n    - {{ name: app, cidr: 10.3.1.0/24, public: true }}\n  management: {{ vpc_id: {}, cidr: 10.0.0.0/16, route_table_ids: [{}] }}\napps:\n  - {{ name: web, ami: ami-0123456789abcdef0, instance_type: t3.micro, subnets: [app], public_ip: elastic }}\n  - {{ name: db, ami: ami-0123456789abcdef0, instance_type: t3.micro, subnets: [app], isolated: true }}\n",
+            "network:\n  mode: dedicated\n  vpc_cidr: 10.3.0.0/16\n  subnets:\n    - {{ name: app, cidr: 10.3.1.0/24, public: true }}\n  management: {{ vpc_id: {}, cidr: 10.0.0.0/16, route_table_ids: [{}] }}\napps:\n  - {{ name: web, ami: {MOTO_AMI}, instance_type: t3.micro, subnets: [app], public_ip: elastic }}\n  - {{ name: db, ami: {MOTO_AMI}, instance_type: t3.micro, subnets: [app], isolated: true }}\n",
             a.mgmt.vpc_id, a.mgmt.route_table_ids[0]
         ),
     )

@@ -656,6 +656,13 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// A moto server (AWS emulator) on a free loopback port, killed when dropped.
+/// An Amazon Linux AMI of moto's bundled image list (the same id in every region): root device
+/// /dev/xvda, 15 GiB. Apps boot from images that exist, as in AWS: the agent reads the image's
+/// root device and size (DescribeImages) before it launches.
+pub const MOTO_AMI: &str = "ami-760aaa0f";
+/// A Windows Server AMI of moto's bundled image list (platform windows, root /dev/sda1).
+pub const MOTO_WINDOWS_AMI: &str = "ami-03cf127a";
+
 pub struct Moto {
     pub proc: Proc,
     pub url: String,

@@ -225,7 +225,7 @@ pub async fn start_fleet(
             .build();
         let r = ec2
             .run_instances()
-            .image_id("ami-0123456789abcdef0")
+            .image_id(crate::MOTO_AMI)
             .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
             .min_count(1)
             .max_count(1)

@@ -117,6 +117,38 @@ pub struct App {
     /// Metadata response hops, 1..=64 (0 = 2).
     #[serde(default)]
     pub imds_hop_limit: u32,
+    #[serde(default)]
+    pub root_volume_iops: u32,
+    /// MiB/s, gp3 only.
+    #[serde(default)]
+    pub root_volume_throughput: u32,
+    #[serde(default)]
+    pub data_volumes: Vec<DataVolume>,
+    /// KMS key for every volume of the app (empty = the account's EBS default key).
+    #[serde(default)]
+    pub kms_key_id: String,
+    /// One per NIC, in the order of `subnets` ("" = any).
+    #[serde(default)]
+    pub private_ips: Vec<String>,
+    #[serde(default)]
+    pub secondary_private_ips: u32,
+    #[serde(default)]
+    pub wait_status_checks: bool,
+    #[serde(default)]
+    pub wait_timeout_s: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataVolume {
+    pub device_name: String,
+    pub size_gb: u32,
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub iops: u32,
+    #[serde(default)]
+    pub throughput: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +248,24 @@ impl Blueprint {
                     root_device_name: a.root_device_name.clone(),
                     imds_v1_allowed: a.imds_v1_allowed,
                     imds_hop_limit: a.imds_hop_limit,
+                    root_volume_iops: a.root_volume_iops,
+                    root_volume_throughput: a.root_volume_throughput,
+                    data_volumes: a
+                        .data_volumes
+                        .iter()
+                        .map(|d| es_proto::v1::DataVolume {
+                            device_name: d.device_name.clone(),
+                            size_gb: d.size_gb,
+                            r#type: d.kind.clone(),
+                            iops: d.iops,
+                            throughput: d.throughput,
+                        })
+                        .collect(),
+                    kms_key_id: a.kms_key_id.clone(),
+                    private_ips: a.private_ips.clone(),
+                    secondary_private_ips: a.secondary_private_ips,
+                    wait_status_checks: a.wait_status_checks,
+                    wait_timeout_s: a.wait_timeout_s,
                 })
             })
             .collect()

@@ -149,7 +149,7 @@ async fn main() {
         let apps: Vec<AppSpec> = (0..n)
             .map(|k| AppSpec {
                 name: format!("app-{k:03}"),
-                ami: "ami-0123456789abcdef0".into(),
+                ami: MOTO_AMI.into(),
                 instance_type: "t3.micro".into(),
                 subnets: vec!["app".into()],
                 ..Default::default()

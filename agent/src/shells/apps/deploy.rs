@@ -1,91 +1,42 @@
-//! DeployApp and DeploySandbox: the network lookups shared by the whole job, one RunInstances per
-//! missing app (tags, NICs, security groups, volume, profile and user data in the one call), its
-//! own security group for inbound ports, an Elastic IP when asked, then waits for every app.
+//! DeployApp and DeploySandbox: the lookups shared by the whole job (network, images, apps that
+//! already run), the checks only the cloud can answer, one RunInstances per missing app
+//! (launch.rs), an Elastic IP when asked, then waits for every app (running, and its status
+//! checks when asked).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification, Instance,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, ResourceType,
-    VolumeType,
-};
+use aws_sdk_ec2::types::{Instance, ResourceType};
 use es_proto::v1::{AppList, AppResult, AppSpec, PublicIp};
 use futures::StreamExt;
 
-use crate::shells::ec2::{aws_err, filter, retry_consistency, sandbox_filter, tag_value, tags};
-use crate::shells::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
+use crate::shells::ec2::{aws_err, retry_consistency, tag_value, tags};
+use crate::shells::{Cx, Result, ShellsError, TAG_APP};
 
+use super::launch::{check_static_ips, images, launch, network};
 use super::*;
 
-struct Network {
-    subnets: HashMap<String, String>,
-    sandbox_sg: String,
-    isolated_sg: String,
-    vpc_id: String,
-}
+/// How long an app may take to run (and pass its checks) when it does not say.
+const DEFAULT_WAIT: Duration = Duration::from_secs(600);
 
-async fn network(cx: &Cx<'_>) -> Result<Network> {
-    // Both lookups at once: they do not depend on each other.
-    let (subnets, groups) = tokio::try_join!(
-        async {
-            cx.ec2
-                .describe_subnets()
-                .filters(sandbox_filter(cx.sandbox))
-                .send()
-                .await
-                .map_err(|e| aws_err("DescribeSubnets", e))
-        },
-        async {
-            cx.ec2
-                .describe_security_groups()
-                .filters(sandbox_filter(cx.sandbox))
-                .send()
-                .await
-                .map_err(|e| aws_err("DescribeSecurityGroups", e))
-        }
-    )?;
-    let mut map = HashMap::new();
-    let mut vpc_id = String::new();
-    for s in subnets.subnets() {
-        if let (Some(name), Some(id)) = (tag_value(s.tags(), TAG_SUBNET), s.subnet_id()) {
-            map.insert(name.to_owned(), id.to_owned());
-            vpc_id = s.vpc_id().unwrap_or_default().to_owned();
-        }
+fn wait_limit(a: &AppSpec) -> Duration {
+    if a.wait_timeout_s == 0 {
+        DEFAULT_WAIT
+    } else {
+        Duration::from_secs(a.wait_timeout_s.into())
     }
-    if map.is_empty() {
-        return Err(ShellsError::NoNetwork(format!(
-            "no subnet is tagged ReservationId={}",
-            cx.sandbox
-        )));
-    }
-    let find = |role: &str| {
-        groups
-            .security_groups()
-            .iter()
-            .find(|g| tag_value(g.tags(), TAG_ROLE) == Some(role))
-            .and_then(|g| g.group_id())
-            .map(str::to_owned)
-    };
-    let (Some(sandbox_sg), Some(isolated_sg)) = (find("sandbox-sg"), find("isolated-sg")) else {
-        return Err(ShellsError::NoNetwork(
-            "the sandbox security groups are missing".into(),
-        ));
-    };
-    Ok(Network {
-        subnets: map,
-        sandbox_sg,
-        isolated_sg,
-        vpc_id,
-    })
 }
 
 /// Deploys `apps` (skipping those that already run), reporting each as it finishes.
-pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
+/// `base` is where the apps are in the spec (errors name their fields from it).
+pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec], base: &str) -> Result<AppList> {
     let names: Vec<String> = apps.iter().map(|a| a.name.clone()).collect();
-    // The network lookups and the search for apps that already run, all at once.
-    let (net, found) = tokio::try_join!(network(cx), instances(cx, &names, LIVE))?;
+    // The network and image lookups and the search for apps that already run, all at once.
+    let (net, found, images) = tokio::try_join!(
+        network(cx),
+        instances(cx, &names, LIVE),
+        images(cx, apps, base)
+    )?;
     // Every subnet named by an app must exist before anything is launched.
     for (i, a) in apps.iter().enumerate() {
         for (j, s) in a.subnets.iter().enumerate() {
@@ -93,7 +44,7 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
                 let mut known: Vec<&String> = net.subnets.keys().collect();
                 known.sort();
                 return Err(ShellsError::Invalid {
-                    field: format!("apps[{i}].subnets[{j}]"),
+                    field: format!("{}.subnets[{j}]", app_path(base, i)),
                     reason: format!(
                         "no subnet {s:?} in sandbox {}; it has {known:?}",
                         cx.sandbox
@@ -111,6 +62,13 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
             )
         })
         .collect();
+    // Static IPs of the apps still to launch (one that runs already holds its own).
+    let to_launch: Vec<(usize, &AppSpec)> = apps
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !existing.contains_key(&a.name))
+        .collect();
+    check_static_ips(cx, &net, &to_launch, base).await?;
     let total = apps.len() as u32;
     let done = std::sync::atomic::AtomicU32::new(0);
     let report = |r: &AppResult| {
@@ -136,10 +94,11 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
     for a in apps {
         let existing = existing.get(&a.name).cloned();
         let net = &net;
+        let image = &images[&a.ami];
         launch_futs.push(Box::pin(async move {
             match existing {
                 Some(i) => (a, Ok(i.instance_id().unwrap_or_default().to_owned())),
-                None => (a, launch(cx, net, a).await),
+                None => (a, launch(cx, net, image, a).await),
             }
         }));
     }
@@ -176,7 +135,8 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
     let running = if ids.is_empty() {
         Vec::new()
     } else {
-        let all = wait_apps(cx, &names, &ids, Duration::from_secs(600)).await?;
+        let limit = apps.iter().map(wait_limit).max().unwrap_or(DEFAULT_WAIT);
+        let all = wait_apps(cx, &names, &ids, limit).await?;
         let extra: Vec<String> = all
             .iter()
             .filter_map(|i| i.instance_id())
@@ -197,13 +157,36 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
             .collect()
     };
 
+    // Phase 2b: status checks, for the apps that asked, all in one wait.
+    let checked: Vec<(String, Duration)> = running
+        .iter()
+        .filter_map(|i| {
+            let id = i.instance_id()?;
+            let spec = by_id.get(id)?;
+            spec.wait_status_checks
+                .then(|| (id.to_owned(), wait_limit(spec)))
+        })
+        .collect();
+    let checks = if checked.is_empty() {
+        HashMap::new()
+    } else {
+        wait_status_checks(cx, &checked).await?
+    };
+
     // Phase 3: Elastic IPs, in parallel.
     let mut eip_futs = Vec::with_capacity(running.len());
     for i in running {
         let spec = by_id.get(i.instance_id().unwrap_or_default()).copied();
         let report = &report;
+        let checks = &checks;
         eip_futs.push(Box::pin(async move {
             let mut r = app_result(&i);
+            if let Some(status) = checks.get(&r.instance_id) {
+                r.status_checks = status.clone();
+                if status != "ok" {
+                    r.error = format!("status checks did not pass in time: {status}");
+                }
+            }
             if let Some(spec) = spec {
                 if r.name.is_empty() {
                     r.name = spec.name.clone();
@@ -239,168 +222,6 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec]) -> Result<AppList> {
         });
     }
     Ok(AppList { apps: results })
-}
-
-async fn launch(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
-    // Inbound ports: a per-app group (looked up first, so a re-run reuses it).
-    let mut groups = vec![if a.isolated {
-        net.isolated_sg.clone()
-    } else {
-        net.sandbox_sg.clone()
-    }];
-    if !a.inbound.is_empty() {
-        groups.push(app_group(cx, net, a).await?);
-    }
-    let mut nics = Vec::new();
-    for (i, s) in a.subnets.iter().enumerate() {
-        let mut n = InstanceNetworkInterfaceSpecification::builder()
-            .device_index(i as i32)
-            .subnet_id(&net.subnets[s])
-            .set_groups(Some(groups.clone()))
-            .delete_on_termination(true);
-        if i == 0 && a.public_ip == PublicIp::Auto as i32 {
-            n = n.associate_public_ip_address(true);
-        }
-        nics.push(n.build());
-    }
-    let name = format!("{}-{}", cx.sandbox, a.name);
-    let extra: Vec<(&str, &str)> = std::iter::once((TAG_APP, a.name.as_str()))
-        .chain(a.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .collect();
-    let mut req = cx
-        .ec2
-        .run_instances()
-        .image_id(&a.ami)
-        .instance_type(InstanceType::from(a.instance_type.as_str()))
-        .min_count(1)
-        .max_count(1)
-        .client_token(client_token(cx.job_id, &a.name))
-        .set_network_interfaces(Some(nics))
-        .tag_specifications(tags(ResourceType::Instance, cx.sandbox, &name, &extra))
-        .tag_specifications(tags(ResourceType::Volume, cx.sandbox, &name, &extra))
-        .tag_specifications(tags(
-            ResourceType::NetworkInterface,
-            cx.sandbox,
-            &name,
-            &extra,
-        ));
-    // IMDSv2 only (session tokens) unless the app allows v1; 2 hops so containers reach it.
-    req = req.metadata_options(
-        InstanceMetadataOptionsRequest::builder()
-            .http_endpoint(InstanceMetadataEndpointState::Enabled)
-            .http_tokens(if a.imds_v1_allowed {
-                HttpTokensState::Optional
-            } else {
-                HttpTokensState::Required
-            })
-            .http_put_response_hop_limit(if a.imds_hop_limit == 0 {
-                2
-            } else {
-                a.imds_hop_limit as i32
-            })
-            .build(),
-    );
-    if a.root_volume_gb > 0 || !a.root_volume_type.is_empty() {
-        let mut ebs = EbsBlockDevice::builder()
-            .delete_on_termination(true)
-            .volume_type(VolumeType::from(if a.root_volume_type.is_empty() {
-                "gp3"
-            } else {
-                a.root_volume_type.as_str()
-            }));
-        if a.root_volume_gb > 0 {
-            ebs = ebs.volume_size(a.root_volume_gb as i32);
-        }
-        let device = if a.root_device_name.is_empty() {
-            "/dev/xvda"
-        } else {
-            a.root_device_name.as_str()
-        };
-        req = req.block_device_mappings(
-            BlockDeviceMapping::builder()
-                .device_name(device)
-                .ebs(ebs.build())
-                .build(),
-        );
-    }
-    if !a.user_data.is_empty() {
-        req = req.user_data(aws_smithy_types::base64::encode(a.user_data.as_bytes()));
-    }
-    if !a.instance_profile.is_empty() {
-        let p = IamInstanceProfileSpecification::builder();
-        let p = if a.instance_profile.starts_with("arn:") {
-            p.arn(&a.instance_profile)
-        } else {
-            p.name(&a.instance_profile)
-        };
-        req = req.iam_instance_profile(p.build());
-    }
-    let r = retry_consistency(|| req.clone().send())
-        .await
-        .map_err(|e| aws_err("RunInstances", e))?;
-    let id = r
-        .instances()
-        .first()
-        .and_then(|i| i.instance_id())
-        .unwrap_or_default()
-        .to_owned();
-    log::info!(sandbox_id = cx.sandbox, job_id = cx.job_id; "launched app {} as {id}", a.name);
-    Ok(id)
-}
-
-async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
-    let name = format!("{}-{}-ports", cx.sandbox, a.name);
-    let found = cx
-        .ec2
-        .describe_security_groups()
-        .filters(filter("vpc-id", &[&net.vpc_id]))
-        .filters(filter("group-name", &[&name]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
-    if let Some(id) = found.security_groups().first().and_then(|g| g.group_id()) {
-        return Ok(id.to_owned());
-    }
-    let r = cx
-        .ec2
-        .create_security_group()
-        .vpc_id(&net.vpc_id)
-        .group_name(&name)
-        .description(format!("es-shells: inbound ports of app {}", a.name))
-        .tag_specifications(tags(
-            ResourceType::SecurityGroup,
-            cx.sandbox,
-            &name,
-            &[(TAG_APP, &a.name), (TAG_ROLE, "app-ports")],
-        ))
-        .send()
-        .await
-        .map_err(|e| aws_err("CreateSecurityGroup", e))?;
-    let id = r.group_id().unwrap_or_default().to_owned();
-    let perms: Vec<IpPermission> = a
-        .inbound
-        .iter()
-        .map(|p| {
-            let cidr = if p.cidr.is_empty() {
-                "0.0.0.0/0"
-            } else {
-                p.cidr.as_str()
-            };
-            let (from, to) = if p.protocol == "icmp" {
-                (-1, -1)
-            } else {
-                (p.from_port as i32, p.to_port as i32)
-            };
-            IpPermission::builder()
-                .ip_protocol(&p.protocol)
-                .from_port(from)
-                .to_port(to)
-                .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
-                .build()
-        })
-        .collect();
-    crate::shells::ec2::authorize_ingress(cx.ec2, &id, &perms).await?;
-    Ok(id)
 }
 
 async fn elastic_ip(cx: &Cx<'_>, app: &str, instance_id: &str) -> Result<String> {
@@ -444,4 +265,54 @@ async fn elastic_ip(cx: &Cx<'_>, app: &str, instance_id: &str) -> Result<String>
         .map_err(|e| aws_err("AssociateAddress", e))?;
     }
     Ok(ip)
+}
+
+/// Polls both status checks of `apps` (id, longest wait) with one DescribeInstanceStatus per
+/// round until each passed or its wait is over; answers "ok" or what they were at the end.
+async fn wait_status_checks(
+    cx: &Cx<'_>,
+    apps: &[(String, Duration)],
+) -> Result<HashMap<String, String>> {
+    let start = tokio::time::Instant::now();
+    let mut out: HashMap<String, String> = HashMap::new();
+    let mut delay = Duration::ZERO;
+    loop {
+        let pending: Vec<String> = apps
+            .iter()
+            .filter(|(id, _)| out.get(id).is_none_or(|s| s != "ok"))
+            .filter(|(_, limit)| start.elapsed() <= *limit)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if pending.is_empty() {
+            // Every app passed, or its wait is over with its last reading in `out`.
+            for (id, _) in apps {
+                out.entry(id.clone())
+                    .or_insert_with(|| "unknown (no status reported)".into());
+            }
+            return Ok(out);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).clamp(Duration::from_millis(500), Duration::from_secs(10));
+        let r = cx
+            .ec2
+            .describe_instance_status()
+            .set_instance_ids(Some(pending))
+            .send()
+            .await
+            .map_err(|e| aws_err("DescribeInstanceStatus", e))?;
+        for s in r.instance_statuses() {
+            let word = |st: Option<&aws_sdk_ec2::types::InstanceStatusSummary>| {
+                st.and_then(|x| x.status())
+                    .map(|x| x.as_str().to_owned())
+                    .unwrap_or_else(|| "unknown".into())
+            };
+            let (system, instance) = (word(s.system_status()), word(s.instance_status()));
+            let status = if system == "ok" && instance == "ok" {
+                "ok".to_owned()
+            } else {
+                format!("system {system}, instance {instance}")
+            };
+            out.insert(s.instance_id().unwrap_or_default().to_owned(), status);
+        }
+    }
 }

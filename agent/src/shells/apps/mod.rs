@@ -7,6 +7,7 @@
 //! that poll all instances in one DescribeInstances call.
 
 pub(crate) mod deploy;
+mod launch;
 pub(crate) mod ops;
 
 use std::time::Duration;
@@ -24,6 +25,16 @@ const LIVE: &[&str] = &["pending", "running", "stopping", "stopped"];
 fn client_token(job_id: &str, app: &str) -> String {
     let u = stable_hash(format!("{job_id}/{app}").as_bytes());
     format!("es-{u}")
+}
+
+/// The path of app `i` in the job's spec (`base` is "spec.deploy_app.app" for the one app of a
+/// DeployApp, "spec.deploy_sandbox.apps" for a list), for errors that name the field.
+fn app_path(base: &str, i: usize) -> String {
+    if base.ends_with(".app") {
+        base.to_owned()
+    } else {
+        format!("{base}[{i}]")
+    }
 }
 
 fn stable_hash(data: &[u8]) -> String {
@@ -67,6 +78,7 @@ pub(crate) fn app_result(i: &Instance) -> AppResult {
             .unwrap_or_default(),
         ami: i.image_id().unwrap_or_default().to_owned(),
         subnet_id: i.subnet_id().unwrap_or_default().to_owned(),
+        status_checks: String::new(),
     }
 }
 

@@ -12,6 +12,7 @@ const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 const MAX_ATTEMPTS: u32 = 100;
 const MAX_STEPS: u32 = 10_000;
 
+mod apps;
 mod commands;
 mod field;
 mod shells;

@@ -1,88 +1,17 @@
-//! Checks of the es-shells job kinds (network, apps, cleanup, sweep). Every error names the
+//! Checks of the es-shells job kinds (network, cleanup, sweep; app templates in apps.rs). Every error names the
 //! field with its path (e.g. `spec.deploy_sandbox.apps[3].subnets`) and says what is accepted.
 //! Runtime facts (a subnet CIDR outside an existing VPC, an unknown AMI) are checked by the
 //! agent before it creates anything.
 
-use std::collections::HashSet;
-
-use es_proto::v1::{
-    job_spec::Kind, AppSpec, NetworkMode, PrepareSandboxNetwork, PublicIp, SubmitRequest,
-};
+use es_proto::v1::{job_spec::Kind, NetworkMode, PrepareSandboxNetwork, SubmitRequest};
 use ipnet::Ipv4Net;
 
-use es_proto::limits::{
-    clip, MAX_APP_NAMES, MAX_APP_TAGS, MAX_ARN, MAX_LIVE_SANDBOXES, MAX_NAME, MAX_TAG_KEY,
-    MAX_TAG_VALUE,
-};
+use es_proto::limits::{clip, MAX_APP_NAMES, MAX_LIVE_SANDBOXES, MAX_NAME};
 
-use super::field::{bad, FieldError};
+use super::apps;
+use super::field::{bad, cidr, id_ok, name_ok, short, FieldError};
 
-/// Most apps in one sandbox.
-pub const MAX_APPS: usize = 255;
 const MAX_SUBNETS: usize = 16;
-const MAX_NICS: usize = 8;
-const MAX_USER_DATA: usize = 16 * 1024;
-const VOLUME_TYPES: &[&str] = &["gp3", "gp2", "io1", "io2", "st1", "sc1", "standard"];
-
-fn name_ok(field: &str, v: &str) -> Result<(), FieldError> {
-    if v.is_empty() {
-        return Err(bad(field, "is empty"));
-    }
-    if v.len() > 64 {
-        return Err(bad(field, "at most 64 characters"));
-    }
-    if let Some(c) = v
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(bad(
-            field,
-            format!("{v:?} contains {c:?}; use letters, digits, - _ ."),
-        ));
-    }
-    Ok(())
-}
-
-fn id_ok(field: &str, v: &str, prefix: &str) -> Result<(), FieldError> {
-    if !v.starts_with(prefix)
-        || v.len() <= prefix.len()
-        || v.len() > 64
-        || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    {
-        return Err(bad(
-            field,
-            format!(
-                "{:?} is not an id like {prefix}0123456789abcdef",
-                clip(v, 80)
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// A short free-form value (instance type, zone, device name): at most `max` bytes, printable.
-fn short(field: &str, v: &str, max: usize) -> Result<(), FieldError> {
-    if v.len() > max || v.chars().any(|c| c.is_control()) {
-        return Err(bad(field, format!("at most {max} bytes of printable text")));
-    }
-    Ok(())
-}
-
-pub fn cidr(field: &str, v: &str) -> Result<Ipv4Net, FieldError> {
-    let net: Ipv4Net = v.parse().map_err(|_| {
-        bad(
-            field,
-            format!("{:?} is not an IPv4 CIDR like 10.1.0.0/16", clip(v, 80)),
-        )
-    })?;
-    if net.network() != net.addr() {
-        return Err(bad(
-            field,
-            format!("{v:?} has host bits set; did you mean {}?", net.trunc()),
-        ));
-    }
-    Ok(net)
-}
 
 /// Checks an es-shells submission (role, sandbox id, target, and the kind's own fields).
 pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
@@ -105,40 +34,9 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
                 .app
                 .as_ref()
                 .ok_or_else(|| bad("spec.deploy_app.app", "missing"))?;
-            app_spec("spec.deploy_app.app", app)
+            apps::app("spec.deploy_app.app", app)
         }
-        Kind::DeploySandbox(d) => {
-            if d.apps.is_empty() {
-                return Err(bad(
-                    "spec.deploy_sandbox.apps",
-                    "is empty; give 1 to 255 apps",
-                ));
-            }
-            if d.apps.len() > MAX_APPS {
-                return Err(bad(
-                    "spec.deploy_sandbox.apps",
-                    format!(
-                        "has {} apps; a sandbox holds at most {MAX_APPS}",
-                        d.apps.len()
-                    ),
-                ));
-            }
-            let mut names = HashSet::new();
-            for (i, app) in d.apps.iter().enumerate() {
-                let f = format!("spec.deploy_sandbox.apps[{i}]");
-                app_spec(&f, app)?;
-                if !names.insert(app.name.as_str()) {
-                    return Err(bad(
-                        format!("{f}.name"),
-                        format!(
-                            "{:?} is used twice; app names are unique in a sandbox",
-                            app.name
-                        ),
-                    ));
-                }
-            }
-            Ok(())
-        }
+        Kind::DeploySandbox(d) => apps::sandbox("spec.deploy_sandbox.apps", &d.apps),
         Kind::Power(p) => names("spec.power.apps", &p.apps),
         Kind::Reboot(r) => names("spec.reboot.apps", &r.apps),
         Kind::RefreshIp(r) => names("spec.refresh_ip.apps", &r.apps),
@@ -322,136 +220,12 @@ fn prepare(p: &PrepareSandboxNetwork) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn app_spec(f: &str, a: &AppSpec) -> Result<(), FieldError> {
-    name_ok(&format!("{f}.name"), &a.name)?;
-    if a.ami.is_empty() {
-        return Err(bad(
-            format!("{f}.ami"),
-            "missing; give the AMI id (ami-...)",
-        ));
-    }
-    id_ok(&format!("{f}.ami"), &a.ami, "ami-")?;
-    if a.instance_type.is_empty() || !a.instance_type.contains('.') || a.instance_type.len() > 64 {
-        return Err(bad(
-            format!("{f}.instance_type"),
-            format!(
-                "{:?} is not an instance type like t3.micro",
-                clip(&a.instance_type, 80)
-            ),
-        ));
-    }
-    short(&format!("{f}.root_device_name"), &a.root_device_name, 64)?;
-    short(
-        &format!("{f}.instance_profile"),
-        &a.instance_profile,
-        MAX_ARN,
-    )?;
-    if a.inbound.len() > 60 {
-        return Err(bad(
-            format!("{f}.inbound"),
-            "at most 60 rules (a security group's default limit)",
-        ));
-    }
-    if a.subnets.is_empty() || a.subnets.len() > MAX_NICS {
-        return Err(bad(
-            format!("{f}.subnets"),
-            format!("give 1 to {MAX_NICS} subnet names (one NIC each)"),
-        ));
-    }
-    for (i, s) in a.subnets.iter().enumerate() {
-        name_ok(&format!("{f}.subnets[{i}]"), s)?;
-    }
-    let public = PublicIp::try_from(a.public_ip)
-        .map_err(|_| bad(format!("{f}.public_ip"), "use none, auto or elastic"))?;
-    if public == PublicIp::Auto && a.subnets.len() > 1 {
-        return Err(bad(
-            format!("{f}.public_ip"),
-            "EC2 assigns an automatic public IP only to single-NIC instances; use elastic",
-        ));
-    }
-    for (i, r) in a.inbound.iter().enumerate() {
-        let rf = format!("{f}.inbound[{i}]");
-        if !matches!(r.protocol.as_str(), "tcp" | "udp" | "icmp") {
-            return Err(bad(
-                format!("{rf}.protocol"),
-                format!("{:?}: use tcp, udp or icmp", r.protocol),
-            ));
-        }
-        if r.from_port > 65535 || r.to_port > 65535 || r.from_port > r.to_port {
-            return Err(bad(
-                format!("{rf}.from_port"),
-                "ports are 0..=65535 with from_port <= to_port",
-            ));
-        }
-        if !r.cidr.is_empty() {
-            cidr(&format!("{rf}.cidr"), &r.cidr)?;
-        }
-    }
-    if a.root_volume_gb > 16_384 {
-        return Err(bad(format!("{f}.root_volume_gb"), "at most 16384"));
-    }
-    if a.imds_hop_limit > 64 {
-        return Err(bad(
-            format!("{f}.imds_hop_limit"),
-            "1..=64 hops (0 = the default, 2)",
-        ));
-    }
-    if !a.root_volume_type.is_empty() && !VOLUME_TYPES.contains(&a.root_volume_type.as_str()) {
-        return Err(bad(
-            format!("{f}.root_volume_type"),
-            format!(
-                "{:?}: use one of {}",
-                a.root_volume_type,
-                VOLUME_TYPES.join(", ")
-            ),
-        ));
-    }
-    if a.user_data.len() > MAX_USER_DATA {
-        return Err(bad(
-            format!("{f}.user_data"),
-            "EC2 takes at most 16 KB of user data",
-        ));
-    }
-    if a.tags.len() > MAX_APP_TAGS {
-        return Err(bad(
-            format!("{f}.tags"),
-            format!(
-                "has {}; at most {MAX_APP_TAGS} tags (EC2 allows 50, es-shells adds its own)",
-                a.tags.len()
-            ),
-        ));
-    }
-    for (k, v) in &a.tags {
-        if v.len() > MAX_TAG_VALUE {
-            return Err(bad(
-                format!("{f}.tags[{}]", clip(k, 80)),
-                format!(
-                    "the value is {} bytes; EC2 takes at most {MAX_TAG_VALUE}",
-                    v.len()
-                ),
-            ));
-        }
-    }
-    for k in a.tags.keys() {
-        if k.is_empty()
-            || k.len() > MAX_TAG_KEY
-            || k.starts_with("aws:")
-            || k.starts_with("es:")
-            || matches!(k.as_str(), "ReservationId" | "CreatedBy" | "AppName")
-        {
-            return Err(bad(
-                format!("{f}.tags"),
-                format!("tag key {:?} is reserved or invalid", clip(k, 80)),
-            ));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use es_proto::v1::{DeploySandbox, JobSpec, ManagementNetwork, SharedVpc, SubnetRequest};
+    use es_proto::v1::{
+        AppSpec, DeploySandbox, JobSpec, ManagementNetwork, SharedVpc, SubnetRequest,
+    };
 
     fn mgmt() -> Option<ManagementNetwork> {
         Some(ManagementNetwork {

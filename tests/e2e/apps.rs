@@ -1,0 +1,336 @@
+//! App templates at parity with Quali's AWS EC2 shell (issue 11), against moto: every field is
+//! read back from the emulator (not from the agent's report), and where moto drops a field
+//! (RunInstances there ignores a mapping's Iops and Throughput and a NIC's secondary address
+//! count) from the RunInstances request the proxy saw on the wire. Mistakes only the cloud can refute (an address outside its subnet
+//! or reserved, an address in use, an AMI that does not exist) fail the job naming the field
+//! before anything is launched.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use es_proto::v1::*;
+use es_tests::*;
+
+use crate::shells::{app, apps_of, ok, run, setup_with, shells_req, subnet, Aws};
+
+/// Prepares a single-mode network (two subnets inside the Management VPC) for `sb`.
+async fn network(a: &Aws, sb: &str, third_octet: u8) {
+    let prep = run(
+        a,
+        sb,
+        job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+            mode: NetworkMode::Single as i32,
+            vpc_cidr: String::new(),
+            subnets: vec![
+                subnet("app", &format!("10.0.{third_octet}.0/24"), false),
+                subnet("db", &format!("10.0.{}.0/24", third_octet + 1), false),
+            ],
+            management: Some(a.mgmt.clone()),
+            shared: None,
+        }),
+    )
+    .await;
+    ok(&prep);
+}
+
+/// An es-shells agent behind a proxy that keeps the body of every RunInstances request.
+async fn setup_recording() -> (Aws, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let hook = {
+        let seen = seen.clone();
+        ec2proxy::Hook(Arc::new(move |_head: &str, body: &[u8]| {
+            let body = String::from_utf8_lossy(body);
+            if body.contains("Action=RunInstances") {
+                seen.lock().unwrap().push(body.into_owned());
+            }
+            None
+        }))
+    };
+    let a = setup_with(ec2proxy::ProxyConfig {
+        hook: Some(hook),
+        ..Default::default()
+    })
+    .await;
+    (a, seen)
+}
+
+/// The query parameters of a form-encoded EC2 request.
+fn params(body: &str) -> BTreeMap<String, String> {
+    form_urlencoded::parse(body.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_fields_are_deployed_as_asked_and_read_back_from_the_emulator() {
+    let (a, seen) = setup_recording().await;
+    let sb = "sb-fields";
+    network(&a, sb, 111).await;
+
+    // web: a gp3 root with IOPS and throughput, a data volume, a customer key, a static IP,
+    // two secondary IPs, a wait for its status checks.
+    let mut web = app("web", &["app"]);
+    web.root_volume_gb = 30;
+    web.root_volume_iops = 4000;
+    web.root_volume_throughput = 250;
+    web.kms_key_id = "alias/es-sandboxes".into();
+    web.data_volumes = vec![DataVolume {
+        device_name: "/dev/sdf".into(),
+        size_gb: 125,
+        r#type: "st1".into(),
+        ..Default::default()
+    }];
+    web.private_ips = vec!["10.0.111.10".into()];
+    web.secondary_private_ips = 2;
+    web.wait_status_checks = true;
+    web.wait_timeout_s = 120;
+    // db: two NICs, a static IP on the second only; defaults elsewhere (root from the image).
+    let mut db = app("db", &["app", "db"]);
+    db.private_ips = vec![String::new(), "10.0.112.20".into()];
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            apps: vec![web, db],
+        }),
+    )
+    .await;
+    ok(&j);
+    let apps: BTreeMap<String, AppResult> = apps_of(&j)
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    assert_eq!(apps["web"].status_checks, "ok", "{:?}", apps["web"]);
+    assert_eq!(apps["db"].status_checks, "", "db did not ask to wait");
+
+    // Read back from moto: instances, their NICs and their volumes.
+    let r = a
+        .ec2
+        .describe_instances()
+        .filters(sandbox_tag_filter(sb))
+        .send()
+        .await
+        .unwrap();
+    let instances: BTreeMap<String, aws_sdk_ec2::types::Instance> = r
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            let app = i
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some("AppName"))
+                .and_then(|t| t.value())
+                .unwrap()
+                .to_owned();
+            (app, i.clone())
+        })
+        .collect();
+    assert_eq!(instances.len(), 2);
+    let nic_ips = |app: &str| -> Vec<Vec<String>> {
+        let mut nics: Vec<_> = instances[app].network_interfaces().to_vec();
+        nics.sort_by_key(|n| n.attachment().and_then(|a| a.device_index()));
+        nics.iter()
+            .map(|n| {
+                n.private_ip_addresses()
+                    .iter()
+                    .filter_map(|p| p.private_ip_address().map(str::to_owned))
+                    .collect()
+            })
+            .collect()
+    };
+    let web_ips = nic_ips("web");
+    assert_eq!(web_ips.len(), 1);
+    assert_eq!(
+        web_ips[0][0], "10.0.111.10",
+        "the static address is primary"
+    );
+    // moto ignores SecondaryPrivateIpAddressCount: the request is checked on the wire below.
+    let db_ips = nic_ips("db");
+    assert_eq!(db_ips.len(), 2);
+    assert_eq!(db_ips[1][0], "10.0.112.20");
+    assert!(db_ips[0][0].starts_with("10.0.111."), "{db_ips:?}");
+
+    let vols = a
+        .ec2
+        .describe_volumes()
+        .filters(sandbox_tag_filter(sb))
+        .send()
+        .await
+        .unwrap();
+    let mut by_app: BTreeMap<(String, String), aws_sdk_ec2::types::Volume> = BTreeMap::new();
+    for v in vols.volumes() {
+        let att = v.attachments().first().expect("attached");
+        let app = instances
+            .iter()
+            .find(|(_, i)| i.instance_id() == att.instance_id())
+            .map(|(n, _)| n.clone())
+            .expect("a volume of a sandbox app");
+        by_app.insert((app, att.device().unwrap().to_owned()), v.clone());
+    }
+    let keys: Vec<_> = by_app.keys().cloned().collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("db".to_owned(), "/dev/xvda".to_owned()),
+            ("web".to_owned(), "/dev/sdf".to_owned()),
+            ("web".to_owned(), "/dev/xvda".to_owned()),
+        ],
+        "one root volume each (on the image's root device, not a second one) and web's data volume"
+    );
+    for ((app, dev), v) in &by_app {
+        assert_eq!(v.encrypted(), Some(true), "{app} {dev} is encrypted");
+    }
+    let web_root = &by_app[&("web".into(), "/dev/xvda".into())];
+    assert_eq!(web_root.size(), Some(30));
+    assert_eq!(web_root.volume_type().map(|t| t.as_str()), Some("gp3"));
+    assert_eq!(web_root.kms_key_id(), Some("alias/es-sandboxes"));
+    let web_data = &by_app[&("web".into(), "/dev/sdf".into())];
+    assert_eq!(
+        (web_data.size(), web_data.volume_type().map(|t| t.as_str())),
+        (Some(125), Some("st1"))
+    );
+    assert_eq!(web_data.kms_key_id(), Some("alias/es-sandboxes"));
+    let db_root = &by_app[&("db".into(), "/dev/xvda".into())];
+    assert_eq!(
+        db_root.size(),
+        Some(15),
+        "the image's size when none is given"
+    );
+    assert!(
+        db_root
+            .kms_key_id()
+            .is_some_and(|k| k.starts_with("arn:aws:kms:")),
+        "no key named: the account's default EBS key ({:?})",
+        db_root.kms_key_id()
+    );
+
+    // moto drops a mapping's Iops and Throughput and the secondary address count: what the
+    // agent asked EC2 for, on the wire.
+    let requests = seen.lock().unwrap().clone();
+    let web_req = requests
+        .iter()
+        .map(|b| params(b))
+        .find(|p| p.values().any(|v| v == "web"))
+        .expect("web's RunInstances went through the proxy");
+    let root: Vec<(&str, &str)> = [
+        ("BlockDeviceMapping.1.DeviceName", "/dev/xvda"),
+        ("BlockDeviceMapping.1.Ebs.Iops", "4000"),
+        ("BlockDeviceMapping.1.Ebs.Throughput", "250"),
+        ("BlockDeviceMapping.1.Ebs.Encrypted", "true"),
+        ("BlockDeviceMapping.1.Ebs.DeleteOnTermination", "true"),
+        ("BlockDeviceMapping.2.DeviceName", "/dev/sdf"),
+        ("BlockDeviceMapping.2.Ebs.DeleteOnTermination", "true"),
+        ("NetworkInterface.1.PrivateIpAddress", "10.0.111.10"),
+        ("NetworkInterface.1.SecondaryPrivateIpAddressCount", "2"),
+    ]
+    .into();
+    for (k, v) in root {
+        assert_eq!(
+            web_req.get(k).map(String::as_str),
+            Some(v),
+            "{k} in {web_req:?}"
+        );
+    }
+
+    // Cleanup leaves nothing (data volumes included).
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_and_images_only_the_cloud_can_refute_fail_before_anything_launches() {
+    let (a, seen) = setup_recording().await;
+    let sb = "sb-refuted";
+    network(&a, sb, 121).await;
+    // One app holds 10.0.121.50.
+    let mut holder = app("holder", &["app"]);
+    holder.private_ips = vec!["10.0.121.50".into()];
+    ok(&run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp { app: Some(holder) }),
+    )
+    .await);
+    let launched = seen.lock().unwrap().len();
+    assert_eq!(launched, 1);
+
+    let with = |edit: &dyn Fn(&mut AppSpec)| {
+        let mut web = app("web", &["app", "db"]);
+        edit(&mut web);
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            apps: vec![app("ok", &["app"]), web],
+        })
+    };
+    let cases: Vec<(job_spec::Kind, &str, &str)> = vec![
+        (
+            with(&|w| w.private_ips = vec!["10.0.200.10".into()]),
+            "spec.deploy_sandbox.apps[1].private_ips[0]",
+            "outside the subnet",
+        ),
+        (
+            with(&|w| w.private_ips = vec![String::new(), "10.0.122.3".into()]),
+            "spec.deploy_sandbox.apps[1].private_ips[1]",
+            "reserved by AWS",
+        ),
+        (
+            with(&|w| w.private_ips = vec!["10.0.121.255".into()]),
+            "spec.deploy_sandbox.apps[1].private_ips[0]",
+            "reserved by AWS",
+        ),
+        (
+            with(&|w| w.private_ips = vec!["10.0.121.50".into()]),
+            "spec.deploy_sandbox.apps[1].private_ips[0]",
+            "in use by eni-",
+        ),
+        (
+            with(&|w| w.ami = "ami-00000000deadbeef0".into()),
+            "spec.deploy_sandbox.apps[1].ami",
+            "no image ami-00000000deadbeef0",
+        ),
+    ];
+    for (kind, field, why) in cases {
+        let j = run(&a, sb, kind).await;
+        assert_eq!(j.state, JobState::Failed as i32, "{field}: {j:?}");
+        let err = j.result.unwrap().error;
+        assert!(err.contains(field) && err.contains(why), "{field}: {err}");
+    }
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        launched,
+        "no RunInstances for a refuted job (not even for its valid app)"
+    );
+    // Bad input the server can judge alone is refused at submission (INVALID_ARGUMENT).
+    let mut c = a.env.server.client().await;
+    let server_cases: Vec<(job_spec::Kind, &str)> = vec![
+        (
+            with(&|w| {
+                w.root_volume_type = "gp2".into();
+                w.root_volume_iops = 3000;
+            }),
+            "spec.deploy_sandbox.apps[1].root_volume_iops",
+        ),
+        (
+            with(&|w| w.private_ips = vec!["10.0.121".into()]),
+            "spec.deploy_sandbox.apps[1].private_ips[0]",
+        ),
+        (
+            with(&|w| {
+                w.data_volumes = vec![DataVolume {
+                    device_name: "/dev/sdf".into(),
+                    size_gb: 10,
+                    r#type: "io2".into(),
+                    ..Default::default()
+                }]
+            }),
+            "spec.deploy_sandbox.apps[1].data_volumes[0].iops",
+        ),
+    ];
+    for (kind, field) in server_cases {
+        let err = c.submit(shells_req(sb, kind)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
+}
