@@ -131,6 +131,12 @@ pub struct AgentConfig {
     /// A sweep never deletes a sandbox younger than this (from its oldest resource).
     #[serde(default = "default_sweep_min_age", deserialize_with = "duration")]
     pub sweep_min_age: Duration,
+    /// Where sandbox private keys are kept in SSM Parameter Store: `<prefix>/<sandbox>/key-pair`.
+    #[serde(default = "default_key_parameter_prefix")]
+    pub key_parameter_prefix: String,
+    /// KMS key of those SecureString parameters (id, ARN or alias); empty = `alias/aws/ssm`.
+    #[serde(default)]
+    pub key_parameter_kms_key: String,
 }
 
 /// One `assume_roles` entry.
@@ -173,6 +179,10 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<AssumeRoleEntry>, 
         OneOrMany::Many(v) => v,
         OneOrMany::One(e) => vec![e],
     })
+}
+
+fn default_key_parameter_prefix() -> String {
+    "/es/sandboxes".into()
 }
 
 fn default_sweep_min_age() -> Duration {
@@ -240,6 +250,22 @@ impl AgentConfig {
 
     /// Checks every value; the error names the key and the fix.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = &self.key_parameter_prefix;
+        if !p.starts_with('/')
+            || p.ends_with('/')
+            || p.len() > 900
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+        {
+            return Err(bad(
+                "key_parameter_prefix",
+                format!(
+                    "{p:?} is not an SSM parameter path like \"/es/sandboxes\" (a leading /, \
+                     no trailing /, letters, digits, / - _ .)"
+                ),
+            ));
+        }
         if self.name.is_empty() {
             return Err(bad(
                 "name",
@@ -467,6 +493,8 @@ impl AgentConfig {
                 .map(AssumeRoleEntry::allowed)
                 .collect(),
             sweep_min_age: self.sweep_min_age,
+            key_parameter_prefix: self.key_parameter_prefix.clone(),
+            key_parameter_kms_key: self.key_parameter_kms_key.clone(),
         }
     }
 
@@ -487,7 +515,7 @@ impl AgentConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\nassume_roles = [{}]\nsweep_min_age = {:?}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\nassume_roles = [{}]\nsweep_min_age = {:?}\nkey_parameter_prefix = {:?}\nkey_parameter_kms_key = {:?}\n",
             self.name,
             self.role().name(),
             mask_url(&self.server),
@@ -528,6 +556,8 @@ impl AgentConfig {
                 .collect::<Vec<_>>()
                 .join(", "),
             humantime::format_duration(self.sweep_min_age).to_string(),
+            self.key_parameter_prefix,
+            self.key_parameter_kms_key,
         )
     }
 }

@@ -71,6 +71,11 @@ pub fn info(k: &Kind) -> KindInfo {
         Kind::DeleteApp(_) => kind("delete_app", Shells),
         Kind::CleanupSandbox(_) => kind("cleanup_sandbox", Shells),
         Kind::SweepOrphans(_) => kind("sweep_orphans", Shells),
+        // Reads the key only: it may run beside the sandbox's other jobs.
+        Kind::GetAccessKey(_) => KindInfo {
+            exclusive_sandbox: false,
+            ..kind("get_access_key", Shells)
+        },
         Kind::RunCommand(_) => kind("run_command", Commands),
     }
 }
@@ -106,6 +111,13 @@ mod tests {
                 "echo",
                 Diagnostic,
                 None,
+                false,
+            ),
+            (
+                Kind::GetAccessKey(Default::default()),
+                "get_access_key",
+                Shells,
+                Some(Role::Shells),
                 false,
             ),
             (

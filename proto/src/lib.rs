@@ -8,6 +8,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod resources;
+pub mod sealed;
 
 pub mod v1 {
     tonic::include_proto!("es.v1");

@@ -12,6 +12,9 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Ec2Kind {
     Instance,
+    /// The sandbox key pair. Its private key's SSM parameter goes with it (deleted first, so
+    /// what is left is still found by the key pair's tag).
+    KeyPair,
     /// An EBS volume left behind (a root volume goes with its instance; a detached one stays).
     Volume,
     ElasticIp,
@@ -54,6 +57,14 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         delete: "TerminateInstances",
         tagged: true,
         after: &[],
+    },
+    Ec2KindInfo {
+        kind: KeyPair,
+        name: "key-pair",
+        list: "DescribeKeyPairs",
+        delete: "DeleteKeyPair",
+        tagged: true,
+        after: &[Instance],
     },
     Ec2KindInfo {
         kind: Volume,
@@ -186,6 +197,7 @@ mod tests {
         // Exhaustive: a new variant without a row fails here (and in ec2_kind).
         for k in [
             Instance,
+            KeyPair,
             Volume,
             ElasticIp,
             NetworkInterface,
@@ -198,8 +210,10 @@ mod tests {
             Vpc,
         ] {
             let _ = match k {
-                Instance | Volume | ElasticIp | NetworkInterface | PeeringRoute | VpcPeering
-                | SecurityGroup | Subnet | RouteTable | InternetGateway | Vpc => ec2_kind(k),
+                Instance | KeyPair | Volume | ElasticIp | NetworkInterface | PeeringRoute
+                | VpcPeering | SecurityGroup | Subnet | RouteTable | InternetGateway | Vpc => {
+                    ec2_kind(k)
+                }
             };
         }
         assert!(!ec2_kind(PeeringRoute).tagged, "routes carry no tags");

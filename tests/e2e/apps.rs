@@ -19,6 +19,7 @@ async fn network(a: &Aws, sb: &str, third_octet: u8) {
         a,
         sb,
         job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+            key_type: String::new(),
             mode: NetworkMode::Single as i32,
             vpc_cidr: String::new(),
             subnets: vec![

@@ -10,6 +10,7 @@ mod durability;
 mod fallback;
 mod faults;
 mod hostile;
+mod keys;
 mod leases;
 mod ops;
 mod packaging;

@@ -20,7 +20,7 @@ pub(crate) struct Aws {
     pub env: Env,
     pub moto: Moto,
     pub ec2: aws_sdk_ec2::Client,
-    _agent: Proc,
+    pub agent: Proc,
     pub mgmt: ManagementNetwork,
     /// Every EC2 operation the agent reported for the jobs of this test.
     ops: std::sync::Mutex<std::collections::BTreeSet<String>>,
@@ -53,7 +53,7 @@ pub(crate) async fn setup_with(proxy: ec2proxy::ProxyConfig) -> Aws {
         env,
         moto,
         ec2,
-        _agent: agent,
+        agent,
         mgmt: ManagementNetwork {
             vpc_id,
             cidr: "10.0.0.0/16".into(),
@@ -90,12 +90,23 @@ pub(crate) async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
     done
 }
 
+/// The es-shells policy allows each operation: SSM's (the sandbox's private key) as ssm:, the
+/// rest as ec2:.
+pub(crate) fn check_policy(ops: &std::collections::BTreeSet<String>) {
+    let (ssm, ec2): (std::collections::BTreeSet<String>, _) = ops
+        .iter()
+        .cloned()
+        .partition(|op| op.ends_with("Parameter") || op == "AddTagsToResource");
+    assert_policy_allows("es-shells-policy.json", "ec2", &ec2);
+    assert_policy_allows("es-shells-policy.json", "ssm", &ssm);
+}
+
 /// The sandbox's audit trail (exported with the CLI as JSON lines) names who submitted each
 /// job, the agent that leased it, every mutating EC2 call with its resource ids, and the
 /// outcome; and the es-shells IAM policy allows every operation the agent made.
 pub(crate) async fn check_audit_and_policy(a: &Aws, sandbox: &str, instances: &[String]) {
     let ops = a.ops.lock().unwrap().clone();
-    assert_policy_allows("es-shells-policy.json", "ec2", &ops);
+    check_policy(&ops);
     // The policy check again on what the proxy saw (not what the agent says it did), and the
     // agent's report agrees with it. STS calls (assumed roles) have their own policy statement.
     if let Some(proxy) = &a.proxy {
@@ -104,7 +115,7 @@ pub(crate) async fn check_audit_and_policy(a: &Aws, sandbox: &str, instances: &[
             .into_keys()
             .filter(|op| !matches!(op.as_str(), "AssumeRole" | "GetCallerIdentity"))
             .collect();
-        assert_policy_allows("es-shells-policy.json", "ec2", &seen);
+        check_policy(&seen);
         assert_eq!(
             seen, ops,
             "EC2 operations seen by the proxy vs reported by the agent"
@@ -780,6 +791,7 @@ fn mgmt_routes_to(
 async fn dedicated_mode_lifecycle_leaves_nothing_behind() {
     let a = setup().await;
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.1.0.0/16".into(),
         subnets: vec![
@@ -840,6 +852,7 @@ async fn shared_mode_lifecycle_leaves_nothing_behind() {
         .unwrap()
         .to_owned();
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Shared as i32,
         vpc_cidr: String::new(),
         subnets: vec![
@@ -897,6 +910,7 @@ async fn shared_mode_lifecycle_leaves_nothing_behind() {
 async fn single_mode_lifecycle_leaves_nothing_behind() {
     let a = setup().await;
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![
@@ -959,6 +973,7 @@ async fn rerun_after_a_crash_mid_way_creates_no_duplicates_and_sweep_finds_orpha
         .await
         .unwrap();
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.7.0.0/16".into(),
         subnets: vec![
@@ -1098,6 +1113,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
     let mut c = a.env.server.client().await;
     let sb = "sb-bad";
     let good = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.9.0.0/16".into(),
         subnets: vec![subnet("app", "10.9.1.0/24", false)],
@@ -1107,6 +1123,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
     let cases: Vec<(job_spec::Kind, &str)> = vec![
         (
             job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+                key_type: String::new(),
                 subnets: vec![subnet("app", "10.8.1.0/24", false)],
                 ..good.clone()
             }),
@@ -1114,6 +1131,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         ),
         (
             job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+                key_type: String::new(),
                 subnets: vec![
                     subnet("a", "10.9.1.0/24", false),
                     subnet("b", "10.9.1.128/25", false),
@@ -1124,6 +1142,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         ),
         (
             job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+                key_type: String::new(),
                 mode: 9,
                 ..good.clone()
             }),
@@ -1162,6 +1181,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
     // A subnet outside an existing VPC is only known at run time: the job fails naming the
     // field, before anything is created.
     let single = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "192.168.1.0/24", false)],
@@ -1236,13 +1256,14 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
         env,
         moto,
         ec2,
-        _agent: _a,
+        agent: _a,
         mgmt: mgmt.clone(),
         ops: Default::default(),
         proxy: None,
     };
     let sb = "sb-flaky";
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![
@@ -1298,7 +1319,7 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
     .await;
     let mut b = agent_via_proxy(&a.env, &a.moto, &failing, "es-shells-quota");
     // Only the quota agent may take the next job: stop the first one.
-    a._agent.sigterm();
+    a.agent.sigterm();
     let mut cc = a.env.server.client().await;
     wait_healthy(&mut cc, &["es-shells-quota"]).await;
     let c2 = cc.clone();
@@ -1314,6 +1335,7 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
     .await;
     let sb2 = "sb-quota";
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "10.0.60.0/24", false)],
@@ -1346,6 +1368,7 @@ async fn concurrent_runs_of_one_prepare_leave_one_network() {
     let a = setup().await;
     let sb = "sb-race";
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.5.0.0/16".into(),
         subnets: vec![
@@ -1417,6 +1440,7 @@ async fn a_deploy_larger_than_one_describe_page_completes_and_cleans_up() {
     let a = setup().await;
     let sb = "sb-many";
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "10.0.200.0/22", false)],
@@ -1511,6 +1535,7 @@ async fn shared_vpc_in_another_account_through_an_assumed_role() {
         region: String::new(),
     };
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Shared as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "172.20.1.0/24", false)],
@@ -1587,7 +1612,7 @@ async fn sandbox_cli_runs_a_blueprint_and_refuses_a_bad_one() {
         "per-app progress: {text}"
     );
     assert!(
-        text.contains("APP ") && text.contains("EC2 calls:"),
+        text.contains("APP ") && text.contains("AWS calls:"),
         "summary table: {text}"
     );
     let out = cli(&[
@@ -1681,6 +1706,7 @@ async fn burst_through_bucket_proxy(rate_limit: bool) -> (Job, u64) {
     wait_healthy(&mut c, &["es-shells"]).await;
     let sb = "sb-burst";
     let prepare = PrepareSandboxNetwork {
+        key_type: String::new(),
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "10.0.64.0/22", false)],
@@ -1827,7 +1853,7 @@ async fn a_vpc_made_by_a_concurrent_run_is_reconciled_to_one() {
         env,
         moto,
         ec2,
-        _agent: agent,
+        agent,
         mgmt: mgmt.clone(),
         ops: Default::default(),
         proxy: None,
@@ -1836,6 +1862,7 @@ async fn a_vpc_made_by_a_concurrent_run_is_reconciled_to_one() {
         &a,
         sb,
         job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+            key_type: String::new(),
             mode: NetworkMode::Dedicated as i32,
             vpc_cidr: "10.77.0.0/16".into(),
             subnets: vec![subnet("app", "10.77.1.0/24", false)],
@@ -1874,9 +1901,9 @@ async fn a_vpc_made_by_a_concurrent_run_is_reconciled_to_one() {
             "the agent's duplicate is gone"
         );
         assert!(
-            a._agent.log().contains("deleting our duplicate"),
+            a.agent.log().contains("deleting our duplicate"),
             "{}",
-            a._agent.log()
+            a.agent.log()
         );
     } else {
         // The agent's VPC won (the smaller id); the other run would delete its own.

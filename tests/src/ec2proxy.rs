@@ -199,9 +199,17 @@ async fn read_message(sock: &mut TcpStream) -> std::io::Result<Option<(String, V
     Ok(Some((head, body)))
 }
 
-fn action(body: &[u8]) -> (String, u32) {
+/// The operation of a request: `Action=` of an EC2/STS query, or the `X-Amz-Target` header of a
+/// JSON protocol call (SSM: `AmazonSSM.PutParameter`); and its MaxCount (instances asked for).
+fn action(head: &str, body: &[u8]) -> (String, u32) {
     let text = String::from_utf8_lossy(body);
-    let mut action = String::from("Unknown");
+    let target = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("x-amz-target")
+            .then(|| v.trim().rsplit('.').next().unwrap_or_default().to_owned())
+    });
+    let mut action = target.unwrap_or_else(|| String::from("Unknown"));
     let mut count = 1;
     for pair in text.split('&') {
         if let Some(v) = pair.strip_prefix("Action=") {
@@ -235,7 +243,7 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         return sock.shutdown().await;
     }
     let arrived = Instant::now();
-    let (act, count) = action(&body);
+    let (act, count) = action(&head, &body);
     *st.stats
         .calls
         .lock()

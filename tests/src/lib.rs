@@ -710,6 +710,19 @@ pub fn start_moto(dir: &Path) -> Moto {
 
 impl Moto {
     /// An EC2 client on the emulator (us-east-1, dummy credentials).
+    /// An SSM client of the test's own (Parameter Store: sandbox private keys).
+    pub async fn ssm(&self) -> aws_sdk_ssm::Client {
+        let creds =
+            aws_sdk_ssm::config::Credentials::new("testing", "testing", None, None, "es-tests");
+        let conf = aws_sdk_ssm::config::Builder::new()
+            .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+            .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+            .endpoint_url(&self.url)
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_ssm::Client::from_conf(conf)
+    }
+
     pub async fn ec2(&self) -> aws_sdk_ec2::Client {
         let creds =
             aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "es-tests");
@@ -799,6 +812,17 @@ pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<S
                             add(i.instance_id());
                         }
                     }
+                }
+            }
+            Ec2Kind::KeyPair => {
+                let r = ec2
+                    .describe_key_pairs()
+                    .filters(f.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                for k in r.key_pairs() {
+                    add(k.key_name());
                 }
             }
             Ec2Kind::Volume => {

@@ -41,6 +41,10 @@ pub struct AwsSettings {
     pub assume_roles: Vec<assume::AllowedRole>,
     /// A sweep never touches a sandbox younger than this (`sweep_min_age`).
     pub sweep_min_age: Duration,
+    /// SSM path under which sandbox private keys are kept (`key_parameter_prefix`).
+    pub key_parameter_prefix: String,
+    /// KMS key of those parameters; empty = the account's `alias/aws/ssm`.
+    pub key_parameter_kms_key: String,
 }
 
 pub(crate) struct Aws {
@@ -55,6 +59,9 @@ impl Aws {
         }
         if settings.concurrency == 0 {
             settings.concurrency = 16;
+        }
+        if settings.key_parameter_prefix.is_empty() {
+            settings.key_parameter_prefix = "/es/sandboxes".into();
         }
         if settings.call_timeout.is_zero() {
             settings.call_timeout = Duration::from_secs(30);
@@ -127,6 +134,19 @@ impl Aws {
                 .build();
         }
         Ok(sdk)
+    }
+
+    /// An SSM client for the job's target, counting calls into `calls` (sandbox keys).
+    pub fn ssm_client(
+        &self,
+        job: &Job,
+        calls: Arc<CallCounter>,
+    ) -> Result<aws_sdk_ssm::Client, NotAllowed> {
+        let sdk = self.sdk_config(job)?;
+        let conf = aws_sdk_ssm::config::Builder::from(&sdk)
+            .interceptor(Count(calls))
+            .build();
+        Ok(aws_sdk_ssm::Client::from_conf(conf))
     }
 
     /// An EC2 client for the job's target (assumed role and region) that counts calls into

@@ -13,6 +13,7 @@
 
 mod apps;
 pub(crate) mod ec2;
+mod keys;
 mod network;
 mod teardown;
 
@@ -94,9 +95,24 @@ impl Shells {
                 return failed(e, &calls, None);
             }
         };
+        let ssm = match self.aws.ssm_client(job, calls.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                let e = ShellsError::Invalid {
+                    field: "spec.target.role_arn".into(),
+                    reason: e.0,
+                };
+                return failed(e, &calls, None);
+            }
+        };
         let sb = job.sandbox_id.as_str();
         let cx = Cx {
             ec2: &ec2,
+            keys: keys::KeyStore {
+                ssm: &ssm,
+                prefix: &self.aws.settings.key_parameter_prefix,
+                kms_key: &self.aws.settings.key_parameter_kms_key,
+            },
             sandbox: sb,
             job_id: &job.id,
             ctx,
@@ -172,6 +188,8 @@ fn failed(e: ShellsError, calls: &CallCounter, r: Option<shells_result::Result>)
 /// What a job needs: the EC2 client for its target, the sandbox, progress.
 pub(crate) struct Cx<'a> {
     pub ec2: &'a aws_sdk_ec2::Client,
+    /// SSM Parameter Store, where sandbox private keys are kept.
+    pub keys: keys::KeyStore<'a>,
     pub sandbox: &'a str,
     pub job_id: &'a str,
     pub ctx: &'a JobCtx,
@@ -183,7 +201,17 @@ pub(crate) struct Cx<'a> {
 async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
     use shells_result::Result as R;
     Ok(match kind {
-        Kind::PrepareNetwork(p) => R::Network(network::prepare(cx, p).await?),
+        Kind::PrepareNetwork(p) => {
+            // The key pair does not depend on the network: both at once.
+            let (mut net, key) =
+                tokio::try_join!(network::prepare(cx, p), keys::ensure(cx, &p.key_type))?;
+            if let Some((name, parameter)) = key {
+                net.key_pair_name = name;
+                net.key_parameter = parameter;
+            }
+            R::Network(net)
+        }
+        Kind::GetAccessKey(g) => R::AccessKey(keys::access_key(cx, &g.recipient).await?),
         Kind::DeployApp(d) => {
             let apps: Vec<_> = d.app.iter().cloned().collect();
             R::Apps(apps::deploy::deploy(cx, &apps, "spec.deploy_app.app").await?)
@@ -225,6 +253,10 @@ fn summary(r: &shells_result::Result) -> String {
             n.subnets.len(),
             n.sandbox_security_group_id,
             n.isolated_security_group_id
+        ),
+        shells_result::Result::AccessKey(k) => format!(
+            "{} key pair {}, sealed to the submitter",
+            k.key_type, k.key_name
         ),
         shells_result::Result::Apps(a) => {
             let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();

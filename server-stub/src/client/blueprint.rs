@@ -46,6 +46,9 @@ pub struct Network {
     pub subnets: Vec<Subnet>,
     pub management: Management,
     pub shared: Option<Shared>,
+    /// The sandbox key pair: ed25519 (default), rsa (Windows apps) or none.
+    #[serde(default)]
+    pub key_type: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,6 +139,9 @@ pub struct App {
     pub wait_status_checks: bool,
     #[serde(default)]
     pub wait_timeout_s: u32,
+    /// An existing key pair instead of the sandbox's.
+    #[serde(default)]
+    pub key_pair: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +190,7 @@ impl Blueprint {
             }
         };
         Ok(Some(PrepareSandboxNetwork {
+            key_type: n.key_type.clone(),
             mode: mode as i32,
             vpc_cidr: n.vpc_cidr.clone(),
             subnets: n
@@ -266,6 +273,7 @@ impl Blueprint {
                     secondary_private_ips: a.secondary_private_ips,
                     wait_status_checks: a.wait_status_checks,
                     wait_timeout_s: a.wait_timeout_s,
+                    key_pair: a.key_pair.clone(),
                 })
             })
             .collect()

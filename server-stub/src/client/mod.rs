@@ -3,11 +3,13 @@
 //! `sandbox.rs` the `sandbox` subcommands with their blueprints (`blueprint.rs`), `render.rs`
 //! the tables and JSON, `conn.rs` the connection, exit codes and errors.
 
+pub mod access_key;
 pub mod args;
 pub mod blueprint;
 pub mod commands;
 pub mod conn;
 pub mod render;
+pub mod run_args;
 pub mod sandbox;
 
 use std::process::ExitCode;

@@ -1,7 +1,8 @@
 //! `es-server sandbox ...`: the es-shells jobs from the command line. `up` takes a blueprint
 //! (YAML or JSON), prepares the network and deploys the apps, showing per-app progress and a
-//! summary table; `power`, `reboot`, `ips`, `details`, `delete-app`, `down` and `sweep` act on a sandbox;
-//! `run` runs a script on its instances (es-commands, SSM or SSH) and prints each one's output.
+//! summary table; `power`, `reboot`, `ips`, `details`, `delete-app`, `down` and `sweep` act on a
+//! sandbox; `access-key` saves its key pair's private key (access_key.rs); `run` runs a script on
+//! its instances (es-commands, SSM or SSH; flags in run_args.rs) and prints each one's output.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use es_proto::v1::*;
 use super::blueprint::Blueprint;
 use super::conn::{Client, EXIT_USAGE};
 use super::render::{job_json, state_name};
+use super::run_args::RunArgs;
 
 #[derive(Subcommand, Debug)]
 pub enum SandboxCmd {
@@ -82,6 +84,17 @@ pub enum SandboxCmd {
     },
     /// Run a script on the sandbox's apps (es-commands): per-instance status, exit code, output.
     Run(Box<RunArgs>),
+    /// Save the sandbox key pair's private key to a new file (mode 0600). It is sealed to a
+    /// one-time key of this command: only this command can read it, not the server or others.
+    AccessKey {
+        #[arg(long)]
+        sandbox: String,
+        /// Where to write it (default SANDBOX.key); an existing file is never overwritten.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
     /// Delete resources tagged with any sandbox not in --live and not known alive to the server
     /// (--dry-run lists them). Needs an admin token. Sandboxes younger than the agent's
     /// sweep_min_age (default 1 h) or --min-age are always kept.
@@ -100,140 +113,6 @@ pub enum SandboxCmd {
         #[arg(long, default_value = "")]
         selector: String,
     },
-}
-
-#[derive(clap::Args, Debug)]
-pub struct RunArgs {
-    #[arg(long)]
-    sandbox: String,
-    /// Only these apps (default: every running app of the sandbox).
-    #[arg(long)]
-    app: Vec<String>,
-    /// These instances instead of the sandbox's apps.
-    #[arg(long, conflicts_with = "app")]
-    instance: Vec<String>,
-    /// The script text.
-    #[arg(
-        long,
-        required_unless_present = "script_file",
-        conflicts_with = "script_file"
-    )]
-    script: Option<String>,
-    /// A file holding the script.
-    #[arg(long)]
-    script_file: Option<PathBuf>,
-    #[arg(long, value_parser = ["bash", "powershell"], default_value = "bash")]
-    shell: String,
-    #[arg(long, value_parser = ["ssm", "ssh"], default_value = "ssm")]
-    transport: String,
-    /// NAME=VALUE exported to the script (repeat).
-    #[arg(long)]
-    env: Vec<String>,
-    /// NAME=VALUE exported to the script, never shown (repeat).
-    #[arg(long)]
-    secret_env: Vec<String>,
-    #[arg(long, default_value = "")]
-    workdir: String,
-    /// Longest run on one instance (e.g. 10m); default 1h.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    execution_timeout: Option<std::time::Duration>,
-    /// SSM: longest wait for delivery; SSH: connect timeout.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    delivery_timeout: Option<std::time::Duration>,
-    /// Instances at once ("50" or "10%").
-    #[arg(long, default_value = "")]
-    max_concurrency: String,
-    /// Errors after which no new instance starts ("0", "10%"); default: run everywhere.
-    #[arg(long, default_value = "")]
-    max_errors: String,
-    /// S3 bucket (and --output-prefix) for the full output.
-    #[arg(long, default_value = "")]
-    output_bucket: String,
-    #[arg(long, default_value = "")]
-    output_prefix: String,
-    /// SSH login user (default ec2-user).
-    #[arg(long, default_value = "")]
-    ssh_user: String,
-    #[arg(long, default_value_t = 0)]
-    ssh_port: u32,
-    /// INSTANCE_OR_IP=PUBLIC_KEY: a known host key (repeat).
-    #[arg(long)]
-    host_key: Vec<String>,
-    #[arg(long, default_value = "")]
-    selector: String,
-}
-
-impl RunArgs {
-    /// The RunCommand, or an error naming the flag.
-    fn run_command(&self) -> Result<RunCommand, String> {
-        let script = match (&self.script, &self.script_file) {
-            (Some(s), _) => s.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f)
-                .map_err(|e| format!("--script-file {}: {e}", f.display()))?,
-            (None, None) => return Err("give --script or --script-file".into()),
-        };
-        let mut env = Vec::new();
-        for (flag, list, secret) in [
-            ("--env", &self.env, false),
-            ("--secret-env", &self.secret_env, true),
-        ] {
-            for kv in list {
-                let (name, value) = kv.split_once('=').ok_or_else(|| {
-                    format!(
-                        "{flag}: expected NAME=VALUE, got {:?}",
-                        kv.split('=').next().unwrap_or("")
-                    )
-                })?;
-                env.push(CommandVariable {
-                    name: name.to_owned(),
-                    value: value.to_owned(),
-                    secret,
-                });
-            }
-        }
-        let mut host_keys = std::collections::HashMap::new();
-        for kv in &self.host_key {
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| format!("--host-key: expected INSTANCE=KEY, got {kv:?}"))?;
-            host_keys.insert(k.to_owned(), v.to_owned());
-        }
-        let ssh = self.transport == "ssh";
-        Ok(RunCommand {
-            instance_ids: self.instance.clone(),
-            apps: self.app.clone(),
-            script,
-            shell: if self.shell == "powershell" {
-                Shell::Powershell as i32
-            } else {
-                Shell::Bash as i32
-            },
-            working_directory: self.workdir.clone(),
-            env,
-            execution_timeout_s: self
-                .execution_timeout
-                .map(|d| d.as_secs() as u32)
-                .unwrap_or(0),
-            delivery_timeout_s: self
-                .delivery_timeout
-                .map(|d| d.as_secs() as u32)
-                .unwrap_or(0),
-            max_concurrency: self.max_concurrency.clone(),
-            max_errors: self.max_errors.clone(),
-            output_s3_bucket: self.output_bucket.clone(),
-            output_s3_prefix: self.output_prefix.clone(),
-            transport: if ssh {
-                CommandTransport::Ssh as i32
-            } else {
-                CommandTransport::Ssm as i32
-            },
-            ssh: ssh.then(|| SshOptions {
-                user: self.ssh_user.clone(),
-                port: self.ssh_port,
-                host_keys,
-            }),
-        })
-    }
 }
 
 fn req(
@@ -259,6 +138,8 @@ fn req(
 pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode, (u8, String)> {
     let usage = |m: String| (EXIT_USAGE, m);
     let mut jobs = Vec::new();
+    // GetAccessKey: the one-time key its answer is sealed to, and where the key goes.
+    let mut key_out: Option<(es_proto::sealed::Opener, PathBuf)> = None;
     match cmd {
         SandboxCmd::Up {
             blueprint,
@@ -355,6 +236,29 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
             job_spec::Kind::CleanupSandbox(CleanupSandbox {}),
             None,
         )),
+        SandboxCmd::AccessKey {
+            sandbox,
+            out,
+            selector,
+        } => {
+            let opener = es_proto::sealed::Opener::new();
+            jobs.push(req(
+                &sandbox,
+                &selector,
+                job_spec::Kind::GetAccessKey(GetAccessKey {
+                    recipient: opener.recipient(),
+                }),
+                None,
+            ));
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{sandbox}.key")));
+            if out.exists() {
+                return Err(usage(format!(
+                    "{} exists; a key file is never overwritten: remove it, or give --out",
+                    out.display()
+                )));
+            }
+            key_out = Some((opener, out));
+        }
         SandboxCmd::Run(args) => {
             let rc = args.run_command().map_err(usage)?;
             let mut r = req(
@@ -459,6 +363,12 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
         if done.state != JobState::Succeeded as i32 {
             return Ok(ExitCode::from(1));
         }
+        if let Some((opener, out)) = &key_out {
+            let line = super::access_key::save(&done, opener, out)?;
+            if !json {
+                println!("  {line}");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -513,6 +423,12 @@ fn print_result(j: &Job) {
             for s in &n.subnets {
                 println!("  subnet {:<12} {:<26} {}", s.name, s.subnet_id, s.cidr);
             }
+            if !n.key_pair_name.is_empty() {
+                println!(
+                    "  key pair {} (private key in SSM {}; `sandbox access-key` saves it)",
+                    n.key_pair_name, n.key_parameter
+                );
+            }
             if !n.peering_connection_id.is_empty() {
                 println!(
                     "  peering {}  internet gateway {}",
@@ -532,7 +448,7 @@ fn print_result(j: &Job) {
         calls.sort();
         let total: u64 = calls.iter().map(|(_, n)| **n).sum();
         let list: Vec<String> = calls.iter().map(|(k, n)| format!("{k} {n}")).collect();
-        println!("  EC2 calls: {total} ({})", list.join(", "));
+        println!("  AWS calls: {total} ({})", list.join(", "));
     }
 }
 

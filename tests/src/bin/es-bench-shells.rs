@@ -130,6 +130,7 @@ async fn main() {
         let spans_at = || stats.spans.lock().unwrap().len();
         let p0 = proxied();
         let prepare = submit_wait(job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+            key_type: String::new(),
             mode: NetworkMode::Dedicated as i32,
             vpc_cidr: format!("10.{octet}.0.0/16"),
             subnets: vec![SubnetRequest {

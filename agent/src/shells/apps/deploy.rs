@@ -13,7 +13,7 @@ use futures::StreamExt;
 use crate::shells::ec2::{aws_err, retry_consistency, tag_value, tags};
 use crate::shells::{Cx, Result, ShellsError, TAG_APP};
 
-use super::launch::{check_static_ips, images, launch, network};
+use super::launch::{check_key_type, check_static_ips, images, key_for, launch, network};
 use super::*;
 
 /// How long an app may take to run (and pass its checks) when it does not say.
@@ -32,10 +32,11 @@ fn wait_limit(a: &AppSpec) -> Duration {
 pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec], base: &str) -> Result<AppList> {
     let names: Vec<String> = apps.iter().map(|a| a.name.clone()).collect();
     // The network and image lookups and the search for apps that already run, all at once.
-    let (net, found, images) = tokio::try_join!(
+    let (net, found, images, sandbox_key) = tokio::try_join!(
         network(cx),
         instances(cx, &names, LIVE),
-        images(cx, apps, base)
+        images(cx, apps, base),
+        crate::shells::keys::sandbox_key(cx)
     )?;
     // Every subnet named by an app must exist before anything is launched.
     for (i, a) in apps.iter().enumerate() {
@@ -69,6 +70,14 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec], base: &str) -> Result<
         .filter(|(_, a)| !existing.contains_key(&a.name))
         .collect();
     check_static_ips(cx, &net, &to_launch, base).await?;
+    for (i, a) in &to_launch {
+        check_key_type(
+            a,
+            &app_path(base, *i),
+            &images[&a.ami],
+            sandbox_key.as_ref(),
+        )?;
+    }
     let total = apps.len() as u32;
     let done = std::sync::atomic::AtomicU32::new(0);
     let report = |r: &AppResult| {
@@ -95,10 +104,11 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec], base: &str) -> Result<
         let existing = existing.get(&a.name).cloned();
         let net = &net;
         let image = &images[&a.ami];
+        let key = key_for(a, sandbox_key.as_ref().map(|(name, _)| name.as_str()));
         launch_futs.push(Box::pin(async move {
             match existing {
                 Some(i) => (a, Ok(i.instance_id().unwrap_or_default().to_owned())),
-                None => (a, launch(cx, net, image, a).await),
+                None => (a, launch(cx, net, image, key, a).await),
             }
         }));
     }

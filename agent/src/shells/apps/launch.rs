@@ -1,6 +1,6 @@
 //! What one RunInstances needs and the call itself: the sandbox's network (subnets with their
-//! CIDRs, its two security groups), the images the apps boot from (root device and
-//! size), the checks only the cloud can answer (a static IP inside its subnet, not reserved,
+//! CIDRs, its two security groups), the images the apps boot from (root device, size,
+//! platform), the checks only the cloud can answer (a static IP inside its subnet, not reserved,
 //! not in use), and the request: NICs, encrypted volumes, metadata options, profile, user data
 //! and tags, all in the one call.
 
@@ -10,8 +10,8 @@ use std::net::Ipv4Addr;
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
     InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, ResourceType,
-    VolumeType,
+    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
+    ResourceType, VolumeType,
 };
 use es_proto::v1::{AppSpec, PublicIp};
 use ipnet::Ipv4Net;
@@ -96,6 +96,8 @@ pub(super) struct Image {
     pub root_device: String,
     /// GiB of the root snapshot: the root volume's size when the app gives none.
     pub root_gb: i32,
+    /// Windows images need an RSA key pair (EC2 refuses ed25519 for them).
+    pub windows: bool,
 }
 
 /// The images of `apps`, one DescribeImages for all of them. An AMI that does not exist (or is
@@ -148,11 +150,15 @@ pub(super) async fn images(
             .and_then(|m| m.ebs())
             .and_then(|e| e.volume_size())
             .unwrap_or(8);
+        let windows = im
+            .platform()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("windows"));
         out.insert(
             id.to_owned(),
             Image {
                 root_device,
                 root_gb,
+                windows,
             },
         );
     }
@@ -321,10 +327,45 @@ fn block_devices(a: &AppSpec, image: &Image) -> Vec<BlockDeviceMapping> {
         .collect()
 }
 
+/// The key pair app `a` launches with: its own `key_pair`, else the sandbox's (if any).
+pub(super) fn key_for<'k>(a: &'k AppSpec, sandbox_key: Option<&'k str>) -> Option<&'k str> {
+    if a.key_pair.is_empty() {
+        sandbox_key
+    } else {
+        Some(&a.key_pair)
+    }
+}
+
+/// Whether app `i` can boot with the sandbox's key: EC2 refuses ed25519 keys for Windows, and
+/// a Windows password is encrypted to the key (so it must be RSA to be read back).
+pub(super) fn check_key_type(
+    a: &AppSpec,
+    path: &str,
+    image: &Image,
+    sandbox_key: Option<&(String, KeyType)>,
+) -> Result<()> {
+    match sandbox_key {
+        Some((name, kind)) if image.windows && a.key_pair.is_empty() && *kind != KeyType::Rsa => {
+            Err(ShellsError::Invalid {
+                field: format!("{path}.ami"),
+                reason: format!(
+                    "{} is a Windows image, and Windows needs an RSA key pair; the sandbox's \
+                     ({name}) is {}: prepare the sandbox with key_type rsa, or name an RSA \
+                     key_pair for the app",
+                    a.ami,
+                    kind.as_str()
+                ),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 pub(super) async fn launch(
     cx: &Cx<'_>,
     net: &Network,
     image: &Image,
+    key: Option<&str>,
     a: &AppSpec,
 ) -> Result<String> {
     // Inbound ports: a per-app group (looked up first, so a re-run reuses it).
@@ -392,6 +433,9 @@ pub(super) async fn launch(
             })
             .build(),
     );
+    if let Some(k) = key {
+        req = req.key_name(k);
+    }
     if !a.user_data.is_empty() {
         req = req.user_data(aws_smithy_types::base64::encode(a.user_data.as_bytes()));
     }
@@ -504,6 +548,7 @@ mod tests {
         let image = Image {
             root_device: "/dev/sda1".into(),
             root_gb: 15,
+            windows: false,
         };
         let mut a = AppSpec {
             kms_key_id: "alias/sandboxes".into(),

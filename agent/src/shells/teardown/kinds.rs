@@ -1,6 +1,6 @@
-//! How to list and delete each EC2 resource kind of `es_proto::resources::EC2_KINDS`, one match
-//! arm per kind (the compiler points here when a kind is added). Listing answers every page;
-//! deleting goes on past failures and reports each resource.
+//! How to delete each EC2 resource kind of `es_proto::resources::EC2_KINDS`, one match arm per
+//! kind (the compiler points here when a kind is added); listing is in list.rs. Deleting goes
+//! on past failures and reports each resource.
 
 use std::time::Duration;
 
@@ -9,10 +9,11 @@ use aws_sdk_ec2::Client;
 use es_proto::resources::{ec2_kind, Ec2Kind};
 use es_proto::v1::DeletedResource;
 
-use crate::shells::ec2::{
-    already_gone, aws_err, code, filter, live_peering, retry_consistency, tag_value,
-};
+use crate::shells::ec2::{already_gone, aws_err, code, filter, retry_consistency, tag_value};
+use crate::shells::keys::{delete_parameter, KeyStore};
 use crate::shells::{Result, TAG_SANDBOX};
+
+use super::list::*;
 
 /// Whether a listed resource carries this sandbox's tag. The listing was already filtered by the
 /// tag; this is checked again here because an EC2 implementation that ignores a filter (moto
@@ -79,179 +80,6 @@ pub(crate) async fn release_address(ec2: &Client, a: &Address, sandbox: &str) ->
     rec(Ec2Kind::ElasticIp, id, sandbox, done("ReleaseAddress", r))
 }
 
-/// Instance states that still hold resources.
-const LIVE_INSTANCE: &[&str] = &["pending", "running", "stopping", "stopped", "shutting-down"];
-/// Peering states that can still carry traffic (and routes).
-const LIVE_PEERING: &[&str] = &["pending-acceptance", "provisioning", "active"];
-
-/// The tags (and, for instances, launch time in Unix seconds) of every resource of a tagged
-/// kind matching `f`; untagged kinds answer nothing.
-pub(super) async fn tags_of(
-    ec2: &Client,
-    kind: Ec2Kind,
-    f: &Filter,
-) -> Result<Vec<(Vec<Tag>, Option<i64>)>> {
-    let t = |tags: &[Tag]| (tags.to_vec(), None);
-    Ok(match kind {
-        Ec2Kind::Instance => instances(ec2, f)
-            .await?
-            .iter()
-            .map(|i| (i.tags().to_vec(), i.launch_time().map(|t| t.secs())))
-            .collect(),
-        Ec2Kind::Volume => volumes(ec2, f, false)
-            .await?
-            .iter()
-            .map(|v| t(v.tags()))
-            .collect(),
-        Ec2Kind::ElasticIp => addresses(ec2, f)
-            .await?
-            .iter()
-            .map(|a| t(a.tags()))
-            .collect(),
-        Ec2Kind::NetworkInterface => nics(ec2, f, false)
-            .await?
-            .iter()
-            .map(|n| t(n.tag_set()))
-            .collect(),
-        Ec2Kind::PeeringRoute => Vec::new(),
-        Ec2Kind::VpcPeering => peerings(ec2, f)
-            .await?
-            .iter()
-            .map(|p| t(p.tags()))
-            .collect(),
-        Ec2Kind::SecurityGroup => ec2
-            .describe_security_groups()
-            .filters(f.clone())
-            .send()
-            .await
-            .map_err(|e| aws_err("DescribeSecurityGroups", e))?
-            .security_groups()
-            .iter()
-            .map(|g| t(g.tags()))
-            .collect(),
-        Ec2Kind::Subnet => ec2
-            .describe_subnets()
-            .filters(f.clone())
-            .send()
-            .await
-            .map_err(|e| aws_err("DescribeSubnets", e))?
-            .subnets()
-            .iter()
-            .map(|s| t(s.tags()))
-            .collect(),
-        Ec2Kind::RouteTable => ec2
-            .describe_route_tables()
-            .filters(f.clone())
-            .send()
-            .await
-            .map_err(|e| aws_err("DescribeRouteTables", e))?
-            .route_tables()
-            .iter()
-            .map(|r| t(r.tags()))
-            .collect(),
-        Ec2Kind::InternetGateway => ec2
-            .describe_internet_gateways()
-            .filters(f.clone())
-            .send()
-            .await
-            .map_err(|e| aws_err("DescribeInternetGateways", e))?
-            .internet_gateways()
-            .iter()
-            .map(|g| t(g.tags()))
-            .collect(),
-        Ec2Kind::Vpc => ec2
-            .describe_vpcs()
-            .filters(f.clone())
-            .send()
-            .await
-            .map_err(|e| aws_err("DescribeVpcs", e))?
-            .vpcs()
-            .iter()
-            .map(|v| t(v.tags()))
-            .collect(),
-    })
-}
-
-async fn instances(ec2: &Client, f: &Filter) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
-    let mut out = Vec::new();
-    let mut pages = ec2
-        .describe_instances()
-        .filters(f.clone())
-        .filters(filter("instance-state-name", LIVE_INSTANCE))
-        .into_paginator()
-        .send();
-    while let Some(p) = pages.next().await {
-        let p = p.map_err(|e| aws_err("DescribeInstances", e))?;
-        for r in p.reservations() {
-            out.extend(r.instances().iter().cloned());
-        }
-    }
-    Ok(out)
-}
-
-/// EBS volumes; `detached_only`: those not attached to an instance (a root volume goes with its
-/// instance).
-async fn volumes(
-    ec2: &Client,
-    f: &Filter,
-    detached_only: bool,
-) -> Result<Vec<aws_sdk_ec2::types::Volume>> {
-    let mut req = ec2.describe_volumes().filters(f.clone());
-    if detached_only {
-        req = req.filters(filter("status", &["available"]));
-    }
-    let mut out = Vec::new();
-    let mut pages = req.into_paginator().send();
-    while let Some(p) = pages.next().await {
-        let p = p.map_err(|e| aws_err("DescribeVolumes", e))?;
-        out.extend(p.volumes().iter().cloned());
-    }
-    Ok(out)
-}
-
-async fn addresses(ec2: &Client, f: &Filter) -> Result<Vec<Address>> {
-    Ok(ec2
-        .describe_addresses()
-        .filters(f.clone())
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeAddresses", e))?
-        .addresses()
-        .to_vec())
-}
-
-async fn nics(
-    ec2: &Client,
-    f: &Filter,
-    detached_only: bool,
-) -> Result<Vec<aws_sdk_ec2::types::NetworkInterface>> {
-    let mut req = ec2.describe_network_interfaces().filters(f.clone());
-    if detached_only {
-        req = req.filters(filter("status", &["available"]));
-    }
-    Ok(req
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeNetworkInterfaces", e))?
-        .network_interfaces()
-        .to_vec())
-}
-
-async fn peerings(ec2: &Client, f: &Filter) -> Result<Vec<VpcPeeringConnection>> {
-    Ok(ec2
-        .describe_vpc_peering_connections()
-        .filters(f.clone())
-        .filters(filter("status-code", LIVE_PEERING))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeVpcPeeringConnections", e))?
-        .vpc_peering_connections()
-        .iter()
-        .filter(|p| live_peering(p))
-        .cloned()
-        .collect())
-}
-
 /// What one cleanup pass has seen so far that a later kind needs.
 #[derive(Default)]
 pub(super) struct Pass {
@@ -279,9 +107,10 @@ impl Pass {
 }
 
 /// Deletes (or, with `dry_run`, lists) every resource of one kind that carries sandbox `sb`'s
-/// tag (`f` filters by it).
+/// tag (`f` filters by it). `keys`: where the key pair's private key is kept.
 pub(super) async fn delete(
     ec2: &Client,
+    keys: &KeyStore<'_>,
     kind: Ec2Kind,
     sb: &str,
     f: &Filter,
@@ -453,6 +282,23 @@ pub(super) async fn delete(
                     let r =
                         retry_consistency(|| ec2.delete_security_group().group_id(id).send()).await;
                     rec(kind, id, sb, done("DeleteSecurityGroup", r))
+                });
+            }
+        }
+        Ec2Kind::KeyPair => {
+            for k in key_pairs(ec2, f)
+                .await?
+                .iter()
+                .filter(|k| mine(k.tags(), sb))
+            {
+                let name = k.key_name().unwrap_or_default();
+                // The private key first: a key pair left behind still leads to it.
+                out.extend(delete_parameter(keys, sb, dry_run).await?);
+                out.push(if dry_run {
+                    would(kind, name, sb)
+                } else {
+                    let r = ec2.delete_key_pair().key_name(name).send().await;
+                    rec(kind, name, sb, done("DeleteKeyPair", r))
                 });
             }
         }

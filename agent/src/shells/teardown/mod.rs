@@ -1,7 +1,7 @@
 //! CleanupSandbox and SweepOrphans: find every resource by its `ReservationId` tag (never from
 //! memory) and delete it kind by kind in the order of `es_proto::resources::EC2_KINDS`:
 //!
-//! instances (terminate, wait) → detached volumes → Elastic IPs → network interfaces → routes
+//! instances (terminate, wait) → the key pair (its SSM parameter first) → detached volumes → Elastic IPs → network interfaces → routes
 //! through the sandbox's peering (in the Management VPC too) → peering → security groups
 //! (cross-references revoked first) → subnets → route tables (associations first) → internet
 //! gateway (detached first) → the sandbox VPC (dedicated mode only; shared and Management VPCs
@@ -11,6 +11,7 @@
 //! resource already gone counts as deleted. A second cleanup finds nothing: a quick no-op.
 
 mod kinds;
+mod list;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -59,7 +60,7 @@ async fn cleanup_one(
     let mut out = Vec::new();
     let steps = EC2_KINDS.len() as u32;
     for (i, k) in EC2_KINDS.iter().enumerate() {
-        let got = kinds::delete(ec2, k.kind, sb, &f, dry_run, &mut pass).await?;
+        let got = kinds::delete(ec2, &cx.keys, k.kind, sb, &f, dry_run, &mut pass).await?;
         if !dry_run && !got.is_empty() {
             let failed = got.iter().filter(|r| r.outcome == "failed").count();
             let mut line = format!("{}: {} deleted", k.name, got.len() - failed);
@@ -83,7 +84,7 @@ async fn tagged_sandboxes(ec2: &Client) -> Result<BTreeMap<String, Option<i64>>>
         .build();
     let mut ids: BTreeMap<String, Option<i64>> = BTreeMap::new();
     for k in tagged_ec2_kinds() {
-        for (tags, launched) in kinds::tags_of(ec2, k.kind, &f).await? {
+        for (tags, launched) in list::tags_of(ec2, k.kind, &f).await? {
             let Some(v) = tag_value(&tags, TAG_SANDBOX) else {
                 continue;
             };

@@ -152,6 +152,9 @@ pub fn app(f: &str, a: &AppSpec) -> Result<(), FieldError> {
     )?;
     data_volumes(f, a)?;
     short(&format!("{f}.kms_key_id"), &a.kms_key_id, MAX_ARN)?;
+    if !a.key_pair.is_empty() {
+        short(&format!("{f}.key_pair"), &a.key_pair, 255)?;
+    }
     addresses(f, a)?;
     if a.wait_timeout_s > MAX_WAIT_S {
         return Err(bad(

@@ -43,6 +43,20 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
         Kind::GetVmDetails(g) => names("spec.get_vm_details.apps", &g.apps),
         Kind::DeleteApp(d) => name_ok("spec.delete_app.app", &d.app),
         Kind::CleanupSandbox(_) => Ok(()),
+        Kind::GetAccessKey(g) => {
+            if g.recipient.len() != es_proto::sealed::RECIPIENT_LEN {
+                return Err(bad(
+                    "spec.get_access_key.recipient",
+                    format!(
+                        "{} bytes; give the {}-byte X25519 public key the private key is to be \
+                         sealed to (`es-server sandbox access-key` makes one)",
+                        g.recipient.len(),
+                        es_proto::sealed::RECIPIENT_LEN
+                    ),
+                ));
+            }
+            Ok(())
+        }
         Kind::SweepOrphans(s) => sweep(s),
         Kind::Sleep(_) | Kind::Echo(_) | Kind::RunCommand(_) => Ok(()),
     }
@@ -122,6 +136,15 @@ fn prepare(p: &PrepareSandboxNetwork) -> Result<(), FieldError> {
     let mgmt_net = cidr(&format!("{f}.management.cidr"), &mgmt.cidr)?;
     for (i, rt) in mgmt.route_table_ids.iter().enumerate() {
         id_ok(&format!("{f}.management.route_table_ids[{i}]"), rt, "rtb-")?;
+    }
+    if !matches!(p.key_type.as_str(), "" | "ed25519" | "rsa" | "none") {
+        return Err(bad(
+            format!("{f}.key_type"),
+            format!(
+                "{:?}: use ed25519 (the default), rsa (Windows apps need it) or none",
+                clip(&p.key_type, 40)
+            ),
+        ));
     }
     let vpc_net = match mode {
         NetworkMode::Unspecified => {
@@ -237,6 +260,7 @@ mod tests {
 
     fn net(mode: NetworkMode, vpc: &str, subnets: &[(&str, &str)]) -> PrepareSandboxNetwork {
         PrepareSandboxNetwork {
+            key_type: String::new(),
             mode: mode as i32,
             vpc_cidr: vpc.into(),
             subnets: subnets
