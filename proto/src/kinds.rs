@@ -76,6 +76,13 @@ pub fn info(k: &Kind) -> KindInfo {
             exclusive_sandbox: false,
             ..kind("get_access_key", Shells)
         },
+        Kind::AddTags(_) => kind("add_tags", Shells),
+        Kind::UpdateAppSecurity(_) => kind("update_app_security", Shells),
+        // Reads only.
+        Kind::ConsoleOutput(_) => KindInfo {
+            exclusive_sandbox: false,
+            ..kind("console_output", Shells)
+        },
         Kind::RunCommand(_) => kind("run_command", Commands),
     }
 }
@@ -111,6 +118,27 @@ mod tests {
                 "echo",
                 Diagnostic,
                 None,
+                false,
+            ),
+            (
+                Kind::AddTags(Default::default()),
+                "add_tags",
+                Shells,
+                Some(Role::Shells),
+                true,
+            ),
+            (
+                Kind::UpdateAppSecurity(Default::default()),
+                "update_app_security",
+                Shells,
+                Some(Role::Shells),
+                true,
+            ),
+            (
+                Kind::ConsoleOutput(Default::default()),
+                "console_output",
+                Shells,
+                Some(Role::Shells),
                 false,
             ),
             (

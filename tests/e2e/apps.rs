@@ -335,3 +335,341 @@ async fn addresses_and_images_only_the_cloud_can_refute_fail_before_anything_lau
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
 }
+
+fn net_of(j: &Job) -> NetworkResult {
+    match j
+        .result
+        .as_ref()
+        .and_then(|r| r.shells.as_ref())
+        .and_then(|s| s.result.clone())
+    {
+        Some(shells_result::Result::Network(n)) => n,
+        other => panic!("not a network: {other:?}"),
+    }
+}
+
+/// The tags of one resource, as the emulator has them.
+async fn tags_of(ec2: &aws_sdk_ec2::Client, id: &str) -> BTreeMap<String, String> {
+    ec2.describe_tags()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("resource-id")
+                .values(id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .tags()
+        .iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_owned(),
+                t.value().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn instance(a: &Aws, id: &str) -> aws_sdk_ec2::types::Instance {
+    a.ec2
+        .describe_instances()
+        .instance_ids(id)
+        .send()
+        .await
+        .unwrap()
+        .reservations()[0]
+        .instances()[0]
+        .clone()
+}
+
+/// (protocol, from, to, cidr) of every inbound rule of the group named `name`, if it exists.
+async fn group_rules(a: &Aws, name: &str) -> Option<(String, Vec<(String, i32, i32, String)>)> {
+    let r = a
+        .ec2
+        .describe_security_groups()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("group-name")
+                .values(name)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let g = r.security_groups().first()?;
+    let mut rules: Vec<_> = g
+        .ip_permissions()
+        .iter()
+        .flat_map(|p| {
+            p.ip_ranges().iter().map(|r| {
+                (
+                    p.ip_protocol().unwrap_or_default().to_owned(),
+                    p.from_port().unwrap_or(-1),
+                    p.to_port().unwrap_or(-1),
+                    r.cidr_ip().unwrap_or_default().to_owned(),
+                )
+            })
+        })
+        .collect();
+    rules.sort();
+    Some((g.group_id().unwrap().to_owned(), rules))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_inbound_rules_and_console_output_of_a_running_app() {
+    let (a, _seen) = setup_recording().await;
+    let sb = "sb-live";
+    let prep = run(
+        &a,
+        sb,
+        job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+            key_type: "none".into(),
+            mode: NetworkMode::Single as i32,
+            vpc_cidr: String::new(),
+            subnets: vec![subnet("app", "10.0.141.0/24", false)],
+            management: Some(a.mgmt.clone()),
+            shared: None,
+        }),
+    )
+    .await;
+    ok(&prep);
+    let net = net_of(&prep);
+    let mut web = app("web", &["app"]);
+    web.public_ip = PublicIp::Elastic as i32;
+    web.inbound = vec![PortRule {
+        protocol: "tcp".into(),
+        from_port: 443,
+        to_port: 443,
+        cidr: String::new(),
+    }];
+    let dep = run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp { app: Some(web) }),
+    )
+    .await;
+    ok(&dep);
+    let id = apps_of(&dep)[0].instance_id.clone();
+
+    // AddTags: on the instance, its volume, its NIC and its Elastic IP (read back from moto).
+    let t = run(
+        &a,
+        sb,
+        job_spec::Kind::AddTags(AddTags {
+            apps: vec![],
+            tags: [("CostCenter".to_owned(), "42".to_owned())].into(),
+        }),
+    )
+    .await;
+    ok(&t);
+    let inst = instance(&a, &id).await;
+    let mut owned: Vec<String> = vec![id.clone()];
+    owned.extend(
+        inst.block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs().and_then(|e| e.volume_id()).map(str::to_owned)),
+    );
+    owned.extend(
+        inst.network_interfaces()
+            .iter()
+            .filter_map(|n| n.network_interface_id().map(str::to_owned)),
+    );
+    let eips = a
+        .ec2
+        .describe_addresses()
+        .filters(sandbox_tag_filter(sb))
+        .send()
+        .await
+        .unwrap();
+    owned.extend(
+        eips.addresses()
+            .iter()
+            .filter_map(|e| e.allocation_id().map(str::to_owned)),
+    );
+    assert_eq!(
+        owned.len(),
+        4,
+        "instance, root volume, NIC, Elastic IP: {owned:?}"
+    );
+    for r in &owned {
+        assert_eq!(
+            tags_of(&a.ec2, r)
+                .await
+                .get("CostCenter")
+                .map(String::as_str),
+            Some("42"),
+            "{r}"
+        );
+    }
+    // The sandbox's own tags cannot be set.
+    let mut c = a.env.server.client().await;
+    let err = c
+        .submit(shells_req(
+            sb,
+            job_spec::Kind::AddTags(AddTags {
+                apps: vec![],
+                tags: [("ReservationId".to_owned(), "sb-other".to_owned())].into(),
+            }),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("spec.add_tags.tags"),
+        "{}",
+        err.message()
+    );
+
+    // UpdateAppSecurity: new rules exactly, isolated, on the same instance (no restart).
+    let ports = format!("{sb}-web-ports");
+    let (ports_id, before) = group_rules(&a, &ports).await.unwrap();
+    assert_eq!(before, vec![("tcp".into(), 443, 443, "0.0.0.0/0".into())]);
+    let u = run(
+        &a,
+        sb,
+        job_spec::Kind::UpdateAppSecurity(UpdateAppSecurity {
+            app: "web".into(),
+            inbound: vec![
+                PortRule {
+                    protocol: "tcp".into(),
+                    from_port: 8443,
+                    to_port: 8443,
+                    cidr: "10.0.0.0/8".into(),
+                },
+                PortRule {
+                    protocol: "udp".into(),
+                    from_port: 53,
+                    to_port: 53,
+                    cidr: String::new(),
+                },
+            ],
+            isolated: true,
+        }),
+    )
+    .await;
+    ok(&u);
+    let (same_id, after) = group_rules(&a, &ports).await.unwrap();
+    assert_eq!(same_id, ports_id, "the group is changed, not replaced");
+    assert_eq!(
+        after,
+        vec![
+            ("tcp".into(), 8443, 8443, "10.0.0.0/8".into()),
+            ("udp".into(), 53, 53, "0.0.0.0/0".into())
+        ]
+    );
+    let nic_groups = |i: &aws_sdk_ec2::types::Instance| -> std::collections::BTreeSet<String> {
+        i.network_interfaces()[0]
+            .groups()
+            .iter()
+            .filter_map(|g| g.group_id().map(str::to_owned))
+            .collect()
+    };
+    let inst = instance(&a, &id).await;
+    assert_eq!(
+        nic_groups(&inst),
+        [net.isolated_security_group_id.clone(), ports_id.clone()].into()
+    );
+    assert_eq!(
+        inst.state().and_then(|s| s.name()).map(|n| n.as_str()),
+        Some("running")
+    );
+    // No rules, whole sandbox: the ports group is detached and deleted.
+    ok(&run(
+        &a,
+        sb,
+        job_spec::Kind::UpdateAppSecurity(UpdateAppSecurity {
+            app: "web".into(),
+            inbound: vec![],
+            isolated: false,
+        }),
+    )
+    .await);
+    assert_eq!(
+        nic_groups(&instance(&a, &id).await),
+        [net.sandbox_security_group_id.clone()].into()
+    );
+    assert!(
+        group_rules(&a, &ports).await.is_none(),
+        "ports group deleted"
+    );
+    // An app that does not exist is named.
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::UpdateAppSecurity(UpdateAppSecurity {
+            app: "nope".into(),
+            inbound: vec![],
+            isolated: false,
+        }),
+    )
+    .await;
+    assert_eq!(j.state, JobState::Failed as i32);
+    assert!(j
+        .result
+        .unwrap()
+        .error
+        .contains("spec.update_app_security.app"));
+
+    // ConsoleOutput: what EC2 (moto) has for the instance, decoded.
+    let co = run(
+        &a,
+        sb,
+        job_spec::Kind::ConsoleOutput(GetConsoleOutput {
+            app: "web".into(),
+            latest: false,
+        }),
+    )
+    .await;
+    ok(&co);
+    let Some(shells_result::Result::Console(got)) = co
+        .result
+        .as_ref()
+        .and_then(|r| r.shells.as_ref())
+        .and_then(|s| s.result.clone())
+    else {
+        panic!("no console output: {co:?}")
+    };
+    let theirs = a
+        .ec2
+        .get_console_output()
+        .instance_id(&id)
+        .send()
+        .await
+        .unwrap();
+    let decoded = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            theirs.output().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert!(!decoded.is_empty());
+    assert_eq!(got.output, decoded);
+    assert_eq!(got.instance_id, id);
+    assert!(!got.truncated);
+
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
+    // CreateTags, RevokeSecurityGroupIngress and ModifyNetworkInterfaceAttribute are audited
+    // with the resources they touched; the policy allows every call.
+    crate::shells::check_audit_and_policy(&a, sb, std::slice::from_ref(&id)).await;
+    let out = std::process::Command::new(crate::bins().server)
+        .args(["audit", "--sandbox", sb, "--json", "--server"])
+        .arg(a.env.server.url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (op, res) in [
+        ("CreateTags", id.as_str()),
+        ("RevokeSecurityGroupIngress", ports_id.as_str()),
+        ("ModifyNetworkInterfaceAttribute", owned[2].as_str()),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(&format!("\"operation\":\"{op}\"")) && l.contains(res)),
+            "{op} not audited with {res}"
+        );
+    }
+}

@@ -212,6 +212,11 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
             R::Network(net)
         }
         Kind::GetAccessKey(g) => R::AccessKey(keys::access_key(cx, &g.recipient).await?),
+        Kind::AddTags(t) => R::Apps(apps::manage::add_tags(cx, &t.apps, &t.tags).await?),
+        Kind::UpdateAppSecurity(u) => R::Apps(apps::security::update(cx, u).await?),
+        Kind::ConsoleOutput(c) => {
+            R::Console(apps::manage::console_output(cx, &c.app, c.latest).await?)
+        }
         Kind::DeployApp(d) => {
             let apps: Vec<_> = d.app.iter().cloned().collect();
             R::Apps(apps::deploy::deploy(cx, &apps, "spec.deploy_app.app").await?)
@@ -253,6 +258,13 @@ fn summary(r: &shells_result::Result) -> String {
             n.subnets.len(),
             n.sandbox_security_group_id,
             n.isolated_security_group_id
+        ),
+        shells_result::Result::Console(c) => format!(
+            "console output of {} ({}): {} bytes{}",
+            c.app,
+            c.instance_id,
+            c.output.len(),
+            if c.truncated { ", the newest part" } else { "" }
         ),
         shells_result::Result::AccessKey(k) => format!(
             "{} key pair {}, sealed to the submitter",

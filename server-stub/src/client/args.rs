@@ -143,7 +143,7 @@ pub enum Command {
     /// es-shells jobs on a sandbox: up (blueprint), power, ips, details, delete-app, down, sweep.
     Sandbox {
         #[command(subcommand)]
-        cmd: super::sandbox::SandboxCmd,
+        cmd: super::sandbox_args::SandboxCmd,
         #[command(flatten)]
         client: ClientOpts,
     },

@@ -247,7 +247,7 @@ async fn cancel(job_id: String, reason: String, client: ClientOpts) -> Result<Ex
 
 /// `sandbox …`: see `sandbox.rs`.
 async fn sandbox(
-    cmd: super::sandbox::SandboxCmd,
+    cmd: super::sandbox_args::SandboxCmd,
     client: ClientOpts,
 ) -> Result<ExitCode, CliError> {
     let mut c = connect(&client).await?;

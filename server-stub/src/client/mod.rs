@@ -11,6 +11,7 @@ pub mod conn;
 pub mod render;
 pub mod run_args;
 pub mod sandbox;
+pub mod sandbox_args;
 
 use std::process::ExitCode;
 

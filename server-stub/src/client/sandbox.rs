@@ -7,113 +7,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Subcommand;
 use es_proto::v1::*;
 
 use super::blueprint::Blueprint;
 use super::conn::{Client, EXIT_USAGE};
 use super::render::{job_json, state_name};
-use super::run_args::RunArgs;
-
-#[derive(Subcommand, Debug)]
-pub enum SandboxCmd {
-    /// Prepare the network and deploy the apps of a blueprint (YAML or JSON).
-    Up {
-        blueprint: PathBuf,
-        #[arg(long)]
-        sandbox: String,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// Power apps on or off (all apps unless --app is given).
-    Power {
-        #[arg(value_parser = ["on", "off"])]
-        state: String,
-        #[arg(long)]
-        sandbox: String,
-        #[arg(long)]
-        app: Vec<String>,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// Reboot the running apps (all unless --app is given); --cycle powers them off, then on.
-    Reboot {
-        #[arg(long)]
-        sandbox: String,
-        #[arg(long)]
-        app: Vec<String>,
-        /// Off, then on (each app waits until stopped, then until running), instead of an OS
-        /// reboot.
-        #[arg(long)]
-        cycle: bool,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// Current IP addresses of the apps.
-    Ips {
-        #[arg(long)]
-        sandbox: String,
-        #[arg(long)]
-        app: Vec<String>,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// State, type, image and addresses of the apps.
-    Details {
-        #[arg(long)]
-        sandbox: String,
-        #[arg(long)]
-        app: Vec<String>,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// Delete one app (instance, Elastic IP, its port group).
-    DeleteApp {
-        app: String,
-        #[arg(long)]
-        sandbox: String,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// Delete everything the sandbox owns (found by its ReservationId tag).
-    Down {
-        #[arg(long)]
-        sandbox: String,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// Run a script on the sandbox's apps (es-commands): per-instance status, exit code, output.
-    Run(Box<RunArgs>),
-    /// Save the sandbox key pair's private key to a new file (mode 0600). It is sealed to a
-    /// one-time key of this command: only this command can read it, not the server or others.
-    AccessKey {
-        #[arg(long)]
-        sandbox: String,
-        /// Where to write it (default SANDBOX.key); an existing file is never overwritten.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-    /// Delete resources tagged with any sandbox not in --live and not known alive to the server
-    /// (--dry-run lists them). Needs an admin token. Sandboxes younger than the agent's
-    /// sweep_min_age (default 1 h) or --min-age are always kept.
-    Sweep {
-        /// Sandboxes that are alive (comma-separated or repeated).
-        #[arg(long, value_delimiter = ',')]
-        live: Vec<String>,
-        /// No --live list: every sandbox the server does not know of is an orphan.
-        #[arg(long, conflicts_with = "live")]
-        all_except_known: bool,
-        /// Keep sandboxes younger than this (never below the agent's sweep_min_age).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        min_age: Option<std::time::Duration>,
-        #[arg(long)]
-        dry_run: bool,
-        #[arg(long, default_value = "")]
-        selector: String,
-    },
-}
+use super::sandbox_args::SandboxCmd;
 
 fn req(
     sandbox: &str,
@@ -234,6 +133,63 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
             &sandbox,
             &selector,
             job_spec::Kind::CleanupSandbox(CleanupSandbox {}),
+            None,
+        )),
+        SandboxCmd::Tag {
+            tags,
+            sandbox,
+            app,
+            selector,
+        } => {
+            let mut map = std::collections::HashMap::new();
+            for kv in tags {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| usage(format!("{kv:?}: expected KEY=VALUE")))?;
+                map.insert(k.to_owned(), v.to_owned());
+            }
+            jobs.push(req(
+                &sandbox,
+                &selector,
+                job_spec::Kind::AddTags(AddTags {
+                    apps: app,
+                    tags: map,
+                }),
+                None,
+            ))
+        }
+        SandboxCmd::Security {
+            app,
+            sandbox,
+            port,
+            isolated,
+            selector,
+        } => {
+            let inbound = port
+                .iter()
+                .map(|p| port_rule(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(usage)?;
+            jobs.push(req(
+                &sandbox,
+                &selector,
+                job_spec::Kind::UpdateAppSecurity(UpdateAppSecurity {
+                    app,
+                    inbound,
+                    isolated,
+                }),
+                None,
+            ))
+        }
+        SandboxCmd::Console {
+            app,
+            sandbox,
+            latest,
+            selector,
+        } => jobs.push(req(
+            &sandbox,
+            &selector,
+            job_spec::Kind::ConsoleOutput(GetConsoleOutput { app, latest }),
             None,
         )),
         SandboxCmd::AccessKey {
@@ -373,6 +329,32 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--port PROTO:PORT[-PORT][:CIDR]` (icmp takes no port: `icmp` or `icmp:CIDR`).
+fn port_rule(spec: &str) -> Result<PortRule, String> {
+    let bad = || {
+        format!("--port {spec:?}: expected PROTO:PORT[-PORT][:CIDR], e.g. tcp:443, udp:8000-8100:10.0.0.0/8, icmp")
+    };
+    let mut parts = spec.splitn(3, ':');
+    let protocol = parts.next().unwrap_or_default().to_ascii_lowercase();
+    if protocol == "icmp" {
+        let cidr = parts.collect::<Vec<_>>().join(":");
+        return Ok(PortRule {
+            protocol,
+            from_port: 0,
+            to_port: 0,
+            cidr,
+        });
+    }
+    let ports = parts.next().ok_or_else(bad)?;
+    let (from, to) = ports.split_once('-').unwrap_or((ports, ports));
+    Ok(PortRule {
+        protocol,
+        from_port: from.parse().map_err(|_| bad())?,
+        to_port: to.parse().map_err(|_| bad())?,
+        cidr: parts.next().unwrap_or_default().to_owned(),
+    })
+}
+
 fn print_result(j: &Job) {
     let Some(r) = &j.result else { return };
     let st = state_name(j.state);
@@ -413,6 +395,14 @@ fn print_result(j: &Job) {
                     "  {:<24} {:<40} {:<14} {:<14} {}",
                     x.kind, x.id, x.sandbox_id, x.outcome, x.error
                 );
+            }
+        }
+        Some(shells_result::Result::Console(c)) => {
+            if c.truncated {
+                println!("  (the newest 64 KiB)");
+            }
+            for line in c.output.lines() {
+                println!("  | {line}");
             }
         }
         Some(shells_result::Result::Network(n)) => {
@@ -498,6 +488,30 @@ fn print_commands(cm: &CommandsResult) {
                 };
                 println!("  (truncated; {full})");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_flags() {
+        let r = port_rule("tcp:443").unwrap();
+        assert_eq!(
+            (r.protocol.as_str(), r.from_port, r.to_port, r.cidr.as_str()),
+            ("tcp", 443, 443, "")
+        );
+        let r = port_rule("udp:8000-8100:10.0.0.0/8").unwrap();
+        assert_eq!(
+            (r.from_port, r.to_port, r.cidr.as_str()),
+            (8000, 8100, "10.0.0.0/8")
+        );
+        assert_eq!(port_rule("icmp").unwrap().protocol, "icmp");
+        assert_eq!(port_rule("icmp:10.0.0.0/16").unwrap().cidr, "10.0.0.0/16");
+        for bad in ["tcp", "tcp:https", "tcp:1-x"] {
+            assert!(port_rule(bad).unwrap_err().contains("PROTO:PORT"), "{bad}");
         }
     }
 }

@@ -13,7 +13,7 @@ use aws_sdk_ec2::types::{
     InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
     ResourceType, VolumeType,
 };
-use es_proto::v1::{AppSpec, PublicIp};
+use es_proto::v1::{AppSpec, PortRule, PublicIp};
 use ipnet::Ipv4Net;
 
 use crate::shells::ec2::{aws_err, filter, retry_consistency, sandbox_filter, tag_value, tags};
@@ -461,7 +461,33 @@ pub(super) async fn launch(
     Ok(id)
 }
 
-async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
+/// The EC2 form of inbound rules (source 0.0.0.0/0 when none is given; ICMP: every type).
+pub(super) fn permissions(inbound: &[PortRule]) -> Vec<IpPermission> {
+    inbound
+        .iter()
+        .map(|p| {
+            let cidr = if p.cidr.is_empty() {
+                "0.0.0.0/0"
+            } else {
+                p.cidr.as_str()
+            };
+            let (from, to) = if p.protocol == "icmp" {
+                (-1, -1)
+            } else {
+                (p.from_port as i32, p.to_port as i32)
+            };
+            IpPermission::builder()
+                .ip_protocol(&p.protocol)
+                .from_port(from)
+                .to_port(to)
+                .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
+                .build()
+        })
+        .collect()
+}
+
+/// The app's own security group for its inbound ports, made (with `a.inbound`) when missing.
+pub(super) async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
     let name = format!("{}-{}-ports", cx.sandbox, a.name);
     let found = cx
         .ec2
@@ -490,28 +516,7 @@ async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
         .await
         .map_err(|e| aws_err("CreateSecurityGroup", e))?;
     let id = r.group_id().unwrap_or_default().to_owned();
-    let perms: Vec<IpPermission> = a
-        .inbound
-        .iter()
-        .map(|p| {
-            let cidr = if p.cidr.is_empty() {
-                "0.0.0.0/0"
-            } else {
-                p.cidr.as_str()
-            };
-            let (from, to) = if p.protocol == "icmp" {
-                (-1, -1)
-            } else {
-                (p.from_port as i32, p.to_port as i32)
-            };
-            IpPermission::builder()
-                .ip_protocol(&p.protocol)
-                .from_port(from)
-                .to_port(to)
-                .ip_ranges(IpRange::builder().cidr_ip(cidr).build())
-                .build()
-        })
-        .collect();
+    let perms = permissions(&a.inbound);
     crate::shells::ec2::authorize_ingress(cx.ec2, &id, &perms).await?;
     Ok(id)
 }

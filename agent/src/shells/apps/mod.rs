@@ -8,7 +8,9 @@
 
 pub(crate) mod deploy;
 mod launch;
+pub(crate) mod manage;
 pub(crate) mod ops;
+pub(crate) mod security;
 
 use std::time::Duration;
 
@@ -118,6 +120,25 @@ pub(crate) async fn instances(
         out.retain(|i| tag_value(i.tags(), TAG_APP).is_some_and(|n| apps.iter().any(|a| a == n)));
     }
     Ok(out)
+}
+
+/// The live instances of the named apps (every app when none is named); an unknown name is
+/// refused (naming `field`) before anything is changed.
+pub(super) async fn live_apps(
+    cx: &Cx<'_>,
+    apps: &[String],
+    field: &str,
+) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
+    let all = instances(cx, apps, LIVE).await?;
+    for a in apps {
+        if !all
+            .iter()
+            .any(|i| tag_value(i.tags(), TAG_APP) == Some(a.as_str()))
+        {
+            return Err(no_app(cx, field, a));
+        }
+    }
+    Ok(all)
 }
 
 /// Polls the given instances (one DescribeInstances per round) until all are in `want`.

@@ -6,30 +6,15 @@ use std::time::Duration;
 use aws_sdk_ec2::types::InstanceStateName;
 use es_proto::v1::{AppList, AppResult, Deleted, DeletedResource};
 
-use crate::shells::ec2::{aws_err, filter, retry_consistency, sandbox_filter, tag_value};
+use crate::shells::ec2::{aws_err, filter, retry_consistency, sandbox_filter};
 use crate::shells::{Cx, Result, TAG_APP};
 
 use super::*;
 
-/// The live instances of the named apps (every app when none is named); an unknown name is
-/// refused before anything is changed.
-async fn live_apps(cx: &Cx<'_>, apps: &[String]) -> Result<Vec<aws_sdk_ec2::types::Instance>> {
-    let all = instances(cx, apps, LIVE).await?;
-    for a in apps {
-        if !all
-            .iter()
-            .any(|i| tag_value(i.tags(), TAG_APP) == Some(a.as_str()))
-        {
-            return Err(no_app(cx, "apps", a));
-        }
-    }
-    Ok(all)
-}
-
 /// Reboots the running ones of the apps (RebootInstances: an OS restart, same instance, same
 /// IPs); apps that are not running are reported as they are.
 pub(crate) async fn reboot(cx: &Cx<'_>, apps: &[String]) -> Result<AppList> {
-    let all = live_apps(cx, apps).await?;
+    let all = live_apps(cx, apps, "apps").await?;
     let running: Vec<String> = all
         .iter()
         .filter(|i| i.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running))
@@ -59,7 +44,7 @@ pub(crate) async fn reboot(cx: &Cx<'_>, apps: &[String]) -> Result<AppList> {
 
 /// Power on or off (no call for apps already in that state); waits for the state.
 pub(crate) async fn power(cx: &Cx<'_>, apps: &[String], on: bool) -> Result<AppList> {
-    let all = live_apps(cx, apps).await?;
+    let all = live_apps(cx, apps, "apps").await?;
     let (want, from): (&str, &[InstanceStateName]) = if on {
         (
             "running",

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::net::Ipv4Addr;
 
 use es_proto::limits::{clip, MAX_APP_TAGS, MAX_ARN, MAX_TAG_KEY, MAX_TAG_VALUE};
-use es_proto::v1::{AppSpec, PublicIp};
+use es_proto::v1::{AppSpec, PortRule, PublicIp};
 
 use super::field::{bad, cidr, id_ok, name_ok, short, FieldError};
 
@@ -89,10 +89,11 @@ pub fn app(f: &str, a: &AppSpec) -> Result<(), FieldError> {
         &a.instance_profile,
         MAX_ARN,
     )?;
-    if a.inbound.len() > 60 {
+    inbound(&format!("{f}.inbound"), &a.inbound)?;
+    if a.imds_hop_limit > 64 {
         return Err(bad(
-            format!("{f}.inbound"),
-            "at most 60 rules (a security group's default limit)",
+            format!("{f}.imds_hop_limit"),
+            "1..=64 hops (0 = the default, 2)",
         ));
     }
     if a.subnets.is_empty() || a.subnets.len() > MAX_NICS {
@@ -110,30 +111,6 @@ pub fn app(f: &str, a: &AppSpec) -> Result<(), FieldError> {
         return Err(bad(
             format!("{f}.public_ip"),
             "EC2 assigns an automatic public IP only to single-NIC instances; use elastic",
-        ));
-    }
-    for (i, r) in a.inbound.iter().enumerate() {
-        let rf = format!("{f}.inbound[{i}]");
-        if !matches!(r.protocol.as_str(), "tcp" | "udp" | "icmp") {
-            return Err(bad(
-                format!("{rf}.protocol"),
-                format!("{:?}: use tcp, udp or icmp", r.protocol),
-            ));
-        }
-        if r.from_port > 65535 || r.to_port > 65535 || r.from_port > r.to_port {
-            return Err(bad(
-                format!("{rf}.from_port"),
-                "ports are 0..=65535 with from_port <= to_port",
-            ));
-        }
-        if !r.cidr.is_empty() {
-            cidr(&format!("{rf}.cidr"), &r.cidr)?;
-        }
-    }
-    if a.imds_hop_limit > 64 {
-        return Err(bad(
-            format!("{f}.imds_hop_limit"),
-            "1..=64 hops (0 = the default, 2)",
         ));
     }
     volume(
@@ -168,39 +145,7 @@ pub fn app(f: &str, a: &AppSpec) -> Result<(), FieldError> {
             "EC2 takes at most 16 KB of user data",
         ));
     }
-    if a.tags.len() > MAX_APP_TAGS {
-        return Err(bad(
-            format!("{f}.tags"),
-            format!(
-                "has {}; at most {MAX_APP_TAGS} tags (EC2 allows 50, es-shells adds its own)",
-                a.tags.len()
-            ),
-        ));
-    }
-    for (k, v) in &a.tags {
-        if v.len() > MAX_TAG_VALUE {
-            return Err(bad(
-                format!("{f}.tags[{}]", clip(k, 80)),
-                format!(
-                    "the value is {} bytes; EC2 takes at most {MAX_TAG_VALUE}",
-                    v.len()
-                ),
-            ));
-        }
-    }
-    for k in a.tags.keys() {
-        if k.is_empty()
-            || k.len() > MAX_TAG_KEY
-            || k.starts_with("aws:")
-            || k.starts_with("es:")
-            || matches!(k.as_str(), "ReservationId" | "CreatedBy" | "AppName")
-        {
-            return Err(bad(
-                format!("{f}.tags"),
-                format!("tag key {:?} is reserved or invalid", clip(k, 80)),
-            ));
-        }
-    }
+    tags(&format!("{f}.tags"), &a.tags)?;
     Ok(())
 }
 
@@ -382,6 +327,73 @@ fn addresses(f: &str, a: &AppSpec) -> Result<(), FieldError> {
             format!("{f}.secondary_private_ips"),
             format!("at most {MAX_SECONDARY_IPS} (the most any instance type allows per NIC)"),
         ));
+    }
+    Ok(())
+}
+
+/// Inbound rules (an app's, or UpdateAppSecurity's), under path `f`.
+pub fn inbound(f: &str, rules: &[PortRule]) -> Result<(), FieldError> {
+    if rules.len() > 60 {
+        return Err(bad(
+            f,
+            "at most 60 rules (a security group's default limit)",
+        ));
+    }
+    for (i, r) in rules.iter().enumerate() {
+        let rf = format!("{f}[{i}]");
+        if !matches!(r.protocol.as_str(), "tcp" | "udp" | "icmp") {
+            return Err(bad(
+                format!("{rf}.protocol"),
+                format!("{:?}: use tcp, udp or icmp", r.protocol),
+            ));
+        }
+        if r.from_port > 65535 || r.to_port > 65535 || r.from_port > r.to_port {
+            return Err(bad(
+                format!("{rf}.from_port"),
+                "ports are 0..=65535 with from_port <= to_port",
+            ));
+        }
+        if !r.cidr.is_empty() {
+            cidr(&format!("{rf}.cidr"), &r.cidr)?;
+        }
+    }
+    Ok(())
+}
+
+/// Custom tags (an app's, or AddTags'), under path `f`: EC2's sizes, none of the sandbox's own.
+pub fn tags(f: &str, map: &std::collections::HashMap<String, String>) -> Result<(), FieldError> {
+    if map.len() > MAX_APP_TAGS {
+        return Err(bad(
+            f,
+            format!(
+                "has {}; at most {MAX_APP_TAGS} tags (EC2 allows 50, es-shells adds its own)",
+                map.len()
+            ),
+        ));
+    }
+    for (k, v) in map {
+        if v.len() > MAX_TAG_VALUE {
+            return Err(bad(
+                format!("{f}[{}]", clip(k, 80)),
+                format!(
+                    "the value is {} bytes; EC2 takes at most {MAX_TAG_VALUE}",
+                    v.len()
+                ),
+            ));
+        }
+    }
+    for k in map.keys() {
+        if k.is_empty()
+            || k.len() > MAX_TAG_KEY
+            || k.starts_with("aws:")
+            || k.starts_with("es:")
+            || matches!(k.as_str(), "ReservationId" | "CreatedBy" | "AppName")
+        {
+            return Err(bad(
+                f,
+                format!("tag key {:?} is reserved or invalid", clip(k, 80)),
+            ));
+        }
     }
     Ok(())
 }

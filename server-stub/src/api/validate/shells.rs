@@ -43,6 +43,18 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
         Kind::GetVmDetails(g) => names("spec.get_vm_details.apps", &g.apps),
         Kind::DeleteApp(d) => name_ok("spec.delete_app.app", &d.app),
         Kind::CleanupSandbox(_) => Ok(()),
+        Kind::AddTags(t) => {
+            names("spec.add_tags.apps", &t.apps)?;
+            if t.tags.is_empty() {
+                return Err(bad("spec.add_tags.tags", "is empty; give at least one tag"));
+            }
+            apps::tags("spec.add_tags.tags", &t.tags)
+        }
+        Kind::UpdateAppSecurity(u) => {
+            name_ok("spec.update_app_security.app", &u.app)?;
+            apps::inbound("spec.update_app_security.inbound", &u.inbound)
+        }
+        Kind::ConsoleOutput(c) => name_ok("spec.console_output.app", &c.app),
         Kind::GetAccessKey(g) => {
             if g.recipient.len() != es_proto::sealed::RECIPIENT_LEN {
                 return Err(bad(
