@@ -83,6 +83,13 @@ pub fn info(k: &Kind) -> KindInfo {
             exclusive_sandbox: false,
             ..kind("console_output", Shells)
         },
+        Kind::Snapshot(s) if s.image => kind("create_image", Shells),
+        Kind::Snapshot(_) => kind("snapshot", Shells),
+        Kind::ListSnapshots(_) => KindInfo {
+            exclusive_sandbox: false,
+            ..kind("list_snapshots", Shells)
+        },
+        Kind::RestoreSnapshot(_) => kind("restore_snapshot", Shells),
         Kind::RunCommand(_) => kind("run_command", Commands),
     }
 }
@@ -119,6 +126,37 @@ mod tests {
                 Diagnostic,
                 None,
                 false,
+            ),
+            (
+                Kind::Snapshot(Default::default()),
+                "snapshot",
+                Shells,
+                Some(Role::Shells),
+                true,
+            ),
+            (
+                Kind::Snapshot(Snapshot {
+                    image: true,
+                    ..Default::default()
+                }),
+                "create_image",
+                Shells,
+                Some(Role::Shells),
+                true,
+            ),
+            (
+                Kind::ListSnapshots(Default::default()),
+                "list_snapshots",
+                Shells,
+                Some(Role::Shells),
+                false,
+            ),
+            (
+                Kind::RestoreSnapshot(Default::default()),
+                "restore_snapshot",
+                Shells,
+                Some(Role::Shells),
+                true,
             ),
             (
                 Kind::AddTags(Default::default()),

@@ -12,6 +12,10 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Ec2Kind {
     Instance,
+    /// An image (AMI) of an app; deregistered before its snapshots can go.
+    Image,
+    /// An EBS snapshot of an app's volume (or behind one of its images).
+    Snapshot,
     /// The sandbox key pair. Its private key's SSM parameter goes with it (deleted first, so
     /// what is left is still found by the key pair's tag).
     KeyPair,
@@ -57,6 +61,22 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         delete: "TerminateInstances",
         tagged: true,
         after: &[],
+    },
+    Ec2KindInfo {
+        kind: Image,
+        name: "image",
+        list: "DescribeImages",
+        delete: "DeregisterImage",
+        tagged: true,
+        after: &[],
+    },
+    Ec2KindInfo {
+        kind: Snapshot,
+        name: "snapshot",
+        list: "DescribeSnapshots",
+        delete: "DeleteSnapshot",
+        tagged: true,
+        after: &[Image],
     },
     Ec2KindInfo {
         kind: KeyPair,
@@ -197,6 +217,8 @@ mod tests {
         // Exhaustive: a new variant without a row fails here (and in ec2_kind).
         for k in [
             Instance,
+            Image,
+            Snapshot,
             KeyPair,
             Volume,
             ElasticIp,
@@ -210,10 +232,9 @@ mod tests {
             Vpc,
         ] {
             let _ = match k {
-                Instance | KeyPair | Volume | ElasticIp | NetworkInterface | PeeringRoute
-                | VpcPeering | SecurityGroup | Subnet | RouteTable | InternetGateway | Vpc => {
-                    ec2_kind(k)
-                }
+                Instance | Image | Snapshot | KeyPair | Volume | ElasticIp | NetworkInterface
+                | PeeringRoute | VpcPeering | SecurityGroup | Subnet | RouteTable
+                | InternetGateway | Vpc => ec2_kind(k),
             };
         }
         assert!(!ec2_kind(PeeringRoute).tagged, "routes carry no tags");

@@ -814,6 +814,30 @@ pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<S
                     }
                 }
             }
+            Ec2Kind::Image => {
+                let r = ec2
+                    .describe_images()
+                    .owners("self")
+                    .filters(f.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                for i in r.images() {
+                    add(i.image_id());
+                }
+            }
+            Ec2Kind::Snapshot => {
+                let r = ec2
+                    .describe_snapshots()
+                    .owner_ids("self")
+                    .filters(f.clone())
+                    .send()
+                    .await
+                    .unwrap();
+                for x in r.snapshots() {
+                    add(x.snapshot_id());
+                }
+            }
             Ec2Kind::KeyPair => {
                 let r = ec2
                     .describe_key_pairs()

@@ -125,10 +125,12 @@ where
 }
 
 /// Errors that a moment of waiting may fix: a resource not visible yet right after its
-/// creation, or a dependency still being released. A missing AMI is a real error.
+/// creation, or a dependency still being released (a snapshot still held by an image). A missing AMI is a real error.
 fn consistency_error(code: &str) -> bool {
     (code.ends_with(".NotFound") && !code.starts_with("InvalidAMIID"))
         || code == "DependencyViolation"
+        // A snapshot behind an image deregistered a moment ago.
+        || code == "InvalidSnapshot.InUse"
 }
 
 pub fn filter(name: &str, values: &[&str]) -> Filter {

@@ -214,6 +214,9 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
         Kind::GetAccessKey(g) => R::AccessKey(keys::access_key(cx, &g.recipient).await?),
         Kind::AddTags(t) => R::Apps(apps::manage::add_tags(cx, &t.apps, &t.tags).await?),
         Kind::UpdateAppSecurity(u) => R::Apps(apps::security::update(cx, u).await?),
+        Kind::Snapshot(x) => R::Snapshots(apps::snapshots::snapshot(cx, x).await?),
+        Kind::ListSnapshots(l) => R::Snapshots(apps::snapshots::list(cx, &l.apps).await?),
+        Kind::RestoreSnapshot(r) => R::Apps(apps::snapshots::restore(cx, r).await?),
         Kind::ConsoleOutput(c) => {
             R::Console(apps::manage::console_output(cx, &c.app, c.latest).await?)
         }
@@ -258,6 +261,15 @@ fn summary(r: &shells_result::Result) -> String {
             n.subnets.len(),
             n.sandbox_security_group_id,
             n.isolated_security_group_id
+        ),
+        shells_result::Result::Snapshots(l) => format!(
+            "{} snapshots and images: {}",
+            l.snapshots.len(),
+            l.snapshots
+                .iter()
+                .map(|x| x.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         shells_result::Result::Console(c) => format!(
             "console output of {} ({}): {} bytes{}",

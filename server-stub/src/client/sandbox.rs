@@ -181,6 +181,45 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
                 None,
             ))
         }
+        SandboxCmd::Snapshot {
+            app,
+            sandbox,
+            name,
+            image,
+            keep,
+            selector,
+        } => jobs.push(req(
+            &sandbox,
+            &selector,
+            job_spec::Kind::Snapshot(Snapshot {
+                app,
+                name,
+                image,
+                keep,
+            }),
+            None,
+        )),
+        SandboxCmd::Snapshots {
+            sandbox,
+            app,
+            selector,
+        } => jobs.push(req(
+            &sandbox,
+            &selector,
+            job_spec::Kind::ListSnapshots(ListSnapshots { apps: app }),
+            None,
+        )),
+        SandboxCmd::Restore {
+            app,
+            sandbox,
+            name,
+            selector,
+        } => jobs.push(req(
+            &sandbox,
+            &selector,
+            job_spec::Kind::RestoreSnapshot(RestoreSnapshot { app, name }),
+            None,
+        )),
         SandboxCmd::Console {
             app,
             sandbox,
@@ -394,6 +433,24 @@ fn print_result(j: &Job) {
                 println!(
                     "  {:<24} {:<40} {:<14} {:<14} {}",
                     x.kind, x.id, x.sandbox_id, x.outcome, x.error
+                );
+            }
+        }
+        Some(shells_result::Result::Snapshots(l)) => {
+            println!(
+                "  {:<24} {:<12} {:<28} {:<9} {:<12} {:<10} KEPT",
+                "ID", "APP", "SET", "KIND", "DEVICE", "STATE"
+            );
+            for x in &l.snapshots {
+                println!(
+                    "  {:<24} {:<12} {:<28} {:<9} {:<12} {:<10} {}",
+                    x.id,
+                    x.app,
+                    x.name,
+                    x.kind,
+                    x.device,
+                    x.state,
+                    if x.kept { "yes" } else { "" }
                 );
             }
         }

@@ -102,6 +102,42 @@ pub enum SandboxCmd {
         #[arg(long, default_value = "")]
         selector: String,
     },
+    /// Snapshot every volume of an app (or, with --image, make an image of it), without a
+    /// reboot; waits until ready. Cleanup removes it unless --keep.
+    Snapshot {
+        app: String,
+        #[arg(long)]
+        sandbox: String,
+        /// The set's name (default: the job id).
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        image: bool,
+        /// Outlive the sandbox (tagged es:kept-from instead of ReservationId).
+        #[arg(long)]
+        keep: bool,
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// The sandbox's snapshots and images.
+    Snapshots {
+        #[arg(long)]
+        sandbox: String,
+        #[arg(long)]
+        app: Vec<String>,
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Replace an app's root volume from the root-device snapshot of a set (same instance).
+    Restore {
+        app: String,
+        #[arg(long)]
+        sandbox: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
     /// An app's console output (boot diagnostics).
     Console {
         app: String,

@@ -11,6 +11,7 @@ mod launch;
 pub(crate) mod manage;
 pub(crate) mod ops;
 pub(crate) mod security;
+pub(crate) mod snapshots;
 
 use std::time::Duration;
 

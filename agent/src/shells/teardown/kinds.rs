@@ -285,6 +285,34 @@ pub(super) async fn delete(
                 });
             }
         }
+        Ec2Kind::Image => {
+            for i in images(ec2, f).await?.iter().filter(|x| mine(x.tags(), sb)) {
+                let id = i.image_id().unwrap_or_default();
+                out.push(if dry_run {
+                    would(kind, id, sb)
+                } else {
+                    let r = ec2.deregister_image().image_id(id).send().await;
+                    rec(kind, id, sb, done("DeregisterImage", r))
+                });
+            }
+        }
+        Ec2Kind::Snapshot => {
+            for x in snapshots(ec2, f)
+                .await?
+                .iter()
+                .filter(|x| mine(x.tags(), sb))
+            {
+                let id = x.snapshot_id().unwrap_or_default();
+                out.push(if dry_run {
+                    would(kind, id, sb)
+                } else {
+                    // An image deregistered a moment ago may still hold it: retried.
+                    let r =
+                        retry_consistency(|| ec2.delete_snapshot().snapshot_id(id).send()).await;
+                    rec(kind, id, sb, done("DeleteSnapshot", r))
+                });
+            }
+        }
         Ec2Kind::KeyPair => {
             for k in key_pairs(ec2, f)
                 .await?

@@ -89,6 +89,12 @@ pub(super) async fn tags_of(
             .iter()
             .map(|g| t(g.tags()))
             .collect(),
+        Ec2Kind::Image => images(ec2, f).await?.iter().map(|i| t(i.tags())).collect(),
+        Ec2Kind::Snapshot => snapshots(ec2, f)
+            .await?
+            .iter()
+            .map(|x| (x.tags().to_vec(), x.start_time().map(|t| t.secs())))
+            .collect(),
         Ec2Kind::KeyPair => key_pairs(ec2, f)
             .await?
             .iter()
@@ -199,4 +205,39 @@ pub(super) async fn key_pairs(ec2: &Client, f: &Filter) -> Result<Vec<KeyPairInf
         .map_err(|e| aws_err("DescribeKeyPairs", e))?
         .key_pairs()
         .to_vec())
+}
+
+/// The account's own images matching `f` (never public or shared ones).
+pub(super) async fn images(ec2: &Client, f: &Filter) -> Result<Vec<aws_sdk_ec2::types::Image>> {
+    let mut out = Vec::new();
+    let mut pages = ec2
+        .describe_images()
+        .owners("self")
+        .filters(f.clone())
+        .into_paginator()
+        .send();
+    while let Some(p) = pages.next().await {
+        let p = p.map_err(|e| aws_err("DescribeImages", e))?;
+        out.extend(p.images().iter().cloned());
+    }
+    Ok(out)
+}
+
+/// The account's own snapshots matching `f`.
+pub(super) async fn snapshots(
+    ec2: &Client,
+    f: &Filter,
+) -> Result<Vec<aws_sdk_ec2::types::Snapshot>> {
+    let mut out = Vec::new();
+    let mut pages = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(f.clone())
+        .into_paginator()
+        .send();
+    while let Some(p) = pages.next().await {
+        let p = p.map_err(|e| aws_err("DescribeSnapshots", e))?;
+        out.extend(p.snapshots().iter().cloned());
+    }
+    Ok(out)
 }

@@ -1,7 +1,7 @@
 //! CleanupSandbox and SweepOrphans: find every resource by its `ReservationId` tag (never from
 //! memory) and delete it kind by kind in the order of `es_proto::resources::EC2_KINDS`:
 //!
-//! instances (terminate, wait) → the key pair (its SSM parameter first) → detached volumes → Elastic IPs → network interfaces → routes
+//! instances (terminate, wait) → images → snapshots → the key pair (its SSM parameter first) → detached volumes → Elastic IPs → network interfaces → routes
 //! through the sandbox's peering (in the Management VPC too) → peering → security groups
 //! (cross-references revoked first) → subnets → route tables (associations first) → internet
 //! gateway (detached first) → the sandbox VPC (dedicated mode only; shared and Management VPCs

@@ -55,6 +55,18 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
             apps::inbound("spec.update_app_security.inbound", &u.inbound)
         }
         Kind::ConsoleOutput(c) => name_ok("spec.console_output.app", &c.app),
+        Kind::Snapshot(x) => {
+            name_ok("spec.snapshot.app", &x.app)?;
+            if !x.name.is_empty() {
+                name_ok("spec.snapshot.name", &x.name)?;
+            }
+            Ok(())
+        }
+        Kind::ListSnapshots(l) => names("spec.list_snapshots.apps", &l.apps),
+        Kind::RestoreSnapshot(r) => {
+            name_ok("spec.restore_snapshot.app", &r.app)?;
+            name_ok("spec.restore_snapshot.name", &r.name)
+        }
         Kind::GetAccessKey(g) => {
             if g.recipient.len() != es_proto::sealed::RECIPIENT_LEN {
                 return Err(bad(
