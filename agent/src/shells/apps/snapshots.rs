@@ -280,7 +280,12 @@ pub(crate) async fn request_image(
 /// RestoreSnapshot: the app's root volume replaced from the root-device snapshot of set
 /// `r.name` (the instance, its IPs and its other volumes stay).
 pub(crate) async fn restore(cx: &Cx<'_>, r: &RestoreSnapshot) -> Result<AppList> {
-    let found = live_apps(cx, std::slice::from_ref(&r.app), "spec.restore_snapshot.app").await?;
+    let found = live_apps(
+        cx,
+        std::slice::from_ref(&r.app),
+        "spec.restore_snapshot.app",
+    )
+    .await?;
     let Some(inst) = found.first() else {
         return Err(no_app(cx, "spec.restore_snapshot.app", &r.app));
     };
