@@ -904,3 +904,114 @@ async fn snapshots_images_kept_sets_and_cleanup() {
         a.ec2.delete_snapshot().snapshot_id(k).send().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_apps_run_on_spot_and_fall_back_to_on_demand_when_refused() {
+    // EC2 refuses spot for the app "fallback" (as it does when the price is below the market's),
+    // through the proxy; moto grants it for the others.
+    let refused = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let hook = {
+        let refused = refused.clone();
+        ec2proxy::Hook(Arc::new(move |_head: &str, body: &[u8]| {
+            let body = String::from_utf8_lossy(body);
+            let p = params(&body);
+            let spot_for_fallback = p.get("Action").map(String::as_str) == Some("RunInstances")
+                && p.keys().any(|k| k.starts_with("InstanceMarketOptions"))
+                && p.values().any(|v| v == "fallback");
+            spot_for_fallback.then(|| {
+                refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                ec2proxy::ec2_error(
+                    "400 Bad Request",
+                    "SpotMaxPriceTooLow",
+                    "Your Spot request price of 0.001 is lower than the minimum required Spot request fulfillment price of 0.0035.",
+                )
+            })
+        }))
+    };
+    let a = setup_with(ec2proxy::ProxyConfig {
+        hook: Some(hook),
+        ..Default::default()
+    })
+    .await;
+    let sb = "sb-spot";
+    network(&a, sb, 161).await;
+    let mut cheap = app("cheap", &["app"]);
+    cheap.spot = true;
+    cheap.spot_max_price = "0.05".into();
+    let mut fallback = app("fallback", &["app"]);
+    fallback.spot = true;
+    fallback.spot_max_price = "0.001".into();
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            apps: vec![cheap, fallback, app("plain", &["app"])],
+        }),
+    )
+    .await;
+    ok(&j);
+    let got: BTreeMap<String, String> = apps_of(&j)
+        .into_iter()
+        .map(|r| (r.name, r.lifecycle))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("cheap".to_owned(), "spot".to_owned()),
+            ("fallback".to_owned(), "on-demand".to_owned()),
+            ("plain".to_owned(), "on-demand".to_owned()),
+        ]
+        .into()
+    );
+    assert_eq!(
+        refused.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "refused once, not retried"
+    );
+    // Read back from the emulator: the spot app is a spot instance, the others are not.
+    let r = a
+        .ec2
+        .describe_instances()
+        .filters(sandbox_tag_filter(sb))
+        .send()
+        .await
+        .unwrap();
+    for i in r.reservations().iter().flat_map(|r| r.instances()) {
+        let app = i
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("AppName"))
+            .and_then(|t| t.value())
+            .unwrap();
+        let spot = i.instance_lifecycle().map(|l| l.as_str()) == Some("spot");
+        assert_eq!(spot, app == "cheap", "{app}");
+    }
+    // The fallback is said in the job's log.
+    let mut c = a.env.server.client().await;
+    let evs = format!("{:?}", job_events(&mut c, &j.id).await);
+    assert!(
+        evs.contains(
+            "app fallback: spot capacity refused (SpotMaxPriceTooLow); launching on demand"
+        ),
+        "{evs}"
+    );
+    // A spot price of 0 is refused at submission.
+    let mut zero = app("zero", &["app"]);
+    zero.spot = true;
+    zero.spot_max_price = "0".into();
+    let err = c
+        .submit(shells_req(
+            sb,
+            job_spec::Kind::DeployApp(DeployApp { app: Some(zero) }),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("spec.deploy_app.app.spot_max_price"),
+        "{}",
+        err.message()
+    );
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
+}

@@ -222,7 +222,8 @@ fn action(head: &str, body: &[u8]) -> (String, u32) {
     (action, count)
 }
 
-fn ec2_error(status: &str, code: &str, message: &str) -> Vec<u8> {
+/// A whole HTTP response carrying an EC2 error (for hooks that answer in EC2's place).
+pub fn ec2_error(status: &str, code: &str, message: &str) -> Vec<u8> {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>es-proxy</RequestID></Response>"
     );

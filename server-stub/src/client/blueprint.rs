@@ -142,6 +142,12 @@ pub struct App {
     /// An existing key pair instead of the sandbox's.
     #[serde(default)]
     pub key_pair: String,
+    /// Spot capacity, falling back to on demand when refused.
+    #[serde(default)]
+    pub spot: bool,
+    /// USD per instance-hour, e.g. "0.05" (empty = the on-demand price).
+    #[serde(default)]
+    pub spot_max_price: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,6 +280,8 @@ impl Blueprint {
                     wait_status_checks: a.wait_status_checks,
                     wait_timeout_s: a.wait_timeout_s,
                     key_pair: a.key_pair.clone(),
+                    spot: a.spot,
+                    spot_max_price: a.spot_max_price.clone(),
                 })
             })
             .collect()

@@ -416,7 +416,11 @@ fn print_result(j: &Job) {
                 println!(
                     "  {:<16} {:<10} {:<21} {:<32} {:<15} {}",
                     x.name,
-                    x.state,
+                    if x.lifecycle == "spot" {
+                        format!("{} spot", x.state)
+                    } else {
+                        x.state.clone()
+                    },
                     x.instance_id,
                     x.private_ips.join(","),
                     x.public_ip,

@@ -9,9 +9,10 @@ use std::net::Ipv4Addr;
 
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceNetworkInterfaceSpecification, InstanceType, IpPermission, IpRange, KeyType,
-    ResourceType, VolumeType,
+    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceType,
+    IpPermission, IpRange, KeyType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions,
+    VolumeType,
 };
 use es_proto::v1::{AppSpec, PortRule, PublicIp};
 use ipnet::Ipv4Net;
@@ -327,6 +328,33 @@ fn block_devices(a: &AppSpec, image: &Image) -> Vec<BlockDeviceMapping> {
         .collect()
 }
 
+/// EC2's answers that mean "no spot capacity for this request": the app then launches on
+/// demand. Anything else (a bad AMI, a quota on instances) fails the same way on demand.
+pub(super) fn spot_refused(code: &str) -> bool {
+    matches!(
+        code,
+        "InsufficientInstanceCapacity"
+            | "SpotMaxPriceTooLow"
+            | "MaxSpotInstanceCountExceeded"
+            | "InsufficientCapacity"
+            | "UnfulfillableCapacity"
+    )
+}
+
+/// One-time spot, terminated on interruption, at most `max_price` (empty = on-demand price).
+fn spot_options(max_price: &str) -> InstanceMarketOptionsRequest {
+    let mut o = SpotMarketOptions::builder()
+        .spot_instance_type(SpotInstanceType::OneTime)
+        .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate);
+    if !max_price.is_empty() {
+        o = o.max_price(max_price);
+    }
+    InstanceMarketOptionsRequest::builder()
+        .market_type(MarketType::Spot)
+        .spot_options(o.build())
+        .build()
+}
+
 /// The key pair app `a` launches with: its own `key_pair`, else the sandbox's (if any).
 pub(super) fn key_for<'k>(a: &'k AppSpec, sandbox_key: Option<&'k str>) -> Option<&'k str> {
     if a.key_pair.is_empty() {
@@ -448,9 +476,33 @@ pub(super) async fn launch(
         };
         req = req.iam_instance_profile(p.build());
     }
-    let r = retry_consistency(|| req.clone().send())
-        .await
-        .map_err(|e| aws_err("RunInstances", e))?;
+    let r = if a.spot {
+        let spot = req
+            .clone()
+            .client_token(client_token(cx.job_id, &format!("{}/spot", a.name)))
+            .instance_market_options(spot_options(&a.spot_max_price))
+            .tag_specifications(tags(
+                ResourceType::SpotInstancesRequest,
+                cx.sandbox,
+                &name,
+                &extra,
+            ));
+        match retry_consistency(|| spot.clone().send()).await {
+            Ok(r) => Ok(r),
+            Err(e) if spot_refused(&crate::shells::ec2::code(&e)) => {
+                let why = crate::shells::ec2::code(&e);
+                cx.ctx.log(format!(
+                    "app {}: spot capacity refused ({why}); launching on demand",
+                    a.name
+                ));
+                retry_consistency(|| req.clone().send()).await
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        retry_consistency(|| req.clone().send()).await
+    }
+    .map_err(|e| aws_err("RunInstances", e))?;
     let id = r
         .instances()
         .first()
@@ -524,6 +576,25 @@ pub(super) async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_capacity_refusals_fall_back_to_on_demand() {
+        for (code, falls_back) in [
+            ("InsufficientInstanceCapacity", true),
+            ("SpotMaxPriceTooLow", true),
+            ("MaxSpotInstanceCountExceeded", true),
+            ("InvalidAMIID.NotFound", false),
+            ("VcpuLimitExceeded", false),
+            ("UnauthorizedOperation", false),
+        ] {
+            assert_eq!(spot_refused(code), falls_back, "{code}");
+        }
+        let o = spot_options("0.05");
+        assert_eq!(o.market_type(), Some(&MarketType::Spot));
+        let s = o.spot_options().unwrap();
+        assert_eq!(s.max_price(), Some("0.05"));
+        assert_eq!(s.spot_instance_type(), Some(&SpotInstanceType::OneTime));
+    }
 
     #[test]
     fn static_ips_inside_the_subnet_and_not_reserved() {

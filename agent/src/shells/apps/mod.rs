@@ -82,6 +82,10 @@ pub(crate) fn app_result(i: &Instance) -> AppResult {
         ami: i.image_id().unwrap_or_default().to_owned(),
         subnet_id: i.subnet_id().unwrap_or_default().to_owned(),
         status_checks: String::new(),
+        lifecycle: match i.instance_lifecycle() {
+            Some(aws_sdk_ec2::types::InstanceLifecycleType::Spot) => "spot".into(),
+            _ => "on-demand".into(),
+        },
     }
 }
 

@@ -133,6 +133,7 @@ pub fn app(f: &str, a: &AppSpec) -> Result<(), FieldError> {
         short(&format!("{f}.key_pair"), &a.key_pair, 255)?;
     }
     addresses(f, a)?;
+    spot(f, a)?;
     if a.wait_timeout_s > MAX_WAIT_S {
         return Err(bad(
             format!("{f}.wait_timeout_s"),
@@ -329,6 +330,32 @@ fn addresses(f: &str, a: &AppSpec) -> Result<(), FieldError> {
         ));
     }
     Ok(())
+}
+
+/// Spot: a max price only with spot, as a positive USD amount.
+fn spot(f: &str, a: &AppSpec) -> Result<(), FieldError> {
+    let p = &a.spot_max_price;
+    if p.is_empty() {
+        return Ok(());
+    }
+    let field = format!("{f}.spot_max_price");
+    if !a.spot {
+        return Err(bad(
+            field,
+            "is set but spot is not: set spot: true, or leave the price empty",
+        ));
+    }
+    match p.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 10_000.0 && p.len() <= 16 => Ok(()),
+        Ok(_) => Err(bad(
+            field,
+            format!("{p:?}: a price per instance-hour above 0 (USD, e.g. \"0.05\"), or empty for the on-demand price"),
+        )),
+        Err(_) => Err(bad(
+            field,
+            format!("{:?} is not a price like \"0.05\" (USD per instance-hour)", clip(p, 40)),
+        )),
+    }
 }
 
 /// Inbound rules (an app's, or UpdateAppSecurity's), under path `f`.
@@ -571,6 +598,35 @@ mod tests {
                 "wait too long",
                 |a| a.wait_timeout_s = 7200,
                 "a.wait_timeout_s",
+            ),
+            (
+                "spot with a price",
+                |a| {
+                    a.spot = true;
+                    a.spot_max_price = "0.05".into();
+                },
+                "",
+            ),
+            (
+                "a spot price of 0",
+                |a| {
+                    a.spot = true;
+                    a.spot_max_price = "0".into();
+                },
+                "a.spot_max_price",
+            ),
+            (
+                "a price without spot",
+                |a| a.spot_max_price = "0.05".into(),
+                "a.spot_max_price",
+            ),
+            (
+                "not a price",
+                |a| {
+                    a.spot = true;
+                    a.spot_max_price = "cheap".into();
+                },
+                "a.spot_max_price",
             ),
         ];
         for (what, edit, field) in cases {
