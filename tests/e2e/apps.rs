@@ -92,6 +92,7 @@ async fn app_fields_are_deployed_as_asked_and_read_back_from_the_emulator() {
         &a,
         sb,
         job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
             apps: vec![web, db],
         }),
     )
@@ -250,7 +251,10 @@ async fn addresses_and_images_only_the_cloud_can_refute_fail_before_anything_lau
     ok(&run(
         &a,
         sb,
-        job_spec::Kind::DeployApp(DeployApp { app: Some(holder) }),
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(holder),
+        }),
     )
     .await);
     let launched = seen.lock().unwrap().len();
@@ -260,6 +264,7 @@ async fn addresses_and_images_only_the_cloud_can_refute_fail_before_anything_lau
         let mut web = app("web", &["app", "db"]);
         edit(&mut web);
         job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
             apps: vec![app("ok", &["app"]), web],
         })
     };
@@ -446,7 +451,10 @@ async fn tags_inbound_rules_and_console_output_of_a_running_app() {
     let dep = run(
         &a,
         sb,
-        job_spec::Kind::DeployApp(DeployApp { app: Some(web) }),
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(web),
+        }),
     )
     .await;
     ok(&dep);
@@ -745,7 +753,10 @@ async fn snapshots_images_kept_sets_and_cleanup() {
     let dep = run(
         &a,
         sb,
-        job_spec::Kind::DeployApp(DeployApp { app: Some(web) }),
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(web),
+        }),
     )
     .await;
     ok(&dep);
@@ -945,6 +956,7 @@ async fn spot_apps_run_on_spot_and_fall_back_to_on_demand_when_refused() {
         &a,
         sb,
         job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
             apps: vec![cheap, fallback, app("plain", &["app"])],
         }),
     )
@@ -1002,7 +1014,10 @@ async fn spot_apps_run_on_spot_and_fall_back_to_on_demand_when_refused() {
     let err = c
         .submit(shells_req(
             sb,
-            job_spec::Kind::DeployApp(DeployApp { app: Some(zero) }),
+            job_spec::Kind::DeployApp(DeployApp {
+                recipient: vec![],
+                app: Some(zero),
+            }),
         ))
         .await
         .unwrap_err();

@@ -319,7 +319,13 @@ async fn kill_9_mid_deploy_sandbox_completes_on_the_fallback_with_each_app_once(
     let j = submit(&mut c, shells_req(sb, prepare(&mgmt, "10.0.70.0/24"))).await;
     succeeded(&wait_done(&mut c, &j.id, LONG).await);
     let apps: Vec<AppSpec> = (0..20).map(|i| app(&format!("app-{i:02}"))).collect();
-    let mut req = shells_req(sb, job_spec::Kind::DeploySandbox(DeploySandbox { apps }));
+    let mut req = shells_req(
+        sb,
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps,
+        }),
+    );
     req.max_attempts = 3;
     let deploy = submit(&mut c, req).await;
     let running = wait_state(&mut c, &deploy.id, JobState::Running, LONG).await;
@@ -386,7 +392,10 @@ async fn aws_faults_fail_nothing_and_leak_nothing() {
     let apps: Vec<AppSpec> = (0..6).map(|i| app(&format!("app-{i}"))).collect();
     let steps = [
         prepare(&mgmt, "10.0.80.0/24"),
-        job_spec::Kind::DeploySandbox(DeploySandbox { apps }),
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps,
+        }),
         job_spec::Kind::Power(PowerApps {
             apps: vec![],
             on: false,

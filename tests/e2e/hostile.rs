@@ -523,6 +523,7 @@ async fn oversized_input_is_refused_and_the_server_stays_usable() {
         sandbox_id: "sb-1".into(),
         spec: Some(JobSpec {
             kind: Some(job_spec::Kind::DeployApp(DeployApp {
+                recipient: vec![],
                 app: Some(AppSpec {
                     name: "web".into(),
                     ami: MOTO_AMI.into(),

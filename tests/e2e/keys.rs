@@ -134,6 +134,7 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
         &a,
         sb,
         job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
             app: Some(app("web", &["app"])),
         }),
     )
@@ -237,6 +238,7 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
         &a,
         sb,
         job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
             app: Some(win.clone()),
         }),
     )
@@ -329,7 +331,10 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
     ok(&run(
         &a,
         sb2,
-        job_spec::Kind::DeployApp(DeployApp { app: Some(win) }),
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(win),
+        }),
     )
     .await);
     let (rsa, _) = stored_key(&a, sb2).await.unwrap();
@@ -342,4 +347,220 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
     assert_eq!(tagged_resources(&a.ec2, sb2).await, Vec::<String>::new());
     // Every call (SSM's included) is allowed by the policy, as the proxy saw them too.
     crate::shells::check_audit_and_policy(&a, sb, &[id]).await;
+}
+
+/// EC2's answer to GetPasswordData for `instance`: `password` encrypted to `key` (RSA PKCS#1
+/// v1.5, base64), as Windows leaves it; empty data while it has none yet.
+fn password_data_response(
+    instance: &str,
+    key: Option<&rsa::RsaPublicKey>,
+    password: &str,
+) -> Vec<u8> {
+    let data = key
+        .map(|k| {
+            let ct = k
+                .encrypt(
+                    &mut rand_core::OsRng,
+                    rsa::Pkcs1v15Encrypt,
+                    password.as_bytes(),
+                )
+                .unwrap();
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, ct)
+        })
+        .unwrap_or_default();
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<GetPasswordDataResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\"><requestId>es-proxy</requestId><instanceId>{instance}</instanceId><timestamp>2026-11-30T08:00:00.000Z</timestamp><passwordData>{data}</passwordData></GetPasswordDataResponse>"
+    );
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/xml;charset=UTF-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windows_password_reaches_only_its_submitter() {
+    use std::sync::{Arc, Mutex};
+    const PASSWORD: &str = "Tr0ub4dor&3-es-shells-test";
+    // moto answers GetPasswordData with random text; the proxy answers as EC2 does: nothing the
+    // first time (Windows is still booting), then the password encrypted to the key pair.
+    let public: Arc<Mutex<Option<rsa::RsaPublicKey>>> = Arc::default();
+    let asked = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let hook = {
+        let (public, asked) = (public.clone(), asked.clone());
+        ec2proxy::Hook(Arc::new(move |_head: &str, body: &[u8]| {
+            let body = String::from_utf8_lossy(body);
+            if !body.contains("Action=GetPasswordData") {
+                return None;
+            }
+            let instance = body
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("InstanceId="))
+                .unwrap_or_default()
+                .to_owned();
+            let n = asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let key = public.lock().unwrap().clone();
+            Some(password_data_response(
+                &instance,
+                key.as_ref().filter(|_| n > 0),
+                PASSWORD,
+            ))
+        }))
+    };
+    let a = setup_with(ec2proxy::ProxyConfig {
+        hook: Some(hook),
+        ..Default::default()
+    })
+    .await;
+    let sb = "sb-win";
+    ok(&run(&a, sb, prepare(&a, 171, "rsa")).await);
+    let (pem, _) = stored_key(&a, sb).await.unwrap();
+    let private = <rsa::RsaPrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_pem(&pem)
+        .expect("an RSA key pair");
+    *public.lock().unwrap() = Some(rsa::RsaPublicKey::from(&private));
+
+    let mut win = app("win", &["app"]);
+    win.ami = MOTO_WINDOWS_AMI.into();
+    win.wait_password = true;
+    win.wait_timeout_s = 120;
+    // Without a recipient the deploy is refused: the password would have nowhere safe to go.
+    let mut c = a.env.server.client().await;
+    let err = c
+        .submit(shells_req(
+            sb,
+            job_spec::Kind::DeployApp(DeployApp {
+                recipient: vec![],
+                app: Some(win.clone()),
+            }),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("spec.deploy_app.recipient"),
+        "{}",
+        err.message()
+    );
+    // A Linux app has no password to wait for: refused before anything launches.
+    let mut linux = app("linux", &["app"]);
+    linux.wait_password = true;
+    let me = es_proto::sealed::Opener::new();
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: me.recipient(),
+            app: Some(linux),
+        }),
+    )
+    .await;
+    assert_eq!(j.state, JobState::Failed as i32);
+    let err = j.result.unwrap().error;
+    assert!(
+        err.contains("spec.deploy_app.app.wait_password") && err.contains("not a Windows image"),
+        "{err}"
+    );
+
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: me.recipient(),
+            app: Some(win),
+        }),
+    )
+    .await;
+    ok(&j);
+    let r = &apps_of(&j)[0];
+    assert_eq!(me.open(&r.sealed_password).unwrap(), PASSWORD.as_bytes());
+    assert!(es_proto::sealed::Opener::new()
+        .open(&r.sealed_password)
+        .is_err());
+    assert!(
+        asked.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "it waited"
+    );
+
+    // Through the CLI: `sandbox up` writes it to SANDBOX-APP.password, 0600.
+    let bp = a.env.dir.path().join("win.yaml");
+    std::fs::write(
+        &bp,
+        format!(
+            "network:\n  mode: single\n  key_type: rsa\n  subnets: [{{ name: app, cidr: 10.0.173.0/24 }}]\n  management: {{ vpc_id: {}, cidr: 10.0.0.0/16 }}\napps:\n  - {{ name: win, ami: {MOTO_WINDOWS_AMI}, instance_type: t3.micro, subnets: [app], wait_password: true, wait_timeout_s: 120 }}\n",
+            a.mgmt.vpc_id
+        ),
+    )
+    .unwrap();
+    // The proxy must encrypt to this sandbox's key: it is made by the `up` below, so until the
+    // prepare has stored it the proxy answers "no password yet".
+    *public.lock().unwrap() = None;
+    let sb2 = "sb-win-cli";
+    let cli = {
+        let url = a.env.server.url();
+        let dir = a.env.dir.path().to_owned();
+        let bp = bp.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new(crate::bins().server)
+                .args(["sandbox", "up", bp.to_str().unwrap(), "--sandbox", sb2])
+                .env("ES_SERVER", url)
+                .current_dir(dir)
+                .output()
+                .unwrap()
+        })
+    };
+    let pem2 = loop {
+        if let Some((k, _)) = stored_key(&a, sb2).await {
+            break k;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let private2 =
+        <rsa::RsaPrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_pem(&pem2).unwrap();
+    *public.lock().unwrap() = Some(rsa::RsaPublicKey::from(&private2));
+    let out = cli.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let file = a.env.dir.path().join(format!("{sb2}-win.password"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), PASSWORD);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(PASSWORD));
+
+    // The password is in no log, event, audit entry or the job store.
+    let evs = format!("{:?}", job_events(&mut c, &j.id).await);
+    assert!(!evs.contains(PASSWORD));
+    let audit = cli_out(&a, &["audit", "--sandbox", sb, "--json"]);
+    let mut places: Vec<(String, Vec<u8>)> = vec![
+        ("audit trail".into(), audit),
+        ("server log".into(), a.env.server.proc.log().into_bytes()),
+        ("agent log".into(), a.agent.log().into_bytes()),
+    ];
+    for f in std::fs::read_dir(a.env.dir.path()).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("es.db"))
+        {
+            places.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+        }
+    }
+    for (what, bytes) in &places {
+        assert!(
+            !String::from_utf8_lossy(bytes).contains(PASSWORD),
+            "the password is in the {what}"
+        );
+    }
+    for s in [sb, sb2] {
+        ok(&run(&a, s, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+        assert_eq!(tagged_resources(&a.ec2, s).await, Vec::<String>::new());
+        assert_eq!(stored_key(&a, s).await, None);
+    }
+    // GetPasswordData (and every other call) is allowed by the policy.
+    crate::shells::check_audit_and_policy(&a, sb, std::slice::from_ref(&r.instance_id)).await;
+}
+
+fn cli_out(a: &Aws, args: &[&str]) -> Vec<u8> {
+    let out = cli(a, args);
+    assert!(out.status.success(), "{out:?}");
+    out.stdout
 }

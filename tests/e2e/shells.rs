@@ -483,7 +483,10 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
     let deploy = run(
         a,
         sandbox,
-        job_spec::Kind::DeploySandbox(DeploySandbox { apps: three_apps() }),
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps: three_apps(),
+        }),
     )
     .await;
     ok(&deploy);
@@ -529,7 +532,10 @@ async fn lifecycle(a: &Aws, sandbox: &str, prepare: PrepareSandboxNetwork) {
     let redeploy = run(
         a,
         sandbox,
-        job_spec::Kind::DeploySandbox(DeploySandbox { apps: three_apps() }),
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps: three_apps(),
+        }),
     )
     .await;
     ok(&redeploy);
@@ -1004,6 +1010,7 @@ async fn rerun_after_a_crash_mid_way_creates_no_duplicates_and_sweep_finds_orpha
         &a,
         sb,
         job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
             app: Some(app("web", &["app"])),
         }),
     )
@@ -1017,7 +1024,10 @@ async fn rerun_after_a_crash_mid_way_creates_no_duplicates_and_sweep_finds_orpha
     let deploy = run(
         &a,
         sb,
-        job_spec::Kind::DeploySandbox(DeploySandbox { apps }),
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps,
+        }),
     )
     .await;
     ok(&deploy);
@@ -1150,12 +1160,14 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         ),
         (
             job_spec::Kind::DeploySandbox(DeploySandbox {
+                recipient: vec![],
                 apps: (0..256).map(|i| app(&format!("a{i}"), &["app"])).collect(),
             }),
             "spec.deploy_sandbox.apps",
         ),
         (
             job_spec::Kind::DeployApp(DeployApp {
+                recipient: vec![],
                 app: Some(AppSpec {
                     ami: String::new(),
                     ..app("web", &["app"])
@@ -1165,6 +1177,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         ),
         (
             job_spec::Kind::DeployApp(DeployApp {
+                recipient: vec![],
                 app: Some(AppSpec {
                     imds_hop_limit: 65,
                     ..app("web", &["app"])
@@ -1200,6 +1213,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         &a,
         sb,
         job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
             app: Some(app("web", &["app"])),
         }),
     )
@@ -1278,7 +1292,10 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
     let deploy = run(
         &a,
         sb,
-        job_spec::Kind::DeploySandbox(DeploySandbox { apps: three_apps() }),
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps: three_apps(),
+        }),
     )
     .await;
     ok(&deploy);
@@ -1347,6 +1364,7 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
         &a,
         sb2,
         job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
             app: Some(app("web", &["app"])),
         }),
     )
@@ -1455,7 +1473,10 @@ async fn a_deploy_larger_than_one_describe_page_completes_and_cleans_up() {
     let deploy = run(
         &a,
         sb,
-        job_spec::Kind::DeploySandbox(DeploySandbox { apps }),
+        job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps,
+        }),
     )
     .await;
     ok(&deploy);
@@ -1557,6 +1578,7 @@ async fn shared_vpc_in_another_account_through_an_assumed_role() {
         &mut c,
         with_target(
             job_spec::Kind::DeployApp(DeployApp {
+                recipient: vec![],
                 app: Some(app("web", &["app"])),
             }),
             &target,
@@ -1738,7 +1760,13 @@ async fn burst_through_bucket_proxy(rate_limit: bool) -> (Job, u64) {
         .collect();
     let j = submit(
         &mut c,
-        shells_req(sb, job_spec::Kind::DeploySandbox(DeploySandbox { apps })),
+        shells_req(
+            sb,
+            job_spec::Kind::DeploySandbox(DeploySandbox {
+                recipient: vec![],
+                apps,
+            }),
+        ),
     )
     .await;
     let done = wait_done(&mut c, &j.id, LONG).await;

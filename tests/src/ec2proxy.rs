@@ -239,18 +239,19 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
     let Some((head, body)) = read_message(&mut sock).await? else {
         return Ok(());
     };
-    if let Some(reply) = st.cfg.hook.as_ref().and_then(|h| (h.0)(&head, &body)) {
-        sock.write_all(&reply).await?;
-        return sock.shutdown().await;
-    }
-    let arrived = Instant::now();
     let (act, count) = action(&head, &body);
+    // Every call is counted, those a hook answers in EC2's place too.
     *st.stats
         .calls
         .lock()
         .unwrap()
         .entry(act.clone())
         .or_default() += 1;
+    if let Some(reply) = st.cfg.hook.as_ref().and_then(|h| (h.0)(&head, &body)) {
+        sock.write_all(&reply).await?;
+        return sock.shutdown().await;
+    }
+    let arrived = Instant::now();
     let roll = |pct: u32| pct > 0 && rand::random_range(0..100) < pct;
     let mut delay = st.cfg.latency;
     if let Some((pct, extra)) = st.cfg.spike {

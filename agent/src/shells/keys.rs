@@ -158,6 +158,29 @@ pub(crate) async fn sandbox_key(cx: &Cx<'_>) -> Result<Option<(String, KeyType)>
     }))
 }
 
+/// The sandbox's private key (PEM or OpenSSH text), decrypted from SSM. The caller seals or
+/// uses it and drops it; it is never logged.
+pub(crate) async fn private_key(cx: &Cx<'_>) -> Result<String> {
+    let parameter = cx.keys.parameter(cx.sandbox);
+    match cx
+        .keys
+        .ssm
+        .get_parameter()
+        .name(&parameter)
+        .with_decryption(true)
+        .send()
+        .await
+    {
+        Ok(r) => Ok(r.parameter.and_then(|p| p.value).unwrap_or_default()),
+        Err(e) if code(&e) == "ParameterNotFound" => Err(ShellsError::NoNetwork(format!(
+            "the private key of sandbox {} is not in SSM ({parameter}); run \
+             PrepareSandboxNetwork again to make a new key pair",
+            cx.sandbox
+        ))),
+        Err(e) => Err(aws_err("GetParameter", e)),
+    }
+}
+
 /// GetAccessKey: the private key, sealed to `recipient`.
 pub(crate) async fn access_key(cx: &Cx<'_>, recipient: &[u8]) -> Result<AccessKey> {
     if recipient.len() != es_proto::sealed::RECIPIENT_LEN {
@@ -177,26 +200,7 @@ pub(crate) async fn access_key(cx: &Cx<'_>, recipient: &[u8]) -> Result<AccessKe
             cx.sandbox
         )));
     };
-    let parameter = cx.keys.parameter(cx.sandbox);
-    let value = match cx
-        .keys
-        .ssm
-        .get_parameter()
-        .name(&parameter)
-        .with_decryption(true)
-        .send()
-        .await
-    {
-        Ok(r) => r.parameter.and_then(|p| p.value).unwrap_or_default(),
-        Err(e) if code(&e) == "ParameterNotFound" => {
-            return Err(ShellsError::NoNetwork(format!(
-                "the private key of {} is not in SSM ({parameter}); run PrepareSandboxNetwork \
-                 again to make a new key pair",
-                k.key_name().unwrap_or_default()
-            )))
-        }
-        Err(e) => return Err(aws_err("GetParameter", e)),
-    };
+    let value = private_key(cx).await?;
     let sealed =
         es_proto::sealed::seal(recipient, value.as_bytes()).map_err(|e| ShellsError::Invalid {
             field: "spec.get_access_key.recipient".into(),
@@ -210,7 +214,7 @@ pub(crate) async fn access_key(cx: &Cx<'_>, recipient: &[u8]) -> Result<AccessKe
             .unwrap_or_default(),
         key_fingerprint: k.key_fingerprint().unwrap_or_default().to_owned(),
         sealed_private_key: sealed,
-        parameter,
+        parameter: cx.keys.parameter(cx.sandbox),
     })
 }
 

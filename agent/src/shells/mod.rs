@@ -222,11 +222,11 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
         }
         Kind::DeployApp(d) => {
             let apps: Vec<_> = d.app.iter().cloned().collect();
-            R::Apps(apps::deploy::deploy(cx, &apps, "spec.deploy_app.app").await?)
+            R::Apps(apps::deploy::deploy(cx, &apps, "spec.deploy_app.app", &d.recipient).await?)
         }
-        Kind::DeploySandbox(d) => {
-            R::Apps(apps::deploy::deploy(cx, &d.apps, "spec.deploy_sandbox.apps").await?)
-        }
+        Kind::DeploySandbox(d) => R::Apps(
+            apps::deploy::deploy(cx, &d.apps, "spec.deploy_sandbox.apps", &d.recipient).await?,
+        ),
         Kind::Power(p) => R::Apps(apps::ops::power(cx, &p.apps, p.on).await?),
         Kind::Reboot(r) if r.power_cycle => {
             apps::ops::power(cx, &r.apps, false).await?;

@@ -148,6 +148,9 @@ pub struct App {
     /// USD per instance-hour, e.g. "0.05" (empty = the on-demand price).
     #[serde(default)]
     pub spot_max_price: String,
+    /// Windows: wait for the administrator password (written to SANDBOX-APP.password, 0600).
+    #[serde(default)]
+    pub wait_password: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,6 +285,7 @@ impl Blueprint {
                     key_pair: a.key_pair.clone(),
                     spot: a.spot,
                     spot_max_price: a.spot_max_price.clone(),
+                    wait_password: a.wait_password,
                 })
             })
             .collect()

@@ -3,7 +3,6 @@
 //! `sandbox.rs` the `sandbox` subcommands with their blueprints (`blueprint.rs`), `render.rs`
 //! the tables and JSON, `conn.rs` the connection, exit codes and errors.
 
-pub mod access_key;
 pub mod args;
 pub mod blueprint;
 pub mod commands;
@@ -12,6 +11,7 @@ pub mod render;
 pub mod run_args;
 pub mod sandbox;
 pub mod sandbox_args;
+pub mod secrets;
 
 use std::process::ExitCode;
 

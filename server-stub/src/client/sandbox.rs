@@ -1,10 +1,10 @@
 //! `es-server sandbox ...`: the es-shells jobs from the command line. `up` takes a blueprint
 //! (YAML or JSON), prepares the network and deploys the apps, showing per-app progress and a
 //! summary table; `power`, `reboot`, `ips`, `details`, `delete-app`, `down` and `sweep` act on a
-//! sandbox; `access-key` saves its key pair's private key (access_key.rs); `run` runs a script on
+//! sandbox; `access-key` saves its key pair's private key (secrets.rs); `run` runs a script on
 //! its instances (es-commands, SSM or SSH; flags in run_args.rs) and prints each one's output.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use es_proto::v1::*;
@@ -39,6 +39,7 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
     let mut jobs = Vec::new();
     // GetAccessKey: the one-time key its answer is sealed to, and where the key goes.
     let mut key_out: Option<(es_proto::sealed::Opener, PathBuf)> = None;
+    let password_opener = es_proto::sealed::Opener::new();
     match cmd {
         SandboxCmd::Up {
             blueprint,
@@ -48,6 +49,8 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
             let bp = Blueprint::load(&blueprint).map_err(usage)?;
             let prepare = bp.prepare().map_err(usage)?;
             let apps = bp.apps().map_err(usage)?;
+            // Windows passwords are sealed to this command and written next to it.
+            let wait_password = apps.iter().any(|a| a.wait_password);
             if prepare.is_none() && apps.is_empty() {
                 return Err(usage(format!(
                     "{}: neither `network` nor `apps`",
@@ -66,7 +69,14 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
                 jobs.push(req(
                     &sandbox,
                     &selector,
-                    job_spec::Kind::DeploySandbox(DeploySandbox { apps }),
+                    job_spec::Kind::DeploySandbox(DeploySandbox {
+                        recipient: if wait_password {
+                            password_opener.recipient()
+                        } else {
+                            Vec::new()
+                        },
+                        apps,
+                    }),
                     bp.target(),
                 ));
             }
@@ -358,8 +368,13 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
         if done.state != JobState::Succeeded as i32 {
             return Ok(ExitCode::from(1));
         }
+        for line in super::secrets::save_passwords(&done, &password_opener, Path::new("."))? {
+            if !json {
+                println!("  {line}");
+            }
+        }
         if let Some((opener, out)) = &key_out {
-            let line = super::access_key::save(&done, opener, out)?;
+            let line = super::secrets::save(&done, opener, out)?;
             if !json {
                 println!("  {line}");
             }

@@ -158,7 +158,11 @@ async fn main() {
             .collect();
         let p1 = proxied();
         let s1 = spans_at();
-        let deploy = submit_wait(job_spec::Kind::DeploySandbox(DeploySandbox { apps })).await;
+        let deploy = submit_wait(job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps,
+        }))
+        .await;
         let p2 = proxied();
         // The deploy's chain of calls that followed one another, measured at the proxy.
         let chain = ec2proxy::longest_chain(&stats.spans.lock().unwrap()[s1..]);

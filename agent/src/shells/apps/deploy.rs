@@ -13,7 +13,8 @@ use futures::StreamExt;
 use crate::shells::ec2::{aws_err, retry_consistency, tag_value, tags};
 use crate::shells::{Cx, Result, ShellsError, TAG_APP};
 
-use super::launch::{check_key_type, check_static_ips, images, key_for, launch, network};
+use super::checks::{check_key_type, check_password, check_static_ips};
+use super::launch::{images, key_for, launch, network};
 use super::*;
 
 /// How long an app may take to run (and pass its checks) when it does not say.
@@ -28,8 +29,14 @@ fn wait_limit(a: &AppSpec) -> Duration {
 }
 
 /// Deploys `apps` (skipping those that already run), reporting each as it finishes.
-/// `base` is where the apps are in the spec (errors name their fields from it).
-pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec], base: &str) -> Result<AppList> {
+/// `base` is where the apps are in the spec (errors name their fields from it); `recipient`
+/// is the key Windows passwords are sealed to.
+pub(crate) async fn deploy(
+    cx: &Cx<'_>,
+    apps: &[AppSpec],
+    base: &str,
+    recipient: &[u8],
+) -> Result<AppList> {
     let names: Vec<String> = apps.iter().map(|a| a.name.clone()).collect();
     // The network and image lookups and the search for apps that already run, all at once.
     let (net, found, images, sandbox_key) = tokio::try_join!(
@@ -77,6 +84,9 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec], base: &str) -> Result<
             &images[&a.ami],
             sandbox_key.as_ref(),
         )?;
+    }
+    for (i, a) in apps.iter().enumerate() {
+        check_password(a, &app_path(base, i), &images[&a.ami], sandbox_key.as_ref())?;
     }
     let total = apps.len() as u32;
     let done = std::sync::atomic::AtomicU32::new(0);
@@ -183,14 +193,36 @@ pub(crate) async fn deploy(cx: &Cx<'_>, apps: &[AppSpec], base: &str) -> Result<
         wait_status_checks(cx, &checked).await?
     };
 
+    // Phase 2c: Windows passwords, for the apps that asked.
+    let waiting: Vec<(String, Duration)> = running
+        .iter()
+        .filter_map(|i| {
+            let id = i.instance_id()?;
+            let spec = by_id.get(id)?;
+            spec.wait_password
+                .then(|| (id.to_owned(), wait_limit(spec)))
+        })
+        .collect();
+    let passwords = if waiting.is_empty() {
+        HashMap::new()
+    } else {
+        super::password::wait_passwords(cx, &waiting, recipient).await?
+    };
+
     // Phase 3: Elastic IPs, in parallel.
     let mut eip_futs = Vec::with_capacity(running.len());
     for i in running {
         let spec = by_id.get(i.instance_id().unwrap_or_default()).copied();
         let report = &report;
         let checks = &checks;
+        let passwords = &passwords;
         eip_futs.push(Box::pin(async move {
             let mut r = app_result(&i);
+            match passwords.get(&r.instance_id) {
+                Some(Ok(sealed)) => r.sealed_password = sealed.clone(),
+                Some(Err(why)) => r.error = format!("password: {why}"),
+                None => {}
+            }
             if let Some(status) = checks.get(&r.instance_id) {
                 r.status_checks = status.clone();
                 if status != "ok" {

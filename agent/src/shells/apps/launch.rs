@@ -1,17 +1,16 @@
 //! What one RunInstances needs and the call itself: the sandbox's network (subnets with their
 //! CIDRs, its two security groups), the images the apps boot from (root device, size,
-//! platform), the checks only the cloud can answer (a static IP inside its subnet, not reserved,
-//! not in use), and the request: NICs, encrypted volumes, metadata options, profile, user data
-//! and tags, all in the one call.
+//! platform), and the request: NICs, encrypted volumes, metadata options, key pair, profile,
+//! user data and tags, all in the one call, on spot with an on-demand fallback when asked.
+//! (What must be refuted before it, checks.rs.)
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
 
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
     InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
     InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceType,
-    IpPermission, IpRange, KeyType, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions,
+    IpPermission, IpRange, MarketType, ResourceType, SpotInstanceType, SpotMarketOptions,
     VolumeType,
 };
 use es_proto::v1::{AppSpec, PortRule, PublicIp};
@@ -184,98 +183,6 @@ fn not_found(field: &str, ami: &str, cx: &Cx<'_>) -> ShellsError {
     }
 }
 
-/// Why `ip` cannot be a static address in the subnet `net`, if it cannot: outside it, or one of
-/// the five addresses AWS keeps in every subnet (network, router, DNS, future use, broadcast).
-pub(super) fn static_ip_problem(net: Ipv4Net, ip: Ipv4Addr) -> Option<String> {
-    if !net.contains(&ip) {
-        return Some(format!("{ip} is outside the subnet's CIDR {net}"));
-    }
-    let first = u32::from(net.network());
-    let offset = u32::from(ip) - first;
-    if offset <= 3 || ip == net.broadcast() {
-        return Some(format!(
-            "{ip} is reserved by AWS in {net} (the first four addresses and the last one are)"
-        ));
-    }
-    None
-}
-
-/// Checks every static private IP of the apps to launch (by their index in the job):
-/// inside its subnet, not reserved, and used by no network interface of the VPC (one
-/// DescribeNetworkInterfaces, only when some app asks for a static IP).
-pub(super) async fn check_static_ips(
-    cx: &Cx<'_>,
-    net: &Network,
-    apps: &[(usize, &AppSpec)],
-    base: &str,
-) -> Result<()> {
-    let mut wanted: Vec<(String, Ipv4Addr)> = Vec::new();
-    for (i, a) in apps {
-        for (j, ip) in a.private_ips.iter().enumerate() {
-            if ip.is_empty() {
-                continue;
-            }
-            let field = format!("{}.private_ips[{j}]", app_path(base, *i));
-            let invalid = |reason: String| ShellsError::Invalid {
-                field: field.clone(),
-                reason,
-            };
-            let addr: Ipv4Addr = ip
-                .parse()
-                .map_err(|_| invalid(format!("{ip:?} is not an IPv4 address")))?;
-            let subnet = a.subnets.get(j).map(String::as_str).unwrap_or_default();
-            let Some((_, cidr)) = net.subnets.get(subnet) else {
-                return Err(invalid(format!(
-                    "there is no NIC {j} in subnet {subnet:?} for it"
-                )));
-            };
-            if let Some(why) = static_ip_problem(*cidr, addr) {
-                return Err(invalid(format!("{why} (subnet {subnet:?})")));
-            }
-            wanted.push((field, addr));
-        }
-    }
-    if wanted.is_empty() {
-        return Ok(());
-    }
-    let values: Vec<String> = wanted.iter().map(|(_, ip)| ip.to_string()).collect();
-    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-    let used = cx
-        .ec2
-        .describe_network_interfaces()
-        .filters(filter("vpc-id", &[&net.vpc_id]))
-        .filters(filter("addresses.private-ip-address", &refs))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeNetworkInterfaces", e))?;
-    for n in used.network_interfaces() {
-        let held: Vec<&str> = n
-            .private_ip_addresses()
-            .iter()
-            .filter_map(|a| a.private_ip_address())
-            .chain(n.private_ip_address())
-            .collect();
-        if let Some((field, ip)) = wanted
-            .iter()
-            .find(|(_, ip)| held.contains(&ip.to_string().as_str()))
-        {
-            let by = n
-                .attachment()
-                .and_then(|a| a.instance_id())
-                .map(|i| format!(", attached to {i}"))
-                .unwrap_or_default();
-            return Err(ShellsError::Invalid {
-                field: field.clone(),
-                reason: format!(
-                    "{ip} is in use by {}{by}; choose a free address",
-                    n.network_interface_id().unwrap_or("a network interface")
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// One EBS volume of the app: always encrypted (with the app's key, or the account's default
 /// EBS key), deleted with the instance.
 fn ebs(a: &AppSpec, kind: &str, size_gb: i32, iops: u32, throughput: u32) -> EbsBlockDevice {
@@ -361,31 +268,6 @@ pub(super) fn key_for<'k>(a: &'k AppSpec, sandbox_key: Option<&'k str>) -> Optio
         sandbox_key
     } else {
         Some(&a.key_pair)
-    }
-}
-
-/// Whether app `i` can boot with the sandbox's key: EC2 refuses ed25519 keys for Windows, and
-/// a Windows password is encrypted to the key (so it must be RSA to be read back).
-pub(super) fn check_key_type(
-    a: &AppSpec,
-    path: &str,
-    image: &Image,
-    sandbox_key: Option<&(String, KeyType)>,
-) -> Result<()> {
-    match sandbox_key {
-        Some((name, kind)) if image.windows && a.key_pair.is_empty() && *kind != KeyType::Rsa => {
-            Err(ShellsError::Invalid {
-                field: format!("{path}.ami"),
-                reason: format!(
-                    "{} is a Windows image, and Windows needs an RSA key pair; the sandbox's \
-                     ({name}) is {}: prepare the sandbox with key_type rsa, or name an RSA \
-                     key_pair for the app",
-                    a.ami,
-                    kind.as_str()
-                ),
-            })
-        }
-        _ => Ok(()),
     }
 }
 
@@ -594,29 +476,6 @@ mod tests {
         let s = o.spot_options().unwrap();
         assert_eq!(s.max_price(), Some("0.05"));
         assert_eq!(s.spot_instance_type(), Some(&SpotInstanceType::OneTime));
-    }
-
-    #[test]
-    fn static_ips_inside_the_subnet_and_not_reserved() {
-        let net: Ipv4Net = "10.1.1.0/24".parse().unwrap();
-        let cases = [
-            ("10.1.1.10", None),
-            ("10.1.1.4", None),
-            ("10.1.1.254", None),
-            ("10.1.1.0", Some("reserved")),
-            ("10.1.1.1", Some("reserved")),
-            ("10.1.1.3", Some("reserved")),
-            ("10.1.1.255", Some("reserved")),
-            ("10.1.2.10", Some("outside")),
-        ];
-        for (ip, want) in cases {
-            let got = static_ip_problem(net, ip.parse().unwrap());
-            match (want, &got) {
-                (None, None) => {}
-                (Some(w), Some(g)) if g.contains(w) => {}
-                _ => panic!("{ip}: expected {want:?}, got {got:?}"),
-            }
-        }
     }
 
     #[test]

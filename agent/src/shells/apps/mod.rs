@@ -6,10 +6,12 @@
 //! one DescribeSecurityGroups, one DescribeInstances to find apps that already exist, and waits
 //! that poll all instances in one DescribeInstances call.
 
+mod checks;
 pub(crate) mod deploy;
 mod launch;
 pub(crate) mod manage;
 pub(crate) mod ops;
+mod password;
 pub(crate) mod security;
 pub(crate) mod snapshots;
 
@@ -82,6 +84,7 @@ pub(crate) fn app_result(i: &Instance) -> AppResult {
         ami: i.image_id().unwrap_or_default().to_owned(),
         subnet_id: i.subnet_id().unwrap_or_default().to_owned(),
         status_checks: String::new(),
+        sealed_password: Vec::new(),
         lifecycle: match i.instance_lifecycle() {
             Some(aws_sdk_ec2::types::InstanceLifecycleType::Spot) => "spot".into(),
             _ => "on-demand".into(),

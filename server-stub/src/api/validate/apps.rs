@@ -332,6 +332,24 @@ fn addresses(f: &str, a: &AppSpec) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// The key secrets of a deploy are sealed to: required (32 bytes) when an app waits for its
+/// password, and then only.
+pub fn recipient(f: &str, recipient: &[u8], apps: &[AppSpec]) -> Result<(), FieldError> {
+    let needed = apps.iter().any(|a| a.wait_password);
+    match (needed, recipient.len()) {
+        (true, es_proto::sealed::RECIPIENT_LEN) | (false, 0) => Ok(()),
+        (true, n) => Err(bad(
+            f,
+            format!(
+                "{n} bytes; an app waits for its password, which is sealed to a {}-byte X25519 \
+                 public key (`es-server sandbox up` makes one)",
+                es_proto::sealed::RECIPIENT_LEN
+            ),
+        )),
+        (false, _) => Err(bad(f, "is set but no app waits for its password")),
+    }
+}
+
 /// Spot: a max price only with spot, as a positive USD amount.
 fn spot(f: &str, a: &AppSpec) -> Result<(), FieldError> {
     let p = &a.spot_max_price;

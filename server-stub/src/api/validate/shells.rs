@@ -34,9 +34,17 @@ pub fn submit(req: &SubmitRequest, kind: &Kind) -> Result<(), FieldError> {
                 .app
                 .as_ref()
                 .ok_or_else(|| bad("spec.deploy_app.app", "missing"))?;
-            apps::app("spec.deploy_app.app", app)
+            apps::app("spec.deploy_app.app", app)?;
+            apps::recipient(
+                "spec.deploy_app.recipient",
+                &d.recipient,
+                std::slice::from_ref(app),
+            )
         }
-        Kind::DeploySandbox(d) => apps::sandbox("spec.deploy_sandbox.apps", &d.apps),
+        Kind::DeploySandbox(d) => {
+            apps::sandbox("spec.deploy_sandbox.apps", &d.apps)?;
+            apps::recipient("spec.deploy_sandbox.recipient", &d.recipient, &d.apps)
+        }
         Kind::Power(p) => names("spec.power.apps", &p.apps),
         Kind::Reboot(r) => names("spec.reboot.apps", &r.apps),
         Kind::RefreshIp(r) => names("spec.refresh_ip.apps", &r.apps),
@@ -392,6 +400,7 @@ mod tests {
     #[test]
     fn apps_and_roles() {
         let too_many = DeploySandbox {
+            recipient: vec![],
             apps: (0..256).map(|i| app(&format!("a{i}"))).collect(),
         };
         let (r, k) = req(Kind::DeploySandbox(too_many));
@@ -400,6 +409,7 @@ mod tests {
             "spec.deploy_sandbox.apps"
         );
         let dup = DeploySandbox {
+            recipient: vec![],
             apps: vec![app("web"), app("web")],
         };
         let (r, k) = req(Kind::DeploySandbox(dup));
@@ -410,6 +420,7 @@ mod tests {
         let mut no_ami = app("web");
         no_ami.ami.clear();
         let (r, k) = req(Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
             apps: vec![app("ok"), no_ami],
         }));
         assert_eq!(
@@ -417,6 +428,7 @@ mod tests {
             "spec.deploy_sandbox.apps[1].ami"
         );
         let ok = DeploySandbox {
+            recipient: vec![],
             apps: (0..255).map(|i| app(&format!("a{i}"))).collect(),
         };
         let (mut r, k) = req(Kind::DeploySandbox(ok));
