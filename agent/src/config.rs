@@ -137,6 +137,9 @@ pub struct AgentConfig {
     /// KMS key of those SecureString parameters (id, ARN or alias); empty = `alias/aws/ssm`.
     #[serde(default)]
     pub key_parameter_kms_key: String,
+    /// Let apps fetch their user data over plain http (`user_data_url`); https only otherwise.
+    #[serde(default)]
+    pub user_data_http_allowed: bool,
 }
 
 /// One `assume_roles` entry.
@@ -495,6 +498,7 @@ impl AgentConfig {
             sweep_min_age: self.sweep_min_age,
             key_parameter_prefix: self.key_parameter_prefix.clone(),
             key_parameter_kms_key: self.key_parameter_kms_key.clone(),
+            user_data_http_allowed: self.user_data_http_allowed,
         }
     }
 
@@ -515,7 +519,7 @@ impl AgentConfig {
     pub fn describe(&self) -> String {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "(none)".into());
         format!(
-            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\nassume_roles = [{}]\nsweep_min_age = {:?}\nkey_parameter_prefix = {:?}\nkey_parameter_kms_key = {:?}\n",
+            "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\nassume_roles = [{}]\nsweep_min_age = {:?}\nkey_parameter_prefix = {:?}\nkey_parameter_kms_key = {:?}\nuser_data_http_allowed = {}\n",
             self.name,
             self.role().name(),
             mask_url(&self.server),
@@ -558,6 +562,7 @@ impl AgentConfig {
             humantime::format_duration(self.sweep_min_age).to_string(),
             self.key_parameter_prefix,
             self.key_parameter_kms_key,
+            self.user_data_http_allowed,
         )
     }
 }

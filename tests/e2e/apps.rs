@@ -1030,3 +1030,157 @@ async fn spot_apps_run_on_spot_and_fall_back_to_on_demand_when_refused() {
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
 }
+
+/// A one-connection-at-a-time HTTP server on 127.0.0.1 for user-data URLs: path -> (status,
+/// body). Stops with the test (its task is aborted on drop of the runtime).
+async fn serve_files(files: BTreeMap<&'static str, (u16, Vec<u8>)>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            let (status, body) = files
+                .get(path.as_str())
+                .cloned()
+                .unwrap_or((404, b"no".to_vec()));
+            let reply = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(reply.as_bytes()).await;
+            let _ = s.write_all(&body).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_data_from_a_url_is_fetched_filled_in_and_checked() {
+    let a = crate::shells::setup_with_env(
+        ec2proxy::ProxyConfig::default(),
+        &[("ES_AGENT_USER_DATA_HTTP_ALLOWED", "true")],
+    )
+    .await;
+    let base = serve_files(
+        [
+            (
+                "/boot.sh",
+                (
+                    200,
+                    b"#!/bin/sh\necho {{greeting}} > /etc/motd\necho ${HOME} {{unset}}\n".to_vec(),
+                ),
+            ),
+            ("/big.sh", (200, vec![b'#'; 20 * 1024])),
+            ("/gone.sh", (404, b"not here".to_vec())),
+        ]
+        .into(),
+    )
+    .await;
+    let sb = "sb-ud";
+    network(&a, sb, 181).await;
+    let mut web = app("web", &["app"]);
+    web.user_data_url = format!("{base}/boot.sh");
+    web.user_data_params = [("greeting".to_owned(), "hello from es-shells".to_owned())].into();
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(web.clone()),
+        }),
+    )
+    .await;
+    ok(&j);
+    // Read back from the emulator: the fetched script, filled in.
+    let id = apps_of(&j)[0].instance_id.clone();
+    let attr = a
+        .ec2
+        .describe_instance_attribute()
+        .instance_id(&id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let got = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            attr.user_data().and_then(|u| u.value()).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        got,
+        "#!/bin/sh\necho hello from es-shells > /etc/motd\necho ${HOME} {{unset}}\n"
+    );
+
+    // Too big, missing, unreachable: the job fails naming the field, and nothing launches.
+    let before = tagged_resources(&a.ec2, sb).await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        format!("http://127.0.0.1:{port}/boot.sh")
+    };
+    for (url, why) in [
+        (format!("{base}/big.sh"), "16 KB"),
+        (format!("{base}/gone.sh"), "404"),
+        (dead, "cannot fetch"),
+    ] {
+        let mut other = app("other", &["app"]);
+        other.user_data_url = url.clone();
+        let j = run(
+            &a,
+            sb,
+            job_spec::Kind::DeployApp(DeployApp {
+                recipient: vec![],
+                app: Some(other),
+            }),
+        )
+        .await;
+        assert_eq!(j.state, JobState::Failed as i32, "{url}");
+        let err = j.result.unwrap().error;
+        assert!(
+            err.contains("spec.deploy_app.app.user_data_url") && err.contains(why),
+            "{url}: {err}"
+        );
+    }
+    assert_eq!(
+        tagged_resources(&a.ec2, sb).await,
+        before,
+        "nothing launched"
+    );
+    // Refused at submission: both user_data and a URL; parameters without a URL.
+    let mut c = a.env.server.client().await;
+    let mut both = web.clone();
+    both.user_data = "#!/bin/sh\n".into();
+    let mut params_only = app("p", &["app"]);
+    params_only.user_data_params = [("x".to_owned(), "y".to_owned())].into();
+    for (bad, field) in [
+        (both, "spec.deploy_app.app.user_data_url"),
+        (params_only, "spec.deploy_app.app.user_data_params"),
+    ] {
+        let err = c
+            .submit(shells_req(
+                sb,
+                job_spec::Kind::DeployApp(DeployApp {
+                    recipient: vec![],
+                    app: Some(bad),
+                }),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
+}

@@ -36,17 +36,24 @@ async fn setup() -> Aws {
 /// An es-server, moto, and an es-shells agent reaching moto through a proxy configured by
 /// `proxy` (by default it changes nothing and counts every call).
 pub(crate) async fn setup_with(proxy: ec2proxy::ProxyConfig) -> Aws {
+    setup_with_env(proxy, &[]).await
+}
+
+/// As [`setup_with`], the agent also given the environment `extra` (ES_AGENT_* settings).
+pub(crate) async fn setup_with_env(proxy: ec2proxy::ProxyConfig, extra: &[(&str, &str)]) -> Aws {
     let env = Env::start(&[]);
     let moto = start_moto(env.dir.path());
     let ec2 = moto.ec2().await;
     let (vpc_id, main_rt) = moto.management_vpc().await;
     let (proxy_url, stats) = ec2proxy::start(&moto.url, proxy).await;
     // The shared-VPC test's account is on the agent's allow-list of roles to assume.
-    let agent = env.agent(
-        &moto
-            .agent_env_via(AgentSpec::new("es-shells", "shells").slots(4), &proxy_url)
-            .env("ES_AGENT_ASSUME_ROLES", "111111111111"),
-    );
+    let mut spec = moto
+        .agent_env_via(AgentSpec::new("es-shells", "shells").slots(4), &proxy_url)
+        .env("ES_AGENT_ASSUME_ROLES", "111111111111");
+    for (k, v) in extra {
+        spec = spec.env(k, v);
+    }
+    let agent = env.agent(&spec);
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-shells"]).await;
     Aws {

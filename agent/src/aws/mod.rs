@@ -45,6 +45,8 @@ pub struct AwsSettings {
     pub key_parameter_prefix: String,
     /// KMS key of those parameters; empty = the account's `alias/aws/ssm`.
     pub key_parameter_kms_key: String,
+    /// `user_data_http_allowed`: user data may be fetched over plain http.
+    pub user_data_http_allowed: bool,
 }
 
 pub(crate) struct Aws {

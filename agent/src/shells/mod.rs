@@ -118,6 +118,7 @@ impl Shells {
             ctx,
             concurrency: self.aws.settings.concurrency,
             sweep_min_age: self.aws.settings.sweep_min_age,
+            user_data_http_allowed: self.aws.settings.user_data_http_allowed,
         };
         let outcome: Result<shells_result::Result> = tokio::select! {
             r = run_kind(&cx, kind) => r,
@@ -196,6 +197,8 @@ pub(crate) struct Cx<'a> {
     pub concurrency: usize,
     /// The agent's floor for a sweep's minimum sandbox age.
     pub sweep_min_age: std::time::Duration,
+    /// Apps may fetch user data over plain http (`user_data_http_allowed`).
+    pub user_data_http_allowed: bool,
 }
 
 async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {

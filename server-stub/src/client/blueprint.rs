@@ -151,6 +151,11 @@ pub struct App {
     /// Windows: wait for the administrator password (written to SANDBOX-APP.password, 0600).
     #[serde(default)]
     pub wait_password: bool,
+    /// User data fetched by the agent (https), {{name}} replaced from `user_data_params`.
+    #[serde(default)]
+    pub user_data_url: String,
+    #[serde(default)]
+    pub user_data_params: HashMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,6 +291,8 @@ impl Blueprint {
                     spot: a.spot,
                     spot_max_price: a.spot_max_price.clone(),
                     wait_password: a.wait_password,
+                    user_data_url: a.user_data_url.clone(),
+                    user_data_params: a.user_data_params.clone(),
                 })
             })
             .collect()

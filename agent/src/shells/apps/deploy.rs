@@ -88,6 +88,31 @@ pub(crate) async fn deploy(
     for (i, a) in apps.iter().enumerate() {
         check_password(a, &app_path(base, i), &images[&a.ami], sandbox_key.as_ref())?;
     }
+    // User data from URLs, fetched (all at once) before anything launches.
+    let fetched: HashMap<String, String> = futures::future::try_join_all(
+        to_launch
+            .iter()
+            .filter(|(_, a)| !a.user_data_url.is_empty())
+            .map(|(i, a)| async move {
+                let script = super::user_data::fetch(
+                    &a.user_data_url,
+                    &a.user_data_params,
+                    cx.user_data_http_allowed,
+                    &app_path(base, *i),
+                )
+                .await?;
+                cx.ctx.log(format!(
+                    "app {}: {} bytes of user data from {}",
+                    a.name,
+                    script.len(),
+                    a.user_data_url
+                ));
+                Ok::<_, ShellsError>((a.name.clone(), script))
+            }),
+    )
+    .await?
+    .into_iter()
+    .collect();
     let total = apps.len() as u32;
     let done = std::sync::atomic::AtomicU32::new(0);
     let report = |r: &AppResult| {
@@ -115,10 +140,11 @@ pub(crate) async fn deploy(
         let net = &net;
         let image = &images[&a.ami];
         let key = key_for(a, sandbox_key.as_ref().map(|(name, _)| name.as_str()));
+        let user_data = fetched.get(&a.name).map(String::as_str);
         launch_futs.push(Box::pin(async move {
             match existing {
                 Some(i) => (a, Ok(i.instance_id().unwrap_or_default().to_owned())),
-                None => (a, launch(cx, net, image, key, a).await),
+                None => (a, launch(cx, net, image, key, user_data, a).await),
             }
         }));
     }

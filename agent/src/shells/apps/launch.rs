@@ -276,6 +276,8 @@ pub(super) async fn launch(
     net: &Network,
     image: &Image,
     key: Option<&str>,
+    // Fetched from `a.user_data_url`, when it has one.
+    user_data: Option<&str>,
     a: &AppSpec,
 ) -> Result<String> {
     // Inbound ports: a per-app group (looked up first, so a re-run reuses it).
@@ -346,8 +348,9 @@ pub(super) async fn launch(
     if let Some(k) = key {
         req = req.key_name(k);
     }
-    if !a.user_data.is_empty() {
-        req = req.user_data(aws_smithy_types::base64::encode(a.user_data.as_bytes()));
+    let user_data = user_data.unwrap_or(&a.user_data);
+    if !user_data.is_empty() {
+        req = req.user_data(aws_smithy_types::base64::encode(user_data.as_bytes()));
     }
     if !a.instance_profile.is_empty() {
         let p = IamInstanceProfileSpecification::builder();

@@ -14,6 +14,7 @@ pub(crate) mod ops;
 mod password;
 pub(crate) mod security;
 pub(crate) mod snapshots;
+mod user_data;
 
 use std::time::Duration;
 

@@ -134,6 +134,7 @@ pub fn app(f: &str, a: &AppSpec) -> Result<(), FieldError> {
     }
     addresses(f, a)?;
     spot(f, a)?;
+    user_data_url(f, a)?;
     if a.wait_timeout_s > MAX_WAIT_S {
         return Err(bad(
             format!("{f}.wait_timeout_s"),
@@ -348,6 +349,59 @@ pub fn recipient(f: &str, recipient: &[u8], apps: &[AppSpec]) -> Result<(), Fiel
         )),
         (false, _) => Err(bad(f, "is set but no app waits for its password")),
     }
+}
+
+/// A user-data URL: http(s), not with `user_data` too; parameters only with it, named simply.
+fn user_data_url(f: &str, a: &AppSpec) -> Result<(), FieldError> {
+    let u = &a.user_data_url;
+    if u.is_empty() {
+        if !a.user_data_params.is_empty() {
+            return Err(bad(
+                format!("{f}.user_data_params"),
+                "are set without user_data_url: they fill in the script fetched from it",
+            ));
+        }
+        return Ok(());
+    }
+    if !a.user_data.is_empty() {
+        return Err(bad(
+            format!("{f}.user_data_url"),
+            "give user_data or user_data_url, not both",
+        ));
+    }
+    if u.len() > 2048
+        || !(u.starts_with("https://") || u.starts_with("http://"))
+        || u.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(bad(
+            format!("{f}.user_data_url"),
+            format!("{:?} is not an https:// URL", clip(u, 80)),
+        ));
+    }
+    if a.user_data_params.len() > 50 {
+        return Err(bad(
+            format!("{f}.user_data_params"),
+            "at most 50 parameters",
+        ));
+    }
+    for (k, v) in &a.user_data_params {
+        if k.is_empty()
+            || k.len() > 64
+            || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(bad(
+                format!("{f}.user_data_params"),
+                format!("{:?}: a name is 1 to 64 letters, digits or _", clip(k, 80)),
+            ));
+        }
+        if v.len() > MAX_USER_DATA {
+            return Err(bad(
+                format!("{f}.user_data_params[{k}]"),
+                "longer than the 16 KB EC2 takes in all",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Spot: a max price only with spot, as a positive USD amount.
