@@ -20,6 +20,7 @@ async fn network(a: &Aws, sb: &str, third_octet: u8) {
         sb,
         job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             key_type: String::new(),
+            amis: vec![],
             mode: NetworkMode::Single as i32,
             vpc_cidr: String::new(),
             subnets: vec![
@@ -430,6 +431,7 @@ async fn tags_inbound_rules_and_console_output_of_a_running_app() {
         sb,
         job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             key_type: "none".into(),
+            amis: vec![],
             mode: NetworkMode::Single as i32,
             vpc_cidr: String::new(),
             subnets: vec![subnet("app", "10.0.141.0/24", false)],
@@ -736,6 +738,7 @@ async fn snapshots_images_kept_sets_and_cleanup() {
         sb,
         job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             key_type: "none".into(),
+            amis: vec![],
             mode: NetworkMode::Single as i32,
             vpc_cidr: String::new(),
             subnets: vec![subnet("app", "10.0.151.0/24", false)],
@@ -1183,4 +1186,116 @@ async fn user_data_from_a_url_is_fetched_filled_in_and_checked() {
     }
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_security_groups_join_the_app_in_its_vpc_only() {
+    let (a, _seen) = setup_recording().await;
+    let sb = "sb-static-sg";
+    network(&a, sb, 191).await;
+    // An operator's group in the Management VPC (where single-mode sandboxes live), opted in
+    // for es-shells; and one in another VPC.
+    let opted_in = aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(aws_sdk_ec2::types::ResourceType::SecurityGroup)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("es:shells-access")
+                .value("true")
+                .build(),
+        )
+        .build();
+    let mine = a
+        .ec2
+        .create_security_group()
+        .group_name("corp-monitoring")
+        .description("monitoring agents")
+        .vpc_id(&a.mgmt.vpc_id)
+        .tag_specifications(opted_in)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_owned();
+    let other_vpc = a
+        .ec2
+        .create_vpc()
+        .cidr_block("172.31.0.0/16")
+        .send()
+        .await
+        .unwrap()
+        .vpc()
+        .unwrap()
+        .vpc_id()
+        .unwrap()
+        .to_owned();
+    let foreign = a
+        .ec2
+        .create_security_group()
+        .group_name("elsewhere")
+        .description("not the sandbox's")
+        .vpc_id(&other_vpc)
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_owned();
+    let mut web = app("web", &["app"]);
+    web.security_groups = vec![mine.clone()];
+    let j = run(
+        &a,
+        sb,
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(web),
+        }),
+    )
+    .await;
+    ok(&j);
+    let id = apps_of(&j)[0].instance_id.clone();
+    let groups: Vec<String> = instance(&a, &id).await.network_interfaces()[0]
+        .groups()
+        .iter()
+        .filter_map(|g| g.group_id().map(str::to_owned))
+        .collect();
+    assert!(groups.contains(&mine), "{groups:?}");
+    assert_eq!(
+        groups.len(),
+        2,
+        "the sandbox group and the static one: {groups:?}"
+    );
+    for (g, why) in [
+        (foreign.as_str(), "not in the sandbox's VPC"),
+        ("sg-0123456789abcdef0", "no security group"),
+    ] {
+        let mut x = app("x", &["app"]);
+        x.security_groups = vec![g.to_owned()];
+        let j = run(
+            &a,
+            sb,
+            job_spec::Kind::DeploySandbox(DeploySandbox {
+                recipient: vec![],
+                apps: vec![x],
+            }),
+        )
+        .await;
+        assert_eq!(j.state, JobState::Failed as i32);
+        let err = j.result.unwrap().error;
+        assert!(
+            err.contains("spec.deploy_sandbox.apps[0].security_groups[0]") && err.contains(why),
+            "{g}: {err}"
+        );
+    }
+    ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
+    assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
+    // The operator's group is theirs: it stays.
+    let still = a
+        .ec2
+        .describe_security_groups()
+        .group_ids(&mine)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.security_groups().len(), 1);
 }

@@ -232,6 +232,7 @@ fn shells_req(sandbox: &str, kind: job_spec::Kind) -> SubmitRequest {
 fn prepare(mgmt: &str, cidr: &str) -> job_spec::Kind {
     job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![SubnetRequest {

@@ -13,7 +13,14 @@ use es_tests::*;
 use crate::shells::{app, apps_of, ok, run, setup_with, shells_req, subnet, Aws};
 
 fn prepare(a: &Aws, third_octet: u8, key_type: &str) -> job_spec::Kind {
+    prepare_for(a, third_octet, key_type, &[])
+}
+
+/// As `prepare`, naming the images the sandbox's apps boot from (they decide the key type when
+/// `key_type` is empty).
+fn prepare_for(a: &Aws, third_octet: u8, key_type: &str, amis: &[&str]) -> job_spec::Kind {
     job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
+        amis: amis.iter().map(|s| s.to_string()).collect(),
         key_type: key_type.into(),
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
@@ -69,7 +76,7 @@ fn cli(a: &Aws, args: &[&str]) -> std::process::Output {
 async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() {
     let a = setup_with(ec2proxy::ProxyConfig::default()).await;
     let sb = "sb-key";
-    let prep = run(&a, sb, prepare(&a, 131, "")).await;
+    let prep = run(&a, sb, prepare_for(&a, 131, "", &[MOTO_AMI])).await;
     ok(&prep);
     let net = network_of(&prep);
     assert_eq!(net.key_pair_name, "es-sb-key");
@@ -273,6 +280,20 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
     }
     let audit = cli(&a, &["audit", "--sandbox", sb, "--json"]);
     assert!(audit.status.success());
+    // The parameter's writes are audited by name (never by value).
+    let trail = String::from_utf8_lossy(&audit.stdout).into_owned();
+    for op in ["PutParameter", "CreateKeyPair"] {
+        assert!(
+            trail
+                .lines()
+                .any(|l| l.contains(&format!("\"operation\":\"{op}\""))),
+            "{op} not audited"
+        );
+    }
+    assert!(
+        trail.contains("ssm-parameter:/es/sandboxes/sb-key/key-pair"),
+        "the parameter's name is in the trail"
+    );
     let mut places: Vec<(String, Vec<u8>)> = vec![
         ("audit trail".into(), audit.stdout),
         ("server log".into(), a.env.server.proc.log().into_bytes()),
@@ -413,7 +434,13 @@ async fn a_windows_password_reaches_only_its_submitter() {
     })
     .await;
     let sb = "sb-win";
-    ok(&run(&a, sb, prepare(&a, 171, "rsa")).await);
+    // No key type given: a Windows image among the apps' makes it RSA.
+    ok(&run(
+        &a,
+        sb,
+        prepare_for(&a, 171, "", &[MOTO_AMI, MOTO_WINDOWS_AMI]),
+    )
+    .await);
     let (pem, _) = stored_key(&a, sb).await.unwrap();
     let private = <rsa::RsaPrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_pem(&pem)
         .expect("an RSA key pair");
@@ -486,7 +513,7 @@ async fn a_windows_password_reaches_only_its_submitter() {
     std::fs::write(
         &bp,
         format!(
-            "network:\n  mode: single\n  key_type: rsa\n  subnets: [{{ name: app, cidr: 10.0.173.0/24 }}]\n  management: {{ vpc_id: {}, cidr: 10.0.0.0/16 }}\napps:\n  - {{ name: win, ami: {MOTO_WINDOWS_AMI}, instance_type: t3.micro, subnets: [app], wait_password: true, wait_timeout_s: 120 }}\n",
+            "network:\n  mode: single\n  subnets: [{{ name: app, cidr: 10.0.173.0/24 }}]\n  management: {{ vpc_id: {}, cidr: 10.0.0.0/16 }}\napps:\n  - {{ name: win, ami: {MOTO_WINDOWS_AMI}, instance_type: t3.micro, subnets: [app], wait_password: true, wait_timeout_s: 120 }}\n",
             a.mgmt.vpc_id
         ),
     )

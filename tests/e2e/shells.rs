@@ -805,6 +805,7 @@ async fn dedicated_mode_lifecycle_leaves_nothing_behind() {
     let a = setup().await;
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.1.0.0/16".into(),
         subnets: vec![
@@ -866,6 +867,7 @@ async fn shared_mode_lifecycle_leaves_nothing_behind() {
         .to_owned();
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Shared as i32,
         vpc_cidr: String::new(),
         subnets: vec![
@@ -924,6 +926,7 @@ async fn single_mode_lifecycle_leaves_nothing_behind() {
     let a = setup().await;
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![
@@ -987,6 +990,7 @@ async fn rerun_after_a_crash_mid_way_creates_no_duplicates_and_sweep_finds_orpha
         .unwrap();
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.7.0.0/16".into(),
         subnets: vec![
@@ -1131,6 +1135,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
     let sb = "sb-bad";
     let good = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.9.0.0/16".into(),
         subnets: vec![subnet("app", "10.9.1.0/24", false)],
@@ -1141,6 +1146,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         (
             job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
                 key_type: String::new(),
+                amis: vec![],
                 subnets: vec![subnet("app", "10.8.1.0/24", false)],
                 ..good.clone()
             }),
@@ -1149,6 +1155,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         (
             job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
                 key_type: String::new(),
+                amis: vec![],
                 subnets: vec![
                     subnet("a", "10.9.1.0/24", false),
                     subnet("b", "10.9.1.128/25", false),
@@ -1160,6 +1167,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
         (
             job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
                 key_type: String::new(),
+                amis: vec![],
                 mode: 9,
                 ..good.clone()
             }),
@@ -1202,6 +1210,7 @@ async fn bad_shells_input_is_refused_and_creates_nothing() {
     // field, before anything is created.
     let single = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "192.168.1.0/24", false)],
@@ -1285,6 +1294,7 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
     let sb = "sb-flaky";
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![
@@ -1360,6 +1370,7 @@ async fn throttling_and_5xx_are_retried_and_real_errors_fail_fast() {
     let sb2 = "sb-quota";
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "10.0.60.0/24", false)],
@@ -1394,6 +1405,7 @@ async fn concurrent_runs_of_one_prepare_leave_one_network() {
     let sb = "sb-race";
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Dedicated as i32,
         vpc_cidr: "10.5.0.0/16".into(),
         subnets: vec![
@@ -1466,6 +1478,7 @@ async fn a_deploy_larger_than_one_describe_page_completes_and_cleans_up() {
     let sb = "sb-many";
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "10.0.200.0/22", false)],
@@ -1564,6 +1577,7 @@ async fn shared_vpc_in_another_account_through_an_assumed_role() {
     };
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Shared as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "172.20.1.0/24", false)],
@@ -1736,6 +1750,7 @@ async fn burst_through_bucket_proxy(rate_limit: bool) -> (Job, u64) {
     let sb = "sb-burst";
     let prepare = PrepareSandboxNetwork {
         key_type: String::new(),
+        amis: vec![],
         mode: NetworkMode::Single as i32,
         vpc_cidr: String::new(),
         subnets: vec![subnet("app", "10.0.64.0/22", false)],
@@ -1898,6 +1913,7 @@ async fn a_vpc_made_by_a_concurrent_run_is_reconciled_to_one() {
         sb,
         job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             key_type: String::new(),
+            amis: vec![],
             mode: NetworkMode::Dedicated as i32,
             vpc_cidr: "10.77.0.0/16".into(),
             subnets: vec![subnet("app", "10.77.1.0/24", false)],

@@ -235,13 +235,18 @@ pub(crate) mod audit {
     }
 
     /// JSON protocols (SSM, EC2 Instance Connect): string values of the fields `InstanceId`,
-    /// `InstanceIds` and `CommandId`, at any depth.
+    /// `InstanceIds` and `CommandId`, at any depth, and SSM parameter names (`Name` holding a
+    /// path; the `Value` beside it is never read).
     fn json_ids(v: &serde_json::Value, ids: &mut Vec<String>) {
         match v {
             serde_json::Value::Object(m) => {
                 for (k, v) in m {
                     match (k.as_str(), v) {
                         ("InstanceId" | "CommandId", serde_json::Value::String(s)) => id(s, ids),
+                        // An SSM parameter's name (never its value): a path.
+                        ("Name", serde_json::Value::String(s)) if s.starts_with('/') => {
+                            push(ids, &format!("ssm-parameter:{s}"))
+                        }
                         ("InstanceIds", serde_json::Value::Array(a)) => {
                             for s in a.iter().filter_map(|x| x.as_str()) {
                                 id(s, ids);

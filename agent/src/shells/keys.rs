@@ -67,9 +67,14 @@ async fn parameter_exists(cx: &Cx<'_>, name: &str) -> Result<bool> {
 /// Makes the sandbox key pair unless it exists with its private key stored; answers its name
 /// and the parameter, or `None` for key type "none". A key pair whose private key never reached
 /// SSM (a crash in between) is useless: it is deleted and made again.
-pub(crate) async fn ensure(cx: &Cx<'_>, key_type: &str) -> Result<Option<(String, String)>> {
+pub(crate) async fn ensure(
+    cx: &Cx<'_>,
+    key_type: &str,
+    amis: &[String],
+) -> Result<Option<(String, String)>> {
     let kind = match key_type {
         "none" => return Ok(None),
+        "" if windows_among(cx, amis).await? => KeyType::Rsa,
         "" | "ed25519" => KeyType::Ed25519,
         "rsa" => KeyType::Rsa,
         other => {
@@ -138,6 +143,37 @@ pub(crate) async fn ensure(cx: &Cx<'_>, key_type: &str) -> Result<Option<(String
     log::info!(sandbox_id = cx.sandbox, job_id = cx.job_id;
         "key pair {name} made; its private key is in SSM as {parameter}");
     Ok(Some((name, parameter)))
+}
+
+/// Whether one of `amis` is a Windows image (they need an RSA key pair).
+async fn windows_among(cx: &Cx<'_>, amis: &[String]) -> Result<bool> {
+    if amis.is_empty() {
+        return Ok(false);
+    }
+    let r = cx
+        .ec2
+        .describe_images()
+        .set_image_ids(Some(amis.to_vec()))
+        .send()
+        .await
+        .map_err(|e| match code(&e) {
+            c if c.starts_with("InvalidAMIID") => ShellsError::Invalid {
+                field: "spec.prepare_network.amis".into(),
+                reason: format!(
+                    "{}: an image the apps boot from does not exist here",
+                    e.as_service_error()
+                        .and_then(|s| {
+                            aws_smithy_types::error::metadata::ProvideErrorMetadata::message(s)
+                        })
+                        .unwrap_or("not found")
+                ),
+            },
+            _ => aws_err("DescribeImages", e),
+        })?;
+    Ok(r.images().iter().any(|i| {
+        i.platform()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("windows"))
+    }))
 }
 
 fn ssm_tag(k: &str, v: &str) -> SsmTag {

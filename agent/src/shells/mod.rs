@@ -206,8 +206,10 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
     Ok(match kind {
         Kind::PrepareNetwork(p) => {
             // The key pair does not depend on the network: both at once.
-            let (mut net, key) =
-                tokio::try_join!(network::prepare(cx, p), keys::ensure(cx, &p.key_type))?;
+            let (mut net, key) = tokio::try_join!(
+                network::prepare(cx, p),
+                keys::ensure(cx, &p.key_type, &p.amis)
+            )?;
             if let Some((name, parameter)) = key {
                 net.key_pair_name = name;
                 net.key_parameter = parameter;

@@ -156,6 +156,9 @@ pub struct App {
     pub user_data_url: String,
     #[serde(default)]
     pub user_data_params: HashMap<String, String>,
+    /// Existing groups (ids) the app joins too, in the sandbox's VPC.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,7 +206,12 @@ impl Blueprint {
                 ))
             }
         };
+        // The apps' images decide the key type when the blueprint does not (Windows: RSA).
+        let mut amis: Vec<String> = self.apps.iter().map(|a| a.ami.clone()).collect();
+        amis.sort();
+        amis.dedup();
         Ok(Some(PrepareSandboxNetwork {
+            amis,
             key_type: n.key_type.clone(),
             mode: mode as i32,
             vpc_cidr: n.vpc_cidr.clone(),
@@ -293,6 +301,7 @@ impl Blueprint {
                     wait_password: a.wait_password,
                     user_data_url: a.user_data_url.clone(),
                     user_data_params: a.user_data_params.clone(),
+                    security_groups: a.security_groups.clone(),
                 })
             })
             .collect()

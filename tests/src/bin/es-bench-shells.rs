@@ -131,6 +131,7 @@ async fn main() {
         let p0 = proxied();
         let prepare = submit_wait(job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             key_type: String::new(),
+            amis: vec![],
             mode: NetworkMode::Dedicated as i32,
             vpc_cidr: format!("10.{octet}.0.0/16"),
             subnets: vec![SubnetRequest {

@@ -106,6 +106,54 @@ pub(super) async fn check_static_ips(
     Ok(())
 }
 
+/// The static security groups of the apps to launch exist in the sandbox's VPC (one
+/// DescribeSecurityGroups, only when an app names some).
+pub(super) async fn check_static_groups(
+    cx: &Cx<'_>,
+    net: &Network,
+    apps: &[(usize, &AppSpec)],
+    base: &str,
+) -> Result<()> {
+    let wanted: Vec<String> = apps
+        .iter()
+        .flat_map(|(_, a)| a.security_groups.iter().cloned())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let found = match cx
+        .ec2
+        .describe_security_groups()
+        .set_group_ids(Some(wanted))
+        .send()
+        .await
+    {
+        Ok(r) => r.security_groups().to_vec(),
+        Err(e) if crate::shells::ec2::code(&e).starts_with("InvalidGroup") => Vec::new(),
+        Err(e) => return Err(aws_err("DescribeSecurityGroups", e)),
+    };
+    for (i, a) in apps {
+        for (j, g) in a.security_groups.iter().enumerate() {
+            let there = found
+                .iter()
+                .find(|x| x.group_id() == Some(g.as_str()))
+                .and_then(|x| x.vpc_id());
+            if there != Some(net.vpc_id.as_str()) {
+                return Err(ShellsError::Invalid {
+                    field: format!("{}.security_groups[{j}]", app_path(base, *i)),
+                    reason: match there {
+                        Some(v) => {
+                            format!("{g} is in {v}, not in the sandbox's VPC {}", net.vpc_id)
+                        }
+                        None => format!("no security group {g} here"),
+                    },
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether app `i` can boot with the sandbox's key: EC2 refuses ed25519 keys for Windows, and
 /// a Windows password is encrypted to the key (so it must be RSA to be read back).
 pub(super) fn check_key_type(

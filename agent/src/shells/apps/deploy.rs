@@ -13,7 +13,7 @@ use futures::StreamExt;
 use crate::shells::ec2::{aws_err, retry_consistency, tag_value, tags};
 use crate::shells::{Cx, Result, ShellsError, TAG_APP};
 
-use super::checks::{check_key_type, check_password, check_static_ips};
+use super::checks::{check_key_type, check_password, check_static_groups, check_static_ips};
 use super::launch::{images, key_for, launch, network};
 use super::*;
 
@@ -77,6 +77,7 @@ pub(crate) async fn deploy(
         .filter(|(_, a)| !existing.contains_key(&a.name))
         .collect();
     check_static_ips(cx, &net, &to_launch, base).await?;
+    check_static_groups(cx, &net, &to_launch, base).await?;
     for (i, a) in &to_launch {
         check_key_type(
             a,

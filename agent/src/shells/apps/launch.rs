@@ -289,6 +289,8 @@ pub(super) async fn launch(
     if !a.inbound.is_empty() {
         groups.push(app_group(cx, net, a).await?);
     }
+    // Static groups the app names (checked to be in the sandbox's VPC before the launch).
+    groups.extend(a.security_groups.iter().cloned());
     let mut nics = Vec::new();
     for (i, s) in a.subnets.iter().enumerate() {
         let mut n = InstanceNetworkInterfaceSpecification::builder()

@@ -135,6 +135,16 @@ pub fn app(f: &str, a: &AppSpec) -> Result<(), FieldError> {
     addresses(f, a)?;
     spot(f, a)?;
     user_data_url(f, a)?;
+    if a.security_groups.len() > 3 {
+        return Err(bad(
+            format!("{f}.security_groups"),
+            "at most 3: a network interface holds 5 groups, and the sandbox's and the app's \
+             ports group take two",
+        ));
+    }
+    for (i, g) in a.security_groups.iter().enumerate() {
+        id_ok(&format!("{f}.security_groups[{i}]"), g, "sg-")?;
+    }
     if a.wait_timeout_s > MAX_WAIT_S {
         return Err(bad(
             format!("{f}.wait_timeout_s"),

@@ -169,6 +169,12 @@ fn prepare(p: &PrepareSandboxNetwork) -> Result<(), FieldError> {
     for (i, rt) in mgmt.route_table_ids.iter().enumerate() {
         id_ok(&format!("{f}.management.route_table_ids[{i}]"), rt, "rtb-")?;
     }
+    if p.amis.len() > apps::MAX_APPS {
+        return Err(bad(format!("{f}.amis"), "at most one per app (255)"));
+    }
+    for (i, ami) in p.amis.iter().enumerate() {
+        id_ok(&format!("{f}.amis[{i}]"), ami, "ami-")?;
+    }
     if !matches!(p.key_type.as_str(), "" | "ed25519" | "rsa" | "none") {
         return Err(bad(
             format!("{f}.key_type"),
@@ -293,6 +299,7 @@ mod tests {
     fn net(mode: NetworkMode, vpc: &str, subnets: &[(&str, &str)]) -> PrepareSandboxNetwork {
         PrepareSandboxNetwork {
             key_type: String::new(),
+            amis: vec![],
             mode: mode as i32,
             vpc_cidr: vpc.into(),
             subnets: subnets
