@@ -64,15 +64,14 @@ async fn parameter_exists(cx: &Cx<'_>, name: &str) -> Result<bool> {
     }
 }
 
-/// Makes the sandbox key pair unless it exists with its private key stored; answers its name
-/// and the parameter, or `None` for key type "none". A key pair whose private key never reached
-/// SSM (a crash in between) is useless: it is deleted and made again.
-pub(crate) async fn ensure(
+/// The key type a prepare asks for (`None` for "none"): as given, or, unset, RSA when one of
+/// the apps' images is Windows. Reads only: a prepare checks it before creating anything.
+pub(crate) async fn key_kind(
     cx: &Cx<'_>,
     key_type: &str,
     amis: &[String],
-) -> Result<Option<(String, String)>> {
-    let kind = match key_type {
+) -> Result<Option<KeyType>> {
+    Ok(Some(match key_type {
         "none" => return Ok(None),
         "" if windows_among(cx, amis).await? => KeyType::Rsa,
         "" | "ed25519" => KeyType::Ed25519,
@@ -83,7 +82,13 @@ pub(crate) async fn ensure(
                 reason: format!("{other:?}: use ed25519, rsa or none"),
             })
         }
-    };
+    }))
+}
+
+/// Makes the sandbox key pair of type `kind` unless it exists with its private key stored;
+/// answers its name and the parameter. A key pair whose private key never reached SSM (a crash
+/// in between) is useless: it is deleted and made again.
+pub(crate) async fn ensure(cx: &Cx<'_>, kind: KeyType) -> Result<(String, String)> {
     let name = key_name(cx.sandbox);
     let parameter = cx.keys.parameter(cx.sandbox);
     if let Some(k) = find(cx).await?.into_iter().next() {
@@ -98,7 +103,7 @@ pub(crate) async fn ensure(
             });
         }
         if parameter_exists(cx, &parameter).await? {
-            return Ok(Some((name, parameter)));
+            return Ok((name, parameter));
         }
         log::warn!(sandbox_id = cx.sandbox, job_id = cx.job_id;
             "key pair {name} has no private key in SSM ({parameter}): making it again");
@@ -122,7 +127,7 @@ pub(crate) async fn ensure(
         Ok(r) => r.key_material.unwrap_or_default(),
         // A concurrent run made it: that run stores its private key.
         Err(e) if code(&e) == "InvalidKeyPair.Duplicate" => {
-            return Ok(Some((name, parameter)));
+            return Ok((name, parameter));
         }
         Err(e) => return Err(aws_err("CreateKeyPair", e)),
     };
@@ -142,7 +147,7 @@ pub(crate) async fn ensure(
     put.send().await.map_err(|e| aws_err("PutParameter", e))?;
     log::info!(sandbox_id = cx.sandbox, job_id = cx.job_id;
         "key pair {name} made; its private key is in SSM as {parameter}");
-    Ok(Some((name, parameter)))
+    Ok((name, parameter))
 }
 
 /// Whether one of `amis` is a Windows image (they need an RSA key pair).

@@ -205,11 +205,18 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
     use shells_result::Result as R;
     Ok(match kind {
         Kind::PrepareNetwork(p) => {
-            // The key pair does not depend on the network: both at once.
-            let (mut net, key) = tokio::try_join!(
-                network::prepare(cx, p),
-                keys::ensure(cx, &p.key_type, &p.amis)
-            )?;
+            // The key pair does not depend on the network: both are made at once, but only
+            // once every input is checked (bad input creates nothing): the key type first, then
+            // the network's own checks, which `checked` reports.
+            let kind = keys::key_kind(cx, &p.key_type, &p.amis).await?;
+            let (checked, go) = tokio::sync::oneshot::channel();
+            let key = async {
+                match (kind, go.await) {
+                    (Some(kind), Ok(())) => keys::ensure(cx, kind).await.map(Some),
+                    _ => Ok(None),
+                }
+            };
+            let (mut net, key) = tokio::try_join!(network::prepare(cx, p, checked), key)?;
             if let Some((name, parameter)) = key {
                 net.key_pair_name = name;
                 net.key_parameter = parameter;

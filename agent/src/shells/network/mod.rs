@@ -16,7 +16,13 @@ use crate::shells::{Cx, Result, TAG_SUBNET};
 
 use steps::*;
 
-pub(crate) async fn prepare(cx: &Cx<'_>, p: &PrepareSandboxNetwork) -> Result<NetworkResult> {
+/// `checked` is told once every input is checked against the cloud, before the first create
+/// that can fail on input (the dedicated VPC is made first: its CIDR was checked by the server).
+pub(crate) async fn prepare(
+    cx: &Cx<'_>,
+    p: &PrepareSandboxNetwork,
+    checked: tokio::sync::oneshot::Sender<()>,
+) -> Result<NetworkResult> {
     let mode = NetworkMode::try_from(p.mode).unwrap_or_default();
     let mgmt = p.management.clone().unwrap_or_default();
     let mut out = NetworkResult::default();
@@ -64,6 +70,7 @@ pub(crate) async fn prepare(cx: &Cx<'_>, p: &PrepareSandboxNetwork) -> Result<Ne
             ));
         }
     }
+    let _ = checked.send(());
     out.vpc_id = vpc_id.clone();
     cx.ctx.progress(1, 5, format!("vpc {vpc_id}"));
 
