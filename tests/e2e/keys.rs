@@ -64,6 +64,31 @@ async fn stored_key(a: &Aws, sb: &str) -> Option<(String, aws_sdk_ssm::types::Pa
     }
 }
 
+/// `secret` is in none of: the audit trail (`audit`, as exported), the server's and the agent's
+/// logs, the job store's files (the SQLite database and its WAL).
+fn assert_nowhere(a: &Aws, audit: &[u8], secret: &str, what: &str) {
+    let mut places: Vec<(String, Vec<u8>)> = vec![
+        ("audit trail".into(), audit.to_vec()),
+        ("server log".into(), a.env.server.proc.log().into_bytes()),
+        ("agent log".into(), a.agent.log().into_bytes()),
+    ];
+    for f in std::fs::read_dir(a.env.dir.path()).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("es.db"))
+        {
+            places.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+        }
+    }
+    assert!(places.len() >= 4, "the job store's files were found");
+    for (place, bytes) in &places {
+        assert!(
+            !String::from_utf8_lossy(bytes).contains(secret),
+            "the {what} is in the {place}"
+        );
+    }
+}
+
 fn cli(a: &Aws, args: &[&str]) -> std::process::Output {
     std::process::Command::new(crate::bins().server)
         .args(args)
@@ -294,27 +319,13 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
         trail.contains("ssm-parameter:/es/sandboxes/sb-key/key-pair"),
         "the parameter's name is in the trail"
     );
-    let mut places: Vec<(String, Vec<u8>)> = vec![
-        ("audit trail".into(), audit.stdout),
-        ("server log".into(), a.env.server.proc.log().into_bytes()),
-        ("agent log".into(), a.agent.log().into_bytes()),
-    ];
-    for f in std::fs::read_dir(a.env.dir.path()).unwrap() {
-        let p = f.unwrap().path();
-        if p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("es.db"))
-        {
-            places.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-        }
-    }
     for key in [&key, &new_key] {
-        let line = key.lines().nth(2).unwrap();
-        for (what, bytes) in &places {
-            assert!(
-                !String::from_utf8_lossy(bytes).contains(line),
-                "the private key is in the {what}"
-            );
-        }
+        assert_nowhere(
+            &a,
+            &audit.stdout,
+            key.lines().nth(2).unwrap(),
+            "private key",
+        );
     }
 
     // Cleanup deletes the parameter, then the key pair; a second cleanup finds nothing.
@@ -558,25 +569,7 @@ async fn a_windows_password_reaches_only_its_submitter() {
     let evs = format!("{:?}", job_events(&mut c, &j.id).await);
     assert!(!evs.contains(PASSWORD));
     let audit = cli_out(&a, &["audit", "--sandbox", sb, "--json"]);
-    let mut places: Vec<(String, Vec<u8>)> = vec![
-        ("audit trail".into(), audit),
-        ("server log".into(), a.env.server.proc.log().into_bytes()),
-        ("agent log".into(), a.agent.log().into_bytes()),
-    ];
-    for f in std::fs::read_dir(a.env.dir.path()).unwrap() {
-        let p = f.unwrap().path();
-        if p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("es.db"))
-        {
-            places.push((p.display().to_string(), std::fs::read(&p).unwrap()));
-        }
-    }
-    for (what, bytes) in &places {
-        assert!(
-            !String::from_utf8_lossy(bytes).contains(PASSWORD),
-            "the password is in the {what}"
-        );
-    }
+    assert_nowhere(&a, &audit, PASSWORD, "password");
     for s in [sb, sb2] {
         ok(&run(&a, s, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
         assert_eq!(tagged_resources(&a.ec2, s).await, Vec::<String>::new());
