@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use es_proto::v1::*;
 use es_tests::*;
 
-use crate::shells::{app, apps_of, ok, run, setup_with, shells_req, subnet, Aws};
+use crate::shells::{
+    app, apps_of, fails_naming, ok, refused_naming, run, setup_with, shells_req, subnet, Aws,
+};
 
 /// Prepares a single-mode network (two subnets inside the Management VPC) for `sb`.
 async fn network(a: &Aws, sb: &str, third_octet: u8) {
@@ -297,10 +299,7 @@ async fn addresses_and_images_only_the_cloud_can_refute_fail_before_anything_lau
         ),
     ];
     for (kind, field, why) in cases {
-        let j = run(&a, sb, kind).await;
-        assert_eq!(j.state, JobState::Failed as i32, "{field}: {j:?}");
-        let err = j.result.unwrap().error;
-        assert!(err.contains(field) && err.contains(why), "{field}: {err}");
+        fails_naming(&a, sb, kind, field, why).await;
     }
     assert_eq!(
         seen.lock().unwrap().len(),
@@ -308,7 +307,6 @@ async fn addresses_and_images_only_the_cloud_can_refute_fail_before_anything_lau
         "no RunInstances for a refuted job (not even for its valid app)"
     );
     // Bad input the server can judge alone is refused at submission (INVALID_ARGUMENT).
-    let mut c = a.env.server.client().await;
     let server_cases: Vec<(job_spec::Kind, &str)> = vec![
         (
             with(&|w| {
@@ -334,9 +332,7 @@ async fn addresses_and_images_only_the_cloud_can_refute_fail_before_anything_lau
         ),
     ];
     for (kind, field) in server_cases {
-        let err = c.submit(shells_req(sb, kind)).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains(field), "{field}: {}", err.message());
+        refused_naming(&a, sb, kind, field).await;
     }
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());
@@ -1140,21 +1136,11 @@ async fn user_data_from_a_url_is_fetched_filled_in_and_checked() {
     ] {
         let mut other = app("other", &["app"]);
         other.user_data_url = url.clone();
-        let j = run(
-            &a,
-            sb,
-            job_spec::Kind::DeployApp(DeployApp {
-                recipient: vec![],
-                app: Some(other),
-            }),
-        )
-        .await;
-        assert_eq!(j.state, JobState::Failed as i32, "{url}");
-        let err = j.result.unwrap().error;
-        assert!(
-            err.contains("spec.deploy_app.app.user_data_url") && err.contains(why),
-            "{url}: {err}"
-        );
+        let deploy = job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(other),
+        });
+        fails_naming(&a, sb, deploy, "spec.deploy_app.app.user_data_url", why).await;
     }
     assert_eq!(
         tagged_resources(&a.ec2, sb).await,
@@ -1271,21 +1257,12 @@ async fn static_security_groups_join_the_app_in_its_vpc_only() {
     ] {
         let mut x = app("x", &["app"]);
         x.security_groups = vec![g.to_owned()];
-        let j = run(
-            &a,
-            sb,
-            job_spec::Kind::DeploySandbox(DeploySandbox {
-                recipient: vec![],
-                apps: vec![x],
-            }),
-        )
-        .await;
-        assert_eq!(j.state, JobState::Failed as i32);
-        let err = j.result.unwrap().error;
-        assert!(
-            err.contains("spec.deploy_sandbox.apps[0].security_groups[0]") && err.contains(why),
-            "{g}: {err}"
-        );
+        let deploy = job_spec::Kind::DeploySandbox(DeploySandbox {
+            recipient: vec![],
+            apps: vec![x],
+        });
+        let field = "spec.deploy_sandbox.apps[0].security_groups[0]";
+        fails_naming(&a, sb, deploy, field, why).await;
     }
     ok(&run(&a, sb, job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await);
     assert_eq!(tagged_resources(&a.ec2, sb).await, Vec::<String>::new());

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use es_proto::v1::*;
 use es_tests::*;
 
-use crate::shells::{app, apps_of, ok, run, setup_with, shells_req, subnet, Aws};
+use crate::shells::{app, apps_of, ok, refused_naming, run, setup_with, shells_req, subnet, Aws};
 
 fn prepare(a: &Aws, third_octet: u8, key_type: &str) -> job_spec::Kind {
     prepare_for(a, third_octet, key_type, &[])
@@ -248,7 +248,6 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
         .is_err());
 
     // Bad input, refused at submission naming the field.
-    let mut c = a.env.server.client().await;
     for (kind, field) in [
         (
             job_spec::Kind::GetAccessKey(GetAccessKey {
@@ -258,9 +257,7 @@ async fn the_sandbox_key_reaches_only_its_submitter_and_goes_with_the_sandbox() 
         ),
         (prepare(&a, 131, "dsa"), "spec.prepare_network.key_type"),
     ] {
-        let err = c.submit(shells_req(sb, kind)).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains(field), "{field}: {}", err.message());
+        refused_naming(&a, sb, kind, field).await;
     }
 
     // A Windows app needs an RSA key: refused before anything launches in an ed25519 sandbox.

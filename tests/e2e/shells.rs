@@ -97,6 +97,28 @@ pub(crate) async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
     done
 }
 
+/// Runs `kind` for `sandbox`: the job must fail, its error naming `field` and saying `why`.
+pub(crate) async fn fails_naming(
+    a: &Aws,
+    sandbox: &str,
+    kind: job_spec::Kind,
+    field: &str,
+    why: &str,
+) {
+    let j = run(a, sandbox, kind).await;
+    assert_eq!(j.state, JobState::Failed as i32, "{field}: {j:?}");
+    let err = j.result.map(|r| r.error).unwrap_or_default();
+    assert!(err.contains(field) && err.contains(why), "{field}: {err}");
+}
+
+/// Submitting `kind` for `sandbox` is refused (INVALID_ARGUMENT) naming `field`.
+pub(crate) async fn refused_naming(a: &Aws, sandbox: &str, kind: job_spec::Kind, field: &str) {
+    let mut c = a.env.server.client().await;
+    let err = c.submit(shells_req(sandbox, kind)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains(field), "{field}: {}", err.message());
+}
+
 /// The es-shells policy allows each operation: SSM's (the sandbox's private key) as ssm:, the
 /// rest as ec2:.
 pub(crate) fn check_policy(ops: &std::collections::BTreeSet<String>) {
