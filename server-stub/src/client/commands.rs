@@ -187,22 +187,7 @@ async fn jobs(
     if client.json {
         print_json(&Value::Array(jobs.iter().map(job_json).collect()));
     } else {
-        println!(
-            "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  SANDBOX",
-            "JOB", "STATE", "ROLE", "KIND", "ATTEMPT", "AGENT"
-        );
-        for j in &jobs {
-            println!(
-                "{:<36}  {:<9}  {:<8}  {:<12}  {:>7}  {:<24}  {}",
-                j.id,
-                state_name(j.state),
-                role_name(j.role),
-                es_proto::kinds::name(j),
-                format!("{}/{}", j.attempt, j.max_attempts),
-                j.agent,
-                j.sandbox_id
-            );
-        }
+        print!("{}", super::render::jobs_table(&jobs));
         println!("{} jobs", jobs.len());
     }
     Ok(ExitCode::SUCCESS)

@@ -156,6 +156,40 @@ pub fn event_line(ev: &JobEvent) -> String {
     format!("{at}  #{:<3} {what}", ev.seq)
 }
 
+/// The `jobs` table: one line per job, each column as wide as its widest value (kind names
+/// run from `echo` to `update_app_security`), so the columns line up whatever is listed.
+pub fn jobs_table(jobs: &[Job]) -> String {
+    let kw = jobs
+        .iter()
+        .map(|j| es_proto::kinds::name(j).len())
+        .max()
+        .unwrap_or(0)
+        .max("KIND".len());
+    let aw = jobs
+        .iter()
+        .map(|j| j.agent.len())
+        .max()
+        .unwrap_or(0)
+        .max("AGENT".len());
+    let mut out = format!(
+        "{:<36}  {:<9}  {:<8}  {:<kw$}  {:>7}  {:<aw$}  SANDBOX\n",
+        "JOB", "STATE", "ROLE", "KIND", "ATTEMPT", "AGENT"
+    );
+    for j in jobs {
+        out.push_str(&format!(
+            "{:<36}  {:<9}  {:<8}  {:<kw$}  {:>7}  {:<aw$}  {}\n",
+            j.id,
+            state_name(j.state),
+            role_name(j.role),
+            es_proto::kinds::name(j),
+            format!("{}/{}", j.attempt, j.max_attempts),
+            j.agent,
+            j.sandbox_id
+        ));
+    }
+    out
+}
+
 pub fn print_job(j: &Job) {
     println!("job        {}", j.id);
     println!(
@@ -190,5 +224,40 @@ pub fn print_job(j: &Job) {
         if !r.error.is_empty() {
             println!("error      {}", r.error);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jobs_table_lines_up_for_every_kind_name() {
+        use es_proto::v1::{job_spec::Kind, JobSpec, UpdateAppSecurity};
+        let job = |kind: Kind, agent: &str| Job {
+            id: "01a22bc5-3f5d-72f1-a9e8-dc80ed78daba".into(),
+            spec: Some(JobSpec {
+                kind: Some(kind),
+                target: None,
+            }),
+            agent: agent.into(),
+            sandbox_id: "sb-1".into(),
+            state: es_proto::v1::JobState::Succeeded as i32,
+            role: es_proto::Role::Shells as i32,
+            ..Default::default()
+        };
+        let t = jobs_table(&[
+            job(Kind::Echo(Default::default()), "es-shells"),
+            job(
+                Kind::UpdateAppSecurity(UpdateAppSecurity::default()),
+                "es-shells-b-with-a-long-name-of-40-chars",
+            ),
+        ]);
+        let at: Vec<usize> = t
+            .lines()
+            .map(|l| l.rfind("SANDBOX").or(l.rfind("sb-1")).unwrap())
+            .collect();
+        assert_eq!(at.len(), 3);
+        assert!(at.iter().all(|x| *x == at[0]), "{t}");
     }
 }
