@@ -12,7 +12,8 @@ use es_proto::v1::*;
 use es_tests::*;
 
 use crate::shells::{
-    app, apps_of, fails_naming, ok, refused_naming, run, setup_with, shells_req, subnet, Aws,
+    app, apps_of, deploy_one, emulator_instances, fails_naming, ok, refused_naming, run,
+    setup_with, shells_req, subnet, Aws,
 };
 
 /// Prepares a single-mode network (two subnets inside the Management VPC) for `sb`.
@@ -109,28 +110,7 @@ async fn app_fields_are_deployed_as_asked_and_read_back_from_the_emulator() {
     assert_eq!(apps["db"].status_checks, "", "db did not ask to wait");
 
     // Read back from moto: instances, their NICs and their volumes.
-    let r = a
-        .ec2
-        .describe_instances()
-        .filters(sandbox_tag_filter(sb))
-        .send()
-        .await
-        .unwrap();
-    let instances: BTreeMap<String, aws_sdk_ec2::types::Instance> = r
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .map(|i| {
-            let app = i
-                .tags()
-                .iter()
-                .find(|t| t.key() == Some("AppName"))
-                .and_then(|t| t.value())
-                .unwrap()
-                .to_owned();
-            (app, i.clone())
-        })
-        .collect();
+    let instances = emulator_instances(&a.ec2, sb).await;
     assert_eq!(instances.len(), 2);
     let nic_ips = |app: &str| -> Vec<Vec<String>> {
         let mut nics: Vec<_> = instances[app].network_interfaces().to_vec();
@@ -446,17 +426,7 @@ async fn tags_inbound_rules_and_console_output_of_a_running_app() {
         to_port: 443,
         cidr: String::new(),
     }];
-    let dep = run(
-        &a,
-        sb,
-        job_spec::Kind::DeployApp(DeployApp {
-            recipient: vec![],
-            app: Some(web),
-        }),
-    )
-    .await;
-    ok(&dep);
-    let id = apps_of(&dep)[0].instance_id.clone();
+    let id = deploy_one(&a, sb, web).await;
 
     // AddTags: on the instance, its volume, its NIC and its Elastic IP (read back from moto).
     let t = run(
@@ -749,17 +719,7 @@ async fn snapshots_images_kept_sets_and_cleanup() {
         size_gb: 10,
         ..Default::default()
     }];
-    let dep = run(
-        &a,
-        sb,
-        job_spec::Kind::DeployApp(DeployApp {
-            recipient: vec![],
-            app: Some(web),
-        }),
-    )
-    .await;
-    ok(&dep);
-    let id = apps_of(&dep)[0].instance_id.clone();
+    let id = deploy_one(&a, sb, web).await;
     let snap = |name: &str, image: bool, keep: bool| {
         job_spec::Kind::Snapshot(Snapshot {
             app: "web".into(),

@@ -97,6 +97,49 @@ pub(crate) async fn run(a: &Aws, sandbox: &str, kind: job_spec::Kind) -> Job {
     done
 }
 
+/// The sandbox's instances as the emulator has them, by app name (terminated ones left out).
+pub(crate) async fn emulator_instances(
+    ec2: &aws_sdk_ec2::Client,
+    sandbox: &str,
+) -> std::collections::BTreeMap<String, aws_sdk_ec2::types::Instance> {
+    let r = ec2
+        .describe_instances()
+        .filters(sandbox_tag_filter(sandbox))
+        .send()
+        .await
+        .unwrap();
+    r.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
+        .map(|i| {
+            let app = i
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some("AppName"))
+                .and_then(|t| t.value())
+                .unwrap_or_default()
+                .to_owned();
+            (app, i.clone())
+        })
+        .collect()
+}
+
+/// Deploys one app (DeployApp, no recipient); it must succeed. Answers its instance id.
+pub(crate) async fn deploy_one(a: &Aws, sandbox: &str, app: AppSpec) -> String {
+    let dep = run(
+        a,
+        sandbox,
+        job_spec::Kind::DeployApp(DeployApp {
+            recipient: vec![],
+            app: Some(app),
+        }),
+    )
+    .await;
+    ok(&dep);
+    apps_of(&dep)[0].instance_id.clone()
+}
+
 /// Runs `kind` for `sandbox`: the job must fail, its error naming `field` and saying `why`.
 pub(crate) async fn fails_naming(
     a: &Aws,
@@ -311,29 +354,7 @@ fn three_apps() -> Vec<AppSpec> {
 async fn deployed_as_asked_in_the_emulator(a: &Aws, sandbox: &str, net: &NetworkResult) {
     use base64::Engine;
     let f = sandbox_tag_filter(sandbox);
-    let r = a
-        .ec2
-        .describe_instances()
-        .filters(f.clone())
-        .send()
-        .await
-        .unwrap();
-    let by_app: std::collections::BTreeMap<String, aws_sdk_ec2::types::Instance> = r
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
-        .map(|i| {
-            let app = i
-                .tags()
-                .iter()
-                .find(|t| t.key() == Some("AppName"))
-                .and_then(|t| t.value())
-                .unwrap_or_default()
-                .to_owned();
-            (app, i.clone())
-        })
-        .collect();
+    let by_app = emulator_instances(&a.ec2, sandbox).await;
     assert_eq!(
         by_app.keys().map(String::as_str).collect::<Vec<_>>(),
         ["db", "web", "worker"]
