@@ -1,6 +1,7 @@
-//! The EC2 resource kinds an es-shells agent creates and tears down, in one table: the name a
-//! cleanup reports (`DeletedResource.kind`), the call that lists them by the sandbox tag, the
-//! call that deletes them, and what must be gone first. The table is in deletion order.
+//! The EC2 resource kinds an es-shells agent tears down, in one table: the name a cleanup
+//! reports (`DeletedResource.kind`), the call that lists them (by the sandbox tag, and in
+//! dedicated mode by the sandbox VPC: whatever anyone put in it goes too), the call that deletes
+//! them, and what must be gone first. The table is in an order that deletes dependencies first.
 //!
 //! Used by the agent's cleanup (the order and names it deletes in), its sweep (the kinds it
 //! lists to find sandboxes) and the end-to-end tests' "nothing tagged is left" check, which
@@ -23,6 +24,18 @@ pub enum Ec2Kind {
     Volume,
     ElasticIp,
     NetworkInterface,
+    /// A NAT gateway (deleted and waited for: its Elastic IPs are released with it).
+    NatGateway,
+    /// A VPC endpoint (an interface endpoint's network interfaces go with it).
+    VpcEndpoint,
+    EgressOnlyInternetGateway,
+    /// A launch template tagged with the sandbox.
+    LaunchTemplate,
+    /// A transit gateway VPC attachment tagged with the sandbox (shared mode), its static
+    /// routes in the transit gateway's route tables first.
+    TransitGatewayAttachment,
+    /// A VPC flow log (on the sandbox VPC, or tagged).
+    FlowLog,
     /// A route through a sandbox's peering connection, in either VPC's route tables (the
     /// Management VPC's too). Routes carry no tags: found through their peering connection.
     PeeringRoute,
@@ -31,7 +44,11 @@ pub enum Ec2Kind {
     Subnet,
     RouteTable,
     InternetGateway,
+    /// A network ACL other than the VPC's default.
+    NetworkAcl,
     Vpc,
+    /// A DHCP option set tagged with the sandbox (free once its VPC is gone).
+    DhcpOptions,
 }
 
 /// What is known of an EC2 resource kind.
@@ -52,128 +69,200 @@ pub struct Ec2KindInfo {
 
 use Ec2Kind::*;
 
-/// Every kind, in deletion order.
+/// Every kind, in an order that deletes dependencies first (a cleanup runs each kind as soon as
+/// the kinds in its `after` are done, independent ones at once).
 pub const EC2_KINDS: &[Ec2KindInfo] = &[
+    row(
+        Instance,
+        "instance",
+        "DescribeInstances",
+        "TerminateInstances",
+        &[],
+    ),
+    row(Image, "image", "DescribeImages", "DeregisterImage", &[]),
+    row(
+        Snapshot,
+        "snapshot",
+        "DescribeSnapshots",
+        "DeleteSnapshot",
+        &[Image],
+    ),
+    row(
+        KeyPair,
+        "key-pair",
+        "DescribeKeyPairs",
+        "DeleteKeyPair",
+        &[Instance],
+    ),
+    row(
+        Volume,
+        "volume",
+        "DescribeVolumes",
+        "DeleteVolume",
+        &[Instance],
+    ),
+    row(
+        NatGateway,
+        "nat-gateway",
+        "DescribeNatGateways",
+        "DeleteNatGateway",
+        &[],
+    ),
+    row(
+        ElasticIp,
+        "elastic-ip",
+        "DescribeAddresses",
+        "ReleaseAddress",
+        &[Instance, NatGateway],
+    ),
+    row(
+        VpcEndpoint,
+        "vpc-endpoint",
+        "DescribeVpcEndpoints",
+        "DeleteVpcEndpoints",
+        &[],
+    ),
+    row(
+        EgressOnlyInternetGateway,
+        "egress-only-internet-gateway",
+        "DescribeEgressOnlyInternetGateways",
+        "DeleteEgressOnlyInternetGateway",
+        &[],
+    ),
+    row(
+        LaunchTemplate,
+        "launch-template",
+        "DescribeLaunchTemplates",
+        "DeleteLaunchTemplate",
+        &[],
+    ),
+    row(
+        TransitGatewayAttachment,
+        "transit-gateway-attachment",
+        "DescribeTransitGatewayVpcAttachments",
+        "DeleteTransitGatewayVpcAttachment",
+        &[],
+    ),
+    row(
+        FlowLog,
+        "flow-log",
+        "DescribeFlowLogs",
+        "DeleteFlowLogs",
+        &[],
+    ),
+    row(
+        NetworkInterface,
+        "network-interface",
+        "DescribeNetworkInterfaces",
+        "DeleteNetworkInterface",
+        &[Instance, ElasticIp, NatGateway, VpcEndpoint],
+    ),
     Ec2KindInfo {
-        kind: Instance,
-        name: "instance",
-        list: "DescribeInstances",
-        delete: "TerminateInstances",
-        tagged: true,
-        after: &[],
-    },
-    Ec2KindInfo {
-        kind: Image,
-        name: "image",
-        list: "DescribeImages",
-        delete: "DeregisterImage",
-        tagged: true,
-        after: &[],
-    },
-    Ec2KindInfo {
-        kind: Snapshot,
-        name: "snapshot",
-        list: "DescribeSnapshots",
-        delete: "DeleteSnapshot",
-        tagged: true,
-        after: &[Image],
-    },
-    Ec2KindInfo {
-        kind: KeyPair,
-        name: "key-pair",
-        list: "DescribeKeyPairs",
-        delete: "DeleteKeyPair",
-        tagged: true,
-        after: &[Instance],
-    },
-    Ec2KindInfo {
-        kind: Volume,
-        name: "volume",
-        list: "DescribeVolumes",
-        delete: "DeleteVolume",
-        tagged: true,
-        after: &[Instance],
-    },
-    Ec2KindInfo {
-        kind: ElasticIp,
-        name: "elastic-ip",
-        list: "DescribeAddresses",
-        delete: "ReleaseAddress",
-        tagged: true,
-        after: &[Instance],
-    },
-    Ec2KindInfo {
-        kind: NetworkInterface,
-        name: "network-interface",
-        list: "DescribeNetworkInterfaces",
-        delete: "DeleteNetworkInterface",
-        tagged: true,
-        after: &[Instance, ElasticIp],
-    },
-    Ec2KindInfo {
-        kind: PeeringRoute,
-        name: "route",
-        list: "DescribeRouteTables",
-        delete: "DeleteRoute",
         tagged: false,
-        after: &[],
+        ..row(
+            PeeringRoute,
+            "route",
+            "DescribeRouteTables",
+            "DeleteRoute",
+            &[],
+        )
     },
-    Ec2KindInfo {
-        kind: VpcPeering,
-        name: "vpc-peering-connection",
-        list: "DescribeVpcPeeringConnections",
-        delete: "DeleteVpcPeeringConnection",
-        tagged: true,
-        after: &[PeeringRoute],
-    },
-    Ec2KindInfo {
-        kind: SecurityGroup,
-        name: "security-group",
-        list: "DescribeSecurityGroups",
-        delete: "DeleteSecurityGroup",
-        tagged: true,
-        after: &[Instance, NetworkInterface],
-    },
-    Ec2KindInfo {
-        kind: Subnet,
-        name: "subnet",
-        list: "DescribeSubnets",
-        delete: "DeleteSubnet",
-        tagged: true,
-        after: &[Instance, NetworkInterface],
-    },
-    Ec2KindInfo {
-        kind: RouteTable,
-        name: "route-table",
-        list: "DescribeRouteTables",
-        delete: "DeleteRouteTable",
-        tagged: true,
-        after: &[Subnet],
-    },
-    Ec2KindInfo {
-        kind: InternetGateway,
-        name: "internet-gateway",
-        list: "DescribeInternetGateways",
-        delete: "DeleteInternetGateway",
-        tagged: true,
-        after: &[ElasticIp, Instance],
-    },
-    Ec2KindInfo {
-        kind: Vpc,
-        name: "vpc",
-        list: "DescribeVpcs",
-        delete: "DeleteVpc",
-        tagged: true,
-        after: &[
+    row(
+        VpcPeering,
+        "vpc-peering-connection",
+        "DescribeVpcPeeringConnections",
+        "DeleteVpcPeeringConnection",
+        &[PeeringRoute],
+    ),
+    row(
+        SecurityGroup,
+        "security-group",
+        "DescribeSecurityGroups",
+        "DeleteSecurityGroup",
+        &[Instance, NetworkInterface, VpcEndpoint],
+    ),
+    row(
+        Subnet,
+        "subnet",
+        "DescribeSubnets",
+        "DeleteSubnet",
+        &[
+            Instance,
+            NetworkInterface,
+            NatGateway,
+            VpcEndpoint,
+            TransitGatewayAttachment,
+        ],
+    ),
+    // Its associations are removed first; nothing else holds a route table.
+    row(
+        RouteTable,
+        "route-table",
+        "DescribeRouteTables",
+        "DeleteRouteTable",
+        &[],
+    ),
+    row(
+        InternetGateway,
+        "internet-gateway",
+        "DescribeInternetGateways",
+        "DeleteInternetGateway",
+        // Detaching fails while the VPC has public addresses mapped.
+        &[ElasticIp, Instance, NatGateway],
+    ),
+    row(
+        NetworkAcl,
+        "network-acl",
+        "DescribeNetworkAcls",
+        "DeleteNetworkAcl",
+        &[Subnet],
+    ),
+    row(
+        Vpc,
+        "vpc",
+        "DescribeVpcs",
+        "DeleteVpc",
+        &[
             VpcPeering,
             SecurityGroup,
             Subnet,
             RouteTable,
             InternetGateway,
             NetworkInterface,
+            NatGateway,
+            VpcEndpoint,
+            EgressOnlyInternetGateway,
+            NetworkAcl,
+            FlowLog,
+            TransitGatewayAttachment,
         ],
-    },
+    ),
+    row(
+        DhcpOptions,
+        "dhcp-options",
+        "DescribeDhcpOptions",
+        "DeleteDhcpOptions",
+        &[Vpc],
+    ),
 ];
+
+/// A tagged kind's row.
+const fn row(
+    kind: Ec2Kind,
+    name: &'static str,
+    list: &'static str,
+    delete: &'static str,
+    after: &'static [Ec2Kind],
+) -> Ec2KindInfo {
+    Ec2KindInfo {
+        kind,
+        name,
+        list,
+        delete,
+        tagged: true,
+        after,
+    }
+}
 
 /// The facts of one kind.
 pub fn ec2_kind(kind: Ec2Kind) -> &'static Ec2KindInfo {
@@ -221,7 +310,13 @@ mod tests {
             Snapshot,
             KeyPair,
             Volume,
+            NatGateway,
             ElasticIp,
+            VpcEndpoint,
+            EgressOnlyInternetGateway,
+            LaunchTemplate,
+            TransitGatewayAttachment,
+            FlowLog,
             NetworkInterface,
             PeeringRoute,
             VpcPeering,
@@ -229,12 +324,33 @@ mod tests {
             Subnet,
             RouteTable,
             InternetGateway,
+            NetworkAcl,
             Vpc,
+            DhcpOptions,
         ] {
             let _ = match k {
-                Instance | Image | Snapshot | KeyPair | Volume | ElasticIp | NetworkInterface
-                | PeeringRoute | VpcPeering | SecurityGroup | Subnet | RouteTable
-                | InternetGateway | Vpc => ec2_kind(k),
+                Instance
+                | Image
+                | Snapshot
+                | KeyPair
+                | Volume
+                | NatGateway
+                | ElasticIp
+                | VpcEndpoint
+                | EgressOnlyInternetGateway
+                | LaunchTemplate
+                | TransitGatewayAttachment
+                | FlowLog
+                | NetworkInterface
+                | PeeringRoute
+                | VpcPeering
+                | SecurityGroup
+                | Subnet
+                | RouteTable
+                | InternetGateway
+                | NetworkAcl
+                | Vpc
+                | DhcpOptions => ec2_kind(k),
             };
         }
         assert!(!ec2_kind(PeeringRoute).tagged, "routes carry no tags");

@@ -944,6 +944,74 @@ pub async fn tagged_resources(ec2: &aws_sdk_ec2::Client, sandbox: &str) -> Vec<S
                     add(v.vpc_id());
                 }
             }
+            Ec2Kind::NatGateway => {
+                let r = ec2.describe_nat_gateways().filter(f.clone()).send().await;
+                for n in r.unwrap().nat_gateways() {
+                    if n.state().map(|s| s.as_str()) != Some("deleted") {
+                        add(n.nat_gateway_id());
+                    }
+                }
+            }
+            Ec2Kind::VpcEndpoint => {
+                let r = ec2.describe_vpc_endpoints().filters(f.clone()).send().await;
+                for e in r.unwrap().vpc_endpoints() {
+                    let state = e.state().map(|s| s.as_str().to_ascii_lowercase());
+                    if !matches!(state.as_deref(), Some("deleted" | "deleting")) {
+                        add(e.vpc_endpoint_id());
+                    }
+                }
+            }
+            Ec2Kind::EgressOnlyInternetGateway => {
+                let r = ec2
+                    .describe_egress_only_internet_gateways()
+                    .filters(f.clone())
+                    .send()
+                    .await;
+                for g in r.unwrap().egress_only_internet_gateways() {
+                    add(g.egress_only_internet_gateway_id());
+                }
+            }
+            Ec2Kind::LaunchTemplate => {
+                let r = ec2
+                    .describe_launch_templates()
+                    .filters(f.clone())
+                    .send()
+                    .await;
+                for l in r.unwrap().launch_templates() {
+                    add(l.launch_template_id());
+                }
+            }
+            Ec2Kind::TransitGatewayAttachment => {
+                let r = ec2
+                    .describe_transit_gateway_vpc_attachments()
+                    .filters(f.clone())
+                    .send()
+                    .await;
+                for a in r.unwrap().transit_gateway_vpc_attachments() {
+                    let state = a.state().map(|s| s.as_str());
+                    if !matches!(state, Some("deleted" | "deleting")) {
+                        add(a.transit_gateway_attachment_id());
+                    }
+                }
+            }
+            Ec2Kind::FlowLog => {
+                let r = ec2.describe_flow_logs().filter(f.clone()).send().await;
+                for l in r.unwrap().flow_logs() {
+                    add(l.flow_log_id());
+                }
+            }
+            Ec2Kind::NetworkAcl => {
+                let r = ec2.describe_network_acls().filters(f.clone()).send().await;
+                for a in r.unwrap().network_acls() {
+                    add(a.network_acl_id());
+                }
+            }
+            Ec2Kind::DhcpOptions => {
+                let r = ec2.describe_dhcp_options().filters(f.clone()).send().await;
+                for d in r.unwrap().dhcp_options() {
+                    add(d.dhcp_options_id());
+                }
+            }
         }
     }
     out

@@ -205,18 +205,20 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
     use shells_result::Result as R;
     Ok(match kind {
         Kind::PrepareNetwork(p) => {
-            // The key pair does not depend on the network: both are made at once, but only
-            // once every input is checked (bad input creates nothing): the key type first, then
-            // the network's own checks, which `checked` reports.
-            let kind = keys::key_kind(cx, &p.key_type, &p.amis).await?;
-            let (checked, go) = tokio::sync::oneshot::channel();
+            // Every read and check first, all at once (the key type and the images it depends
+            // on, the sandbox's existing resources, the VPC): bad input creates nothing. Then
+            // the network graph and the key pair, which does not depend on it, at once.
+            let (kind, checked) = tokio::try_join!(
+                keys::key_kind(cx, &p.key_type, &p.amis),
+                network::check(cx, p)
+            )?;
             let key = async {
-                match (kind, go.await) {
-                    (Some(kind), Ok(())) => keys::ensure(cx, kind).await.map(Some),
-                    _ => Ok(None),
+                match kind {
+                    Some(kind) => keys::ensure(cx, kind).await.map(Some),
+                    None => Ok(None),
                 }
             };
-            let (mut net, key) = tokio::try_join!(network::prepare(cx, p, checked), key)?;
+            let (mut net, key) = tokio::try_join!(network::build(cx, p, checked), key)?;
             if let Some((name, parameter)) = key {
                 net.key_pair_name = name;
                 net.key_parameter = parameter;

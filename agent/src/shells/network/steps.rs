@@ -1,15 +1,18 @@
-//! The steps of PrepareSandboxNetwork, one resource each, every one looking up by tag before it
-//! creates: the dedicated VPC (reconciled with a concurrent run), subnets, the two security
-//! groups, peering, the internet gateway, route tables, routes and associations.
+//! The steps of PrepareSandboxNetwork, one resource each, every one looking in `Found` (read
+//! once by tag) before it creates: the dedicated VPC (reconciled with a concurrent run),
+//! subnets, the two security groups, peering, the internet gateway, route tables, routes and
+//! associations.
 
 use aws_sdk_ec2::types::{IpPermission, IpRange, ResourceType, UserIdGroupPair, Vpc};
-use es_proto::v1::SubnetResult;
+use es_proto::v1::SubnetRequest;
 use ipnet::Ipv4Net;
 
 use crate::shells::ec2::{
     aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags,
 };
 use crate::shells::{Cx, Result, ShellsError, TAG_ROLE, TAG_SUBNET};
+
+use super::Found;
 
 pub(super) const ROLE_VPC: &str = "sandbox-vpc";
 pub(super) const ROLE_SG_SANDBOX: &str = "sandbox-sg";
@@ -109,9 +112,11 @@ pub(super) async fn sandbox_vpcs(cx: &Cx<'_>) -> Result<Vec<String>> {
     Ok(ids)
 }
 
-pub(super) async fn dedicated_vpc(cx: &Cx<'_>, cidr: &str) -> Result<String> {
-    if let Some(id) = sandbox_vpcs(cx).await?.into_iter().next() {
-        return Ok(id);
+/// The sandbox VPC: the one `found`, or a new one reconciled with a concurrent run (the smallest
+/// id wins; the loser deletes its own).
+pub(super) async fn dedicated_vpc(cx: &Cx<'_>, found: &Found, cidr: &str) -> Result<String> {
+    if let Some(id) = found.vpcs.first() {
+        return Ok(id.clone());
     }
     let created = cx
         .ec2
@@ -131,115 +136,158 @@ pub(super) async fn dedicated_vpc(cx: &Cx<'_>, cidr: &str) -> Result<String> {
         .and_then(|v| v.vpc_id())
         .unwrap_or_default()
         .to_owned();
-    // Reconcile with a concurrent run: the smallest id wins, the loser removes its own.
-    let all = sandbox_vpcs(cx).await?;
-    let winner = all.first().cloned().unwrap_or_else(|| mine.clone());
-    if winner != mine {
+    let (winner, lost) = reconcile(&mine, sandbox_vpcs(cx).await?);
+    if lost {
         log::warn!(sandbox_id = cx.sandbox, job_id = cx.job_id; "another run created VPC {winner}; deleting our duplicate {mine}");
         let _ = retry_consistency(|| cx.ec2.delete_vpc().vpc_id(&mine).send()).await;
     }
     Ok(winner)
 }
 
+/// One subnet: the one `found` with its name in the VPC, or a new one.
+pub(super) async fn subnet(
+    cx: &Cx<'_>,
+    found: &Found,
+    vpc_id: &str,
+    s: &SubnetRequest,
+) -> Result<String> {
+    let existing = found
+        .subnets
+        .iter()
+        .filter(|x| x.vpc_id() == Some(vpc_id))
+        .filter(|x| tag_value(x.tags(), TAG_SUBNET) == Some(s.name.as_str()))
+        .filter_map(|x| x.subnet_id())
+        .min();
+    if let Some(id) = existing {
+        return Ok(id.to_owned());
+    }
+    let mut req = cx
+        .ec2
+        .create_subnet()
+        .vpc_id(vpc_id)
+        .cidr_block(&s.cidr)
+        .tag_specifications(tags(
+            ResourceType::Subnet,
+            cx.sandbox,
+            &format!("{}-{}", cx.sandbox, s.name),
+            &[(TAG_SUBNET, &s.name)],
+        ));
+    if !s.availability_zone.is_empty() {
+        req = req.availability_zone(&s.availability_zone);
+    }
+    match retry_consistency(|| req.clone().send()).await {
+        Ok(r) => Ok(r
+            .subnet()
+            .and_then(|x| x.subnet_id())
+            .unwrap_or_default()
+            .to_owned()),
+        // A concurrent run created it between our lookup and our create.
+        Err(e) if code(&e) == "InvalidSubnet.Conflict" => {
+            match sandbox_subnet(cx, vpc_id, &s.name).await? {
+                Some(id) => Ok(id),
+                None => Err(aws_err("CreateSubnet", e)),
+            }
+        }
+        Err(e) => Err(aws_err("CreateSubnet", e)),
+    }
+}
+
+/// The two security groups, at once: "sandbox" (members talk to each other, management comes
+/// in) and "isolated" (only management comes in).
 pub(super) async fn security_groups(
     cx: &Cx<'_>,
+    found: &Found,
     vpc_id: &str,
     mgmt_cidr: &str,
 ) -> Result<(String, String)> {
-    let existing = cx
-        .ec2
-        .describe_security_groups()
-        .filters(sandbox_filter(cx.sandbox))
-        .filters(filter("vpc-id", &[vpc_id]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
-    let mut ids = Vec::new();
-    for (role, desc) in [
-        (ROLE_SG_SANDBOX, "sandbox members and the Management VPC"),
-        (ROLE_SG_ISOLATED, "the Management VPC only"),
-    ] {
-        let found = existing
-            .security_groups()
-            .iter()
-            .filter(|g| tag_value(g.tags(), TAG_ROLE) == Some(role))
-            .filter_map(|g| g.group_id().map(str::to_owned))
-            .min();
-        let (id, fresh) = match found {
-            Some(id) => (id, false),
-            None => {
-                let name = format!("{}-{}", cx.sandbox, role);
-                let r = cx
-                    .ec2
-                    .create_security_group()
-                    .vpc_id(vpc_id)
-                    .group_name(&name)
-                    .description(format!(
-                        "es-shells sandbox {}: reachable from {desc}",
-                        cx.sandbox
-                    ))
-                    .tag_specifications(tags(
-                        ResourceType::SecurityGroup,
-                        cx.sandbox,
-                        &name,
-                        &[(TAG_ROLE, role)],
-                    ))
-                    .send()
-                    .await;
-                match r {
-                    Ok(r) => (r.group_id().unwrap_or_default().to_owned(), true),
-                    Err(e) if code(&e) == "InvalidGroup.Duplicate" => {
-                        // Created by a concurrent run between our lookup and create.
-                        let again = cx
-                            .ec2
-                            .describe_security_groups()
-                            .filters(filter("vpc-id", &[vpc_id]))
-                            .filters(filter("group-name", &[&name]))
-                            .send()
-                            .await
-                            .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
-                        let id = again
-                            .security_groups()
-                            .first()
-                            .and_then(|g| g.group_id())
-                            .unwrap_or_default()
-                            .to_owned();
-                        (id, true)
-                    }
-                    Err(e) => return Err(aws_err("CreateSecurityGroup", e)),
-                }
-            }
-        };
-        if fresh {
-            let mut perms = vec![IpPermission::builder()
-                .ip_protocol("-1")
-                .ip_ranges(
-                    IpRange::builder()
-                        .cidr_ip(mgmt_cidr)
-                        .description("Management VPC")
-                        .build(),
-                )
-                .build()];
-            if role == ROLE_SG_SANDBOX {
-                perms.push(
-                    IpPermission::builder()
-                        .ip_protocol("-1")
-                        .user_id_group_pairs(
-                            UserIdGroupPair::builder()
-                                .group_id(&id)
-                                .description("sandbox members")
-                                .build(),
-                        )
-                        .build(),
-                );
-            }
-            crate::shells::ec2::authorize_ingress(cx.ec2, &id, &perms).await?;
-        }
-        ids.push(id);
-    }
-    Ok((ids[0].clone(), ids[1].clone()))
+    let one = |role, desc| security_group(cx, found, vpc_id, mgmt_cidr, role, desc);
+    tokio::try_join!(
+        one(ROLE_SG_SANDBOX, "sandbox members and the Management VPC"),
+        one(ROLE_SG_ISOLATED, "the Management VPC only"),
+    )
 }
 
+async fn security_group(
+    cx: &Cx<'_>,
+    found: &Found,
+    vpc_id: &str,
+    mgmt_cidr: &str,
+    role: &str,
+    desc: &str,
+) -> Result<String> {
+    let existing = found
+        .groups
+        .iter()
+        .filter(|g| g.vpc_id() == Some(vpc_id) && tag_value(g.tags(), TAG_ROLE) == Some(role))
+        .filter_map(|g| g.group_id())
+        .min();
+    if let Some(id) = existing {
+        return Ok(id.to_owned());
+    }
+    let name = format!("{}-{}", cx.sandbox, role);
+    let r = cx
+        .ec2
+        .create_security_group()
+        .vpc_id(vpc_id)
+        .group_name(&name)
+        .description(format!(
+            "es-shells sandbox {}: reachable from {desc}",
+            cx.sandbox
+        ))
+        .tag_specifications(tags(
+            ResourceType::SecurityGroup,
+            cx.sandbox,
+            &name,
+            &[(TAG_ROLE, role)],
+        ))
+        .send()
+        .await;
+    let id = match r {
+        Ok(r) => r.group_id().unwrap_or_default().to_owned(),
+        Err(e) if code(&e) == "InvalidGroup.Duplicate" => {
+            // Created by a concurrent run between our lookup and create.
+            let again = cx
+                .ec2
+                .describe_security_groups()
+                .filters(filter("vpc-id", &[vpc_id]))
+                .filters(filter("group-name", &[&name]))
+                .send()
+                .await
+                .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
+            again
+                .security_groups()
+                .first()
+                .and_then(|g| g.group_id())
+                .unwrap_or_default()
+                .to_owned()
+        }
+        Err(e) => return Err(aws_err("CreateSecurityGroup", e)),
+    };
+    let mut perms = vec![IpPermission::builder()
+        .ip_protocol("-1")
+        .ip_ranges(
+            IpRange::builder()
+                .cidr_ip(mgmt_cidr)
+                .description("Management VPC")
+                .build(),
+        )
+        .build()];
+    if role == ROLE_SG_SANDBOX {
+        perms.push(
+            IpPermission::builder()
+                .ip_protocol("-1")
+                .user_id_group_pairs(
+                    UserIdGroupPair::builder()
+                        .group_id(&id)
+                        .description("sandbox members")
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    crate::shells::ec2::authorize_ingress(cx.ec2, &id, &perms).await?;
+    Ok(id)
+}
 pub(super) async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> {
     let r = cx
         .ec2
@@ -270,66 +318,75 @@ pub(super) async fn live_peerings(cx: &Cx<'_>) -> Result<Vec<(String, String)>> 
     Ok(out)
 }
 
-pub(super) async fn peering(cx: &Cx<'_>, vpc_id: &str, mgmt_vpc: &str) -> Result<String> {
-    let (id, status) = match live_peerings(cx).await?.into_iter().next() {
-        Some(found) => found,
-        None => {
-            let r = retry_consistency(|| {
-                cx.ec2
-                    .create_vpc_peering_connection()
-                    .vpc_id(vpc_id)
-                    .peer_vpc_id(mgmt_vpc)
-                    .tag_specifications(tags(
-                        ResourceType::VpcPeeringConnection,
-                        cx.sandbox,
-                        &format!("{}-to-management", cx.sandbox),
-                        &[(TAG_ROLE, ROLE_PEERING)],
-                    ))
-                    .send()
-            })
-            .await
-            .map_err(|e| aws_err("CreateVpcPeeringConnection", e))?;
-            let mine = r
-                .vpc_peering_connection()
-                .and_then(|p| p.vpc_peering_connection_id())
-                .unwrap_or_default()
-                .to_owned();
-            let all = live_peerings(cx).await?;
-            let (winner, lost) = reconcile(&mine, all.iter().map(|(i, _)| i.clone()).collect());
-            if lost {
-                let _ = cx
-                    .ec2
-                    .delete_vpc_peering_connection()
-                    .vpc_peering_connection_id(&mine)
-                    .send()
-                    .await;
-            }
-            let status = all
-                .into_iter()
-                .find(|(i, _)| *i == winner)
-                .map(|(_, s)| s)
-                .unwrap_or_default();
-            (winner, status)
+/// The peering to the Management VPC: the one `found` (accepted if it is not yet), or a new one,
+/// accepted while a concurrent run's is looked for (the routes wait for both).
+pub(super) async fn peering(
+    cx: &Cx<'_>,
+    found: &Found,
+    vpc_id: &str,
+    mgmt_vpc: &str,
+) -> Result<String> {
+    if let Some((id, status)) = found.peerings.first() {
+        if status != "active" {
+            accept(cx, id).await?;
         }
-    };
-    if status != "active" {
-        let r = retry_consistency(|| {
-            cx.ec2
-                .accept_vpc_peering_connection()
-                .vpc_peering_connection_id(&id)
-                .send()
-        })
-        .await;
-        if let Err(e) = r {
-            // Accepted meanwhile by a concurrent run.
-            if code(&e) != "InvalidStateTransition" {
-                return Err(aws_err("AcceptVpcPeeringConnection", e));
-            }
-        }
+        return Ok(id.clone());
     }
-    Ok(id)
+    let r = retry_consistency(|| {
+        cx.ec2
+            .create_vpc_peering_connection()
+            .vpc_id(vpc_id)
+            .peer_vpc_id(mgmt_vpc)
+            .tag_specifications(tags(
+                ResourceType::VpcPeeringConnection,
+                cx.sandbox,
+                &format!("{}-to-management", cx.sandbox),
+                &[(TAG_ROLE, ROLE_PEERING)],
+            ))
+            .send()
+    })
+    .await
+    .map_err(|e| aws_err("CreateVpcPeeringConnection", e))?;
+    let mine = r
+        .vpc_peering_connection()
+        .and_then(|p| p.vpc_peering_connection_id())
+        .unwrap_or_default()
+        .to_owned();
+    let (all, accepted) = tokio::join!(live_peerings(cx), accept(cx, &mine));
+    let all = all?;
+    let (winner, lost) = reconcile(&mine, all.iter().map(|(i, _)| i.clone()).collect());
+    if !lost {
+        accepted?;
+        return Ok(mine);
+    }
+    let _ = cx
+        .ec2
+        .delete_vpc_peering_connection()
+        .vpc_peering_connection_id(&mine)
+        .send()
+        .await;
+    if all.iter().any(|(i, s)| *i == winner && s != "active") {
+        accept(cx, &winner).await?;
+    }
+    Ok(winner)
 }
 
+async fn accept(cx: &Cx<'_>, id: &str) -> Result<()> {
+    let r = retry_consistency(|| {
+        cx.ec2
+            .accept_vpc_peering_connection()
+            .vpc_peering_connection_id(id)
+            .send()
+    })
+    .await;
+    match r {
+        // Accepted meanwhile by a concurrent run.
+        Err(e) if code(&e) != "InvalidStateTransition" => {
+            Err(aws_err("AcceptVpcPeeringConnection", e))
+        }
+        _ => Ok(()),
+    }
+}
 pub(super) async fn sandbox_igws(cx: &Cx<'_>) -> Result<Vec<aws_sdk_ec2::types::InternetGateway>> {
     let r = cx
         .ec2
@@ -343,72 +400,89 @@ pub(super) async fn sandbox_igws(cx: &Cx<'_>) -> Result<Vec<aws_sdk_ec2::types::
     Ok(v)
 }
 
-pub(super) async fn internet_gateway(cx: &Cx<'_>, vpc_id: &str) -> Result<String> {
-    let attached_to = |g: &aws_sdk_ec2::types::InternetGateway| {
-        g.attachments().iter().any(|a| a.vpc_id() == Some(vpc_id))
-    };
-    let (id, attached) = match sandbox_igws(cx).await?.first() {
-        Some(g) => (
-            g.internet_gateway_id().unwrap_or_default().to_owned(),
-            attached_to(g),
-        ),
-        None => {
-            let r = cx
-                .ec2
-                .create_internet_gateway()
-                .tag_specifications(tags(
-                    ResourceType::InternetGateway,
-                    cx.sandbox,
-                    &format!("{}-igw", cx.sandbox),
-                    &[(TAG_ROLE, ROLE_IGW)],
-                ))
-                .send()
-                .await
-                .map_err(|e| aws_err("CreateInternetGateway", e))?;
-            let mine = r
-                .internet_gateway()
-                .and_then(|g| g.internet_gateway_id())
-                .unwrap_or_default()
-                .to_owned();
-            let all = sandbox_igws(cx).await?;
-            let (winner, lost) = reconcile(
-                &mine,
-                all.iter()
-                    .filter_map(|g| g.internet_gateway_id().map(str::to_owned))
-                    .collect(),
-            );
-            if lost {
-                let _ = cx
-                    .ec2
-                    .delete_internet_gateway()
-                    .internet_gateway_id(&mine)
-                    .send()
-                    .await;
-            }
-            let attached = all
-                .iter()
-                .any(|g| g.internet_gateway_id() == Some(winner.as_str()) && attached_to(g));
-            (winner, attached)
-        }
-    };
-    if !attached {
-        let r = retry_consistency(|| {
-            cx.ec2
-                .attach_internet_gateway()
-                .internet_gateway_id(&id)
-                .vpc_id(vpc_id)
-                .send()
-        })
-        .await;
-        if let Err(e) = r {
-            if code(&e) != "Resource.AlreadyAssociated" {
-                return Err(aws_err("AttachInternetGateway", e));
-            }
-        }
-    }
-    Ok(id)
+/// An internet gateway and the VPCs it is attached to.
+pub(super) struct Gateway {
+    pub id: String,
+    attached_to: Vec<String>,
 }
 
+fn gateway(g: &aws_sdk_ec2::types::InternetGateway) -> Gateway {
+    Gateway {
+        id: g.internet_gateway_id().unwrap_or_default().to_owned(),
+        attached_to: g
+            .attachments()
+            .iter()
+            .filter_map(|a| a.vpc_id().map(str::to_owned))
+            .collect(),
+    }
+}
+
+/// The sandbox's internet gateway: the one `found`, or a new one reconciled with a concurrent
+/// run. It needs no VPC, so it is made beside the VPC and attached once both exist.
+pub(super) async fn internet_gateway(cx: &Cx<'_>, found: &Found) -> Result<Gateway> {
+    if let Some(g) = found.igws.first() {
+        return Ok(gateway(g));
+    }
+    let r = cx
+        .ec2
+        .create_internet_gateway()
+        .tag_specifications(tags(
+            ResourceType::InternetGateway,
+            cx.sandbox,
+            &format!("{}-igw", cx.sandbox),
+            &[(TAG_ROLE, ROLE_IGW)],
+        ))
+        .send()
+        .await
+        .map_err(|e| aws_err("CreateInternetGateway", e))?;
+    let mine = r
+        .internet_gateway()
+        .and_then(|g| g.internet_gateway_id())
+        .unwrap_or_default()
+        .to_owned();
+    let all = sandbox_igws(cx).await?;
+    let ids = all
+        .iter()
+        .filter_map(|g| g.internet_gateway_id().map(str::to_owned))
+        .collect();
+    let (winner, lost) = reconcile(&mine, ids);
+    if lost {
+        let _ = cx
+            .ec2
+            .delete_internet_gateway()
+            .internet_gateway_id(&mine)
+            .send()
+            .await;
+    }
+    Ok(all
+        .iter()
+        .find(|g| g.internet_gateway_id() == Some(winner.as_str()))
+        .map(gateway)
+        .unwrap_or(Gateway {
+            id: winner,
+            attached_to: Vec::new(),
+        }))
+}
+
+pub(super) async fn attach_gateway(cx: &Cx<'_>, g: &Gateway, vpc_id: &str) -> Result<()> {
+    if g.attached_to.iter().any(|v| v == vpc_id) {
+        return Ok(());
+    }
+    let r = retry_consistency(|| {
+        cx.ec2
+            .attach_internet_gateway()
+            .internet_gateway_id(&g.id)
+            .vpc_id(vpc_id)
+            .send()
+    })
+    .await;
+    match r {
+        Err(e) if code(&e) != "Resource.AlreadyAssociated" => {
+            Err(aws_err("AttachInternetGateway", e))
+        }
+        _ => Ok(()),
+    }
+}
 pub(super) async fn sandbox_route_tables(
     cx: &Cx<'_>,
     vpc_id: &str,
@@ -432,14 +506,36 @@ pub(super) async fn sandbox_route_tables(
     Ok(ids)
 }
 
-pub(super) async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result<String> {
+/// A route table and the subnets associated with it.
+pub(super) struct Table {
+    pub id: String,
+    pub associated: Vec<String>,
+}
+
+/// The sandbox's `kind` ("public", "private") route table in the VPC: the one `found`, or a new
+/// one reconciled with a concurrent run.
+pub(super) async fn route_table(
+    cx: &Cx<'_>,
+    found: &Found,
+    vpc_id: &str,
+    kind: &str,
+) -> Result<Table> {
     let role = format!("{kind}-routes");
-    if let Some(id) = sandbox_route_tables(cx, vpc_id, &role)
-        .await?
-        .into_iter()
-        .next()
-    {
-        return Ok(id);
+    let existing = found
+        .route_tables
+        .iter()
+        .filter(|t| t.vpc_id() == Some(vpc_id))
+        .filter(|t| tag_value(t.tags(), TAG_ROLE) == Some(role.as_str()))
+        .min_by_key(|t| t.route_table_id().unwrap_or_default().to_owned());
+    if let Some(t) = existing {
+        return Ok(Table {
+            id: t.route_table_id().unwrap_or_default().to_owned(),
+            associated: t
+                .associations()
+                .iter()
+                .filter_map(|a| a.subnet_id().map(str::to_owned))
+                .collect(),
+        });
     }
     let r = retry_consistency(|| {
         cx.ec2
@@ -469,7 +565,12 @@ pub(super) async fn route_table(cx: &Cx<'_>, vpc_id: &str, kind: &str) -> Result
             .send()
             .await;
     }
-    Ok(winner)
+    // A new table has no associations; the winner of a race may have some, and associating a
+    // subnet again answers "already associated".
+    Ok(Table {
+        id: winner,
+        associated: Vec::new(),
+    })
 }
 
 pub(super) enum Target<'a> {
@@ -500,37 +601,19 @@ pub(super) async fn add_route(cx: &Cx<'_>, rt: &str, cidr: &str, target: Target<
     }
 }
 
-pub(super) async fn associate(cx: &Cx<'_>, rt: &str, subnets: &[&SubnetResult]) -> Result<()> {
-    let current = cx
-        .ec2
-        .describe_route_tables()
-        .route_table_ids(rt)
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeRouteTables", e))?;
-    let associated: Vec<String> = current
-        .route_tables()
-        .iter()
-        .flat_map(|t| t.associations())
-        .filter_map(|a| a.subnet_id().map(str::to_owned))
-        .collect();
-    for s in subnets {
-        if associated.contains(&s.subnet_id) {
-            continue;
+pub(super) async fn associate(cx: &Cx<'_>, rt: &str, subnet_id: &str) -> Result<()> {
+    let r = retry_consistency(|| {
+        cx.ec2
+            .associate_route_table()
+            .route_table_id(rt)
+            .subnet_id(subnet_id)
+            .send()
+    })
+    .await;
+    match r {
+        Err(e) if !crate::shells::ec2::already_exists(&code(&e)) => {
+            Err(aws_err("AssociateRouteTable", e))
         }
-        let r = retry_consistency(|| {
-            cx.ec2
-                .associate_route_table()
-                .route_table_id(rt)
-                .subnet_id(&s.subnet_id)
-                .send()
-        })
-        .await;
-        if let Err(e) = r {
-            if !crate::shells::ec2::already_exists(&code(&e)) {
-                return Err(aws_err("AssociateRouteTable", e));
-            }
-        }
+        _ => Ok(()),
     }
-    Ok(())
 }

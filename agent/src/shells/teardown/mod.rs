@@ -1,76 +1,108 @@
 //! CleanupSandbox and SweepOrphans: find every resource by its `ReservationId` tag (never from
-//! memory) and delete it kind by kind in the order of `es_proto::resources::EC2_KINDS`:
+//! memory) and, in dedicated mode, everything inside the sandbox's own VPC, tagged or not; delete
+//! it all as a dependency graph: each kind of `es_proto::resources::EC2_KINDS` starts as soon as
+//! the kinds in its `after` are done, independent kinds at once, and the deletions within a kind
+//! at once (at most `aws_concurrency` calls in flight across the pass).
 //!
-//! instances (terminate, wait) → images → snapshots → the key pair (its SSM parameter first) → detached volumes → Elastic IPs → network interfaces → routes
-//! through the sandbox's peering (in the Management VPC too) → peering → security groups
-//! (cross-references revoked first) → subnets → route tables (associations first) → internet
-//! gateway (detached first) → the sandbox VPC (dedicated mode only; shared and Management VPCs
-//! carry no sandbox tag). How each kind is listed and deleted is in `kinds.rs`.
+//! The longest chain: instances (terminate, wait) → network interfaces → security groups and
+//! subnets → the sandbox VPC; beside it Elastic IPs, NAT gateways, endpoints, images → snapshots,
+//! the key pair (its SSM parameter first), peering routes → peering, route tables, gateways.
+//! How each kind is listed is in `list.rs`, deleted in `kinds.rs`, `net.rs` and `nics.rs`.
 //!
 //! `DependencyViolation` and `*.NotFound` right after a delete are retried with backoff; a
-//! resource already gone counts as deleted. A second cleanup finds nothing: a quick no-op.
+//! resource already gone counts as deleted; what cannot go is reported with its reason and the
+//! job fails (a later cleanup finishes it). After a pass that deleted something, every tagged
+//! kind is listed once more, all at once: a pass runs again only when that finds something.
+//! A second cleanup finds nothing: a quick no-op.
 
 mod kinds;
 mod list;
+mod net;
+mod nics;
+mod scope;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use aws_sdk_ec2::types::Filter;
 use aws_sdk_ec2::Client;
-use es_proto::resources::{tagged_ec2_kinds, EC2_KINDS};
+use es_proto::resources::{tagged_ec2_kinds, Ec2Kind, EC2_KINDS};
 use es_proto::v1::{Deleted, DeletedResource};
+use futures::StreamExt;
 
 use super::ec2::{sandbox_filter, tag_value};
 use super::{Cx, Result, TAG_CREATED_AT, TAG_SANDBOX};
 
-pub(crate) use kinds::release_address;
+pub(crate) use net::release_address;
 
-/// Everything tagged with the sandbox, deleted in dependency order.
+/// Everything of the sandbox, deleted in dependency order.
 pub(crate) async fn cleanup(cx: &Cx<'_>) -> Result<Deleted> {
     let out = cleanup_passes(cx, cx.sandbox).await?;
     Ok(Deleted { resources: out })
 }
 
-/// Passes until one finds nothing more (at most 5): a listing that pages, or a resource that
-/// became visible late, is caught by the next pass. A clean sandbox costs one pass.
+/// Passes until a check finds nothing left (at most 5): a resource that became visible late is
+/// caught by the next pass. A clean sandbox costs the scope's look-up and one listing per kind.
 async fn cleanup_passes(cx: &Cx<'_>, sb: &str) -> Result<Vec<DeletedResource>> {
     let mut out = Vec::new();
     for _ in 0..5 {
-        let pass = cleanup_one(cx.ec2, sb, false, cx).await?;
+        let pass = cleanup_one(cx, sb, false).await?;
         let found = pass.len();
         let failed = pass.iter().any(|r| r.outcome == "failed");
         out.extend(pass);
-        if found == 0 || failed {
+        if found == 0 || failed || !anything_tagged(cx.ec2, sb).await? {
             break;
         }
     }
     Ok(out)
 }
 
-/// One pass over every kind in deletion order; progress names each kind that had resources.
-async fn cleanup_one(
-    ec2: &Client,
-    sb: &str,
-    dry_run: bool,
-    cx: &Cx<'_>,
-) -> Result<Vec<DeletedResource>> {
+/// Whether any tagged kind still lists a resource of the sandbox (one call per kind, at once).
+async fn anything_tagged(ec2: &Client, sb: &str) -> Result<bool> {
     let f = sandbox_filter(sb);
-    let mut pass = kinds::Pass::default();
+    let lists = tagged_ec2_kinds().map(|k| list::tags_of(ec2, k.kind, &f));
+    let found = futures::future::try_join_all(lists).await?;
+    Ok(found
+        .iter()
+        .flatten()
+        .any(|(tags, _)| tag_value(tags, TAG_SANDBOX) == Some(sb)))
+}
+
+/// One pass: every kind as soon as the kinds it comes after are done; progress names each kind
+/// that had resources, counting the kinds done so far.
+async fn cleanup_one(cx: &Cx<'_>, sb: &str, dry_run: bool) -> Result<Vec<DeletedResource>> {
+    let s = scope::Scope::of(cx.ec2, &cx.keys, sb, dry_run, cx.concurrency).await?;
+    let s = &s;
+    let total = EC2_KINDS.len() as u32;
+    let mut started: HashSet<Ec2Kind> = HashSet::new();
+    let mut finished: HashSet<Ec2Kind> = HashSet::new();
+    let mut running = futures::stream::FuturesUnordered::new();
     let mut out = Vec::new();
-    let steps = EC2_KINDS.len() as u32;
-    for (i, k) in EC2_KINDS.iter().enumerate() {
-        let got = kinds::delete(ec2, &cx.keys, k.kind, sb, &f, dry_run, &mut pass).await?;
+    loop {
+        for k in EC2_KINDS {
+            if !started.contains(&k.kind) && k.after.iter().all(|d| finished.contains(d)) {
+                started.insert(k.kind);
+                running.push(async move { (k, kinds::delete(s, k.kind).await) });
+            }
+        }
+        let Some((k, got)) = running.next().await else {
+            break;
+        };
+        let got = got?;
+        finished.insert(k.kind);
         if !dry_run && !got.is_empty() {
             let failed = got.iter().filter(|r| r.outcome == "failed").count();
             let mut line = format!("{}: {} deleted", k.name, got.len() - failed);
             if failed > 0 {
                 line.push_str(&format!(", {failed} failed"));
             }
-            cx.ctx.progress(i as u32 + 1, steps, line);
+            cx.ctx.progress(finished.len() as u32, total, line);
         }
         out.extend(got);
     }
+    // Reported in the table's order, whatever order the kinds finished in.
+    let rank = |name: &str| EC2_KINDS.iter().position(|k| k.name == name);
+    out.sort_by_key(|r| rank(&r.kind));
     Ok(out)
 }
 
@@ -166,7 +198,7 @@ pub(crate) async fn sweep(
     let total = orphans.len() as u32;
     for (i, sb) in orphans.into_iter().enumerate() {
         let r = if dry_run {
-            cleanup_one(cx.ec2, sb, true, cx).await?
+            cleanup_one(cx, sb, true).await?
         } else {
             cleanup_passes(cx, sb).await?
         };

@@ -1,0 +1,226 @@
+//! What one cleanup pass works on: the sandbox, its own VPCs (dedicated mode: everything inside
+//! them goes, tagged or not), what the pass has read that several kinds need, and the bound on
+//! concurrent deletions. Plus the report records every kind's deletion produces.
+
+use std::future::Future;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{Filter, Tag, VpcPeeringConnection};
+use aws_sdk_ec2::Client;
+use es_proto::resources::{ec2_kind, Ec2Kind};
+use es_proto::v1::DeletedResource;
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::shells::ec2::{already_gone, aws_err, code, filter, sandbox_filter, tag_value};
+use crate::shells::keys::KeyStore;
+use crate::shells::{Result, TAG_SANDBOX};
+
+use super::list;
+
+/// How long a network interface managed by another AWS service (Lambda, a load balancer, an
+/// endpoint being deleted) is waited for before it is reported "in use". Lambda's can take
+/// 20–45 minutes: a later cleanup finishes those.
+pub(super) const FOREIGN_NIC_WAIT: Duration = Duration::from_secs(120);
+
+pub(super) struct Scope<'a> {
+    pub ec2: &'a Client,
+    pub keys: &'a KeyStore<'a>,
+    pub sb: &'a str,
+    /// The `ReservationId=<sb>` filter.
+    pub tag: Filter,
+    /// The sandbox's own VPCs (dedicated mode), sorted; empty in shared and single modes.
+    pub vpcs: Vec<String>,
+    pub dry_run: bool,
+    permits: Semaphore,
+    peerings: OnceCell<Vec<VpcPeeringConnection>>,
+}
+
+impl<'a> Scope<'a> {
+    /// Reads the sandbox's own VPCs (one call): the scope of the pass.
+    pub async fn of(
+        ec2: &'a Client,
+        keys: &'a KeyStore<'a>,
+        sb: &'a str,
+        dry_run: bool,
+        concurrency: usize,
+    ) -> Result<Scope<'a>> {
+        let tag = sandbox_filter(sb);
+        let r = ec2.describe_vpcs().filters(tag.clone()).send().await;
+        let r = r.map_err(|e| aws_err("DescribeVpcs", e))?;
+        let mut vpcs: Vec<String> = r
+            .vpcs()
+            .iter()
+            .filter(|v| tag_value(v.tags(), TAG_SANDBOX) == Some(sb))
+            .filter_map(|v| v.vpc_id().map(str::to_owned))
+            .collect();
+        vpcs.sort();
+        Ok(Scope {
+            ec2,
+            keys,
+            sb,
+            tag,
+            vpcs,
+            dry_run,
+            permits: Semaphore::new(concurrency.max(1)),
+            peerings: OnceCell::new(),
+        })
+    }
+
+    /// Whether a resource is the sandbox's: tagged with it, or inside one of its VPCs. Listings
+    /// are filtered already; this is checked again because an EC2 implementation that ignores a
+    /// filter (moto did, for peering connections) would otherwise hand one sandbox's cleanup
+    /// another's resources.
+    pub fn owns(&self, tags: &[Tag], vpcs: &[Option<&str>]) -> bool {
+        tag_value(tags, TAG_SANDBOX) == Some(self.sb)
+            || vpcs
+                .iter()
+                .flatten()
+                .any(|v| self.vpcs.iter().any(|x| x == v))
+    }
+
+    /// The filter `name` = the sandbox's VPCs, when it has any.
+    pub fn in_vpcs(&self, name: &str) -> Option<Filter> {
+        let ids: Vec<&str> = self.vpcs.iter().map(String::as_str).collect();
+        (!ids.is_empty()).then(|| filter(name, &ids))
+    }
+
+    /// Lists with the sandbox tag and, in dedicated mode, with `vpc_filter` = its VPCs, at once;
+    /// answers both lists joined, each resource once (by `id`).
+    pub async fn union<T, F, Fut>(
+        &self,
+        vpc_filter: &str,
+        list: F,
+        id: fn(&T) -> Option<&str>,
+    ) -> Result<Vec<T>>
+    where
+        F: Fn(Filter) -> Fut,
+        Fut: Future<Output = Result<Vec<T>>>,
+    {
+        let inside = async {
+            match self.in_vpcs(vpc_filter) {
+                Some(f) => list(f).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let (mut all, inside) = tokio::try_join!(list(self.tag.clone()), inside)?;
+        for x in inside {
+            if !all.iter().any(|y| id(y) == id(&x)) {
+                all.push(x);
+            }
+        }
+        Ok(all)
+    }
+
+    /// The sandbox's live peering connections (tagged, or of its VPCs), read once per pass: the
+    /// routes through them and then they themselves are deleted.
+    pub async fn peerings(&self) -> Result<&[VpcPeeringConnection]> {
+        let all = self
+            .peerings
+            .get_or_try_init(|| async {
+                let (tagged, req, acc) = tokio::try_join!(
+                    list::peerings(self.ec2, Some(self.tag.clone())),
+                    list::peerings(self.ec2, self.in_vpcs("requester-vpc-info.vpc-id")),
+                    list::peerings(self.ec2, self.in_vpcs("accepter-vpc-info.vpc-id")),
+                )?;
+                let mut out: Vec<VpcPeeringConnection> = Vec::new();
+                for p in tagged.into_iter().chain(req).chain(acc) {
+                    let vpcs = [
+                        p.requester_vpc_info().and_then(|v| v.vpc_id()),
+                        p.accepter_vpc_info().and_then(|v| v.vpc_id()),
+                    ];
+                    let id = p.vpc_peering_connection_id();
+                    if self.owns(p.tags(), &vpcs)
+                        && !out.iter().any(|x| x.vpc_peering_connection_id() == id)
+                    {
+                        out.push(p);
+                    }
+                }
+                Ok::<_, crate::shells::ShellsError>(out)
+            })
+            .await?;
+        Ok(all)
+    }
+
+    /// Runs `delete` on every item, at most `aws_concurrency` at once across the whole pass; in
+    /// a dry run reports each as "would-delete" instead.
+    pub async fn each<T, Fut>(
+        &self,
+        kind: Ec2Kind,
+        items: Vec<(String, T)>,
+        delete: impl Fn(String, T) -> Fut,
+    ) -> Vec<DeletedResource>
+    where
+        Fut: Future<Output = Vec<DeletedResource>>,
+    {
+        if self.dry_run {
+            return items.iter().map(|(id, _)| self.would(kind, id)).collect();
+        }
+        let runs = items.into_iter().map(|(id, x)| {
+            let fut = delete(id, x);
+            async {
+                let _permit = self.permits.acquire().await;
+                fut.await
+            }
+        });
+        futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    pub fn rec(
+        &self,
+        kind: Ec2Kind,
+        id: &str,
+        r: std::result::Result<(), String>,
+    ) -> DeletedResource {
+        record(kind, id, self.sb, r)
+    }
+
+    pub fn would(&self, kind: Ec2Kind, id: &str) -> DeletedResource {
+        DeletedResource {
+            kind: ec2_kind(kind).name.into(),
+            id: id.into(),
+            sandbox_id: self.sb.into(),
+            outcome: "would-delete".into(),
+            error: String::new(),
+        }
+    }
+}
+
+/// The report of one deletion: "deleted", or "failed" with the reason.
+pub(super) fn record(
+    kind: Ec2Kind,
+    id: &str,
+    sandbox: &str,
+    r: std::result::Result<(), String>,
+) -> DeletedResource {
+    let (outcome, error) = match r {
+        Ok(()) => ("deleted", String::new()),
+        Err(e) => ("failed", e),
+    };
+    DeletedResource {
+        kind: ec2_kind(kind).name.into(),
+        id: id.into(),
+        sandbox_id: sandbox.into(),
+        outcome: outcome.into(),
+        error,
+    }
+}
+
+/// Maps a delete's outcome: gone already is fine.
+pub(super) fn done<T, E, R>(
+    op: &'static str,
+    r: std::result::Result<T, aws_sdk_ec2::error::SdkError<E, R>>,
+) -> std::result::Result<(), String>
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if already_gone(&code(&e)) => Ok(()),
+        Err(e) => Err(aws_err(op, e).to_string()),
+    }
+}
