@@ -16,6 +16,7 @@
 //! VPC, gateway, peering or route table; both then keep the one with the smallest id and the
 //! loser deletes its own, so one of each remains.
 
+mod routing;
 mod steps;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -28,6 +29,7 @@ use ipnet::Ipv4Net;
 use crate::shells::ec2::{aws_err, sandbox_filter};
 use crate::shells::{Cx, Result};
 
+use routing::*;
 use steps::*;
 
 /// What a sandbox already has, read once at the start (every kind at once, by the sandbox tag).
