@@ -23,7 +23,7 @@ pub(crate) struct Aws {
     pub agent: Proc,
     pub mgmt: ManagementNetwork,
     /// Every EC2 operation the agent reported for the jobs of this test.
-    ops: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    pub ops: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// What went through the (pass-through) proxy between the agent and moto: the independent
     /// count of the agent's calls. `None` where a test connects the agent otherwise.
     proxy: Option<std::sync::Arc<ec2proxy::ProxyStats>>,

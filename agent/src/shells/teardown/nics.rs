@@ -23,6 +23,9 @@ pub(super) enum Action {
     Detach(String),
     /// Managed by another AWS service (named): only it can remove the interface.
     WaitFor(String),
+    /// An instance's primary interface: it cannot be detached and goes with its instance
+    /// (terminated before interfaces are looked at). Not reported.
+    WithInstance,
 }
 
 /// The facts `action` decides on.
@@ -32,6 +35,8 @@ pub(super) struct Facts<'a> {
     pub interface_type: &'a str,
     pub description: &'a str,
     pub attachment_id: Option<&'a str>,
+    /// The attachment's device index (0: the instance's primary interface).
+    pub device_index: Option<i32>,
 }
 
 pub(super) fn action(n: &Facts<'_>) -> Action {
@@ -50,6 +55,7 @@ pub(super) fn action(n: &Facts<'_>) -> Action {
         });
     }
     match n.attachment_id {
+        Some(a) if !a.is_empty() && n.device_index == Some(0) => Action::WithInstance,
         Some(a) if !a.is_empty() => Action::Detach(a.to_owned()),
         _ => Action::Delete,
     }
@@ -62,6 +68,7 @@ fn facts(n: &NetworkInterface) -> Facts<'_> {
         interface_type: n.interface_type().map(|t| t.as_str()).unwrap_or_default(),
         description: n.description().unwrap_or_default(),
         attachment_id: n.attachment().and_then(|a| a.attachment_id()),
+        device_index: n.attachment().and_then(|a| a.device_index()),
     }
 }
 
@@ -77,8 +84,10 @@ pub(super) async fn delete(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let mut items: Vec<(String, Action)> = Vec::new();
     for n in tagged.iter().chain(&inside) {
         let id = n.network_interface_id().unwrap_or_default();
-        if s.owns(n.tag_set(), &[n.vpc_id()]) && !items.iter().any(|(x, _)| x == id) {
-            items.push((id.to_owned(), action(&facts(n))));
+        let act = action(&facts(n));
+        let seen = items.iter().any(|(x, _)| x == id);
+        if s.owns(n.tag_set(), &[n.vpc_id()]) && !seen && act != Action::WithInstance {
+            items.push((id.to_owned(), act));
         }
     }
     let kind = Ec2Kind::NetworkInterface;
@@ -106,7 +115,7 @@ pub(super) async fn delete(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
                     Err(e) => Err(e),
                 }
             }
-            Action::Delete => delete_detached(s, &id).await,
+            Action::Delete | Action::WithInstance => delete_detached(s, &id).await,
         };
         vec![s.rec(kind, &id, r)]
     })
@@ -157,6 +166,7 @@ mod tests {
     #[test]
     fn what_happens_to_each_interface() {
         let f = |rm: bool, ty: &'static str, att: Option<&'static str>| Facts {
+            device_index: att.map(|_| 1),
             requester_managed: rm,
             requester_id: if rm { "AROAEXAMPLE:lambda" } else { "" },
             interface_type: ty,
