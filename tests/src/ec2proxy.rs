@@ -93,27 +93,42 @@ pub struct ProxyStats {
     pub burst_errors: Mutex<u64>,
     /// Calls delayed by a spike.
     pub spiked: Mutex<u64>,
-    /// Every call as (arrived, answered), in the order answered: what the longest chain of
+    /// Every call forwarded to the emulator, in the order answered: what the longest chain of
     /// calls that followed one another is computed from ([`longest_chain`]).
-    pub spans: Mutex<Vec<(Instant, Instant)>>,
+    pub spans: Mutex<Vec<Span>>,
+}
+
+/// One call through the proxy: when it arrived, when it was answered, its operation.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub start: Instant,
+    pub end: Instant,
+    pub op: String,
 }
 
 /// The longest sequence of calls in `spans` where each one arrived only after the one before it
 /// was answered: the dependent chain a job's calls formed, as seen from outside the agent (an
 /// upper bound of its true critical path: two independent calls may also follow one another).
-pub fn longest_chain(spans: &[(Instant, Instant)]) -> usize {
-    let mut by_end: Vec<(Instant, Instant)> = spans.to_vec();
-    by_end.sort_by_key(|s| s.1);
-    let mut best: Vec<usize> = Vec::with_capacity(by_end.len());
+/// Answers the chain's operations, first to last.
+pub fn longest_chain(spans: &[Span]) -> Vec<String> {
+    let mut by_end: Vec<&Span> = spans.iter().collect();
+    by_end.sort_by_key(|s| s.end);
+    // best[i]: the length of the longest chain ending with call i, and the call before it.
+    let mut best: Vec<(usize, Option<usize>)> = Vec::with_capacity(by_end.len());
     for i in 0..by_end.len() {
         let before = (0..i)
-            .filter(|&j| by_end[j].1 <= by_end[i].0)
-            .map(|j| best[j])
-            .max()
-            .unwrap_or(0);
-        best.push(before + 1);
+            .filter(|&j| by_end[j].end <= by_end[i].start)
+            .max_by_key(|&j| best[j].0);
+        best.push((before.map_or(0, |j| best[j].0) + 1, before));
     }
-    best.into_iter().max().unwrap_or(0)
+    let mut at = (0..best.len()).max_by_key(|&i| best[i].0);
+    let mut chain = Vec::new();
+    while let Some(i) = at {
+        chain.push(by_end[i].op.clone());
+        at = best[i].1;
+    }
+    chain.reverse();
+    chain
 }
 
 impl ProxyStats {
@@ -304,7 +319,12 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
             "An internal error has occurred.",
         )
     } else if throttled {
-        *st.stats.throttled.lock().unwrap().entry(act).or_default() += 1;
+        *st.stats
+            .throttled
+            .lock()
+            .unwrap()
+            .entry(act.clone())
+            .or_default() += 1;
         ec2_error(
             "503 Service Unavailable",
             "RequestLimitExceeded",
@@ -337,10 +357,10 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
         resp
     };
     sock.write_all(&reply).await?;
-    st.stats
-        .spans
-        .lock()
-        .unwrap()
-        .push((arrived, Instant::now()));
+    st.stats.spans.lock().unwrap().push(Span {
+        start: arrived,
+        end: Instant::now(),
+        op: act,
+    });
     sock.shutdown().await
 }

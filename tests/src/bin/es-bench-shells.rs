@@ -1,8 +1,10 @@
 //! es-shells benchmark: a real es-server and es-shells agent, with moto behind a proxy that
 //! adds a fixed latency per EC2 call and enforces EC2-style token buckets (tests/src/ec2proxy.rs),
-//! so the run behaves like a region. For N = 10, 50 and 255 apps it reports API calls per app,
-//! the time of prepare, deploy and cleanup, and deploy time against the longest chain of calls
-//! that followed one another (measured at the proxy) x latency.
+//! so the run behaves like a region. Dedicated mode, two subnets (one public), N apps (10, 50,
+//! 255) with inbound ports 80 and 443. For each of prepare, deploy and cleanup it reports the
+//! time, the calls, and the time against its critical path: the longest chain of calls that
+//! followed one another (measured at the proxy) x latency; the chains of the first run are
+//! printed call by call.
 //!
 //!   cargo build --release --workspace --bins && target/release/es-bench-shells
 
@@ -90,17 +92,18 @@ async fn main() {
     );
     println!();
     println!(
-        "{:>5}  {:>10} {:>10} {:>10}  {:>9} {:>12} {:>13}  {:>12}  {:>9}",
+        "{:>5}  {:>16} {:>16} {:>16}  {:>7}  {:>9}  {:>7} {:>7}  {:>9}",
         "apps",
-        "prepare s",
-        "deploy s",
-        "cleanup s",
+        "prepare s/chain",
+        "deploy s/chain",
+        "cleanup s/chain",
+        "total s",
         "calls/app",
-        "deploy chain",
-        "deploy ratio",
-        "cleanup calls",
+        "prep.",
+        "clean.",
         "throttled"
     );
+    let mut first_chains: Vec<(&str, Vec<String>)> = Vec::new();
     for (i, &n) in args.apps.iter().enumerate() {
         let sb = format!("bench-{n}");
         let throttled_before = stats.throttled_total();
@@ -125,21 +128,30 @@ async fn main() {
         };
         let octet = 100 + i;
         // Call counts come from the proxy (the agent is its only client and jobs run one at a
-        // time), checked against the agent's own counter.
+        // time), checked against the agent's own counter; chains from the proxy's spans.
         let proxied = || stats.calls().values().sum::<u64>();
         let spans_at = || stats.spans.lock().unwrap().len();
-        let p0 = proxied();
+        let chain_since = |at: usize| ec2proxy::longest_chain(&stats.spans.lock().unwrap()[at..]);
+        let (p0, s0) = (proxied(), spans_at());
         let prepare = submit_wait(job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             key_type: String::new(),
             amis: vec![],
             mode: NetworkMode::Dedicated as i32,
             vpc_cidr: format!("10.{octet}.0.0/16"),
-            subnets: vec![SubnetRequest {
-                name: "app".into(),
-                cidr: format!("10.{octet}.0.0/22"),
-                public: false,
-                availability_zone: String::new(),
-            }],
+            subnets: vec![
+                SubnetRequest {
+                    name: "web".into(),
+                    cidr: format!("10.{octet}.0.0/24"),
+                    public: true,
+                    availability_zone: String::new(),
+                },
+                SubnetRequest {
+                    name: "app".into(),
+                    cidr: format!("10.{octet}.4.0/22"),
+                    public: false,
+                    availability_zone: String::new(),
+                },
+            ],
             management: Some(ManagementNetwork {
                 vpc_id: mgmt_vpc.clone(),
                 cidr: "10.0.0.0/16".into(),
@@ -148,26 +160,33 @@ async fn main() {
             shared: None,
         }))
         .await;
+        let prepare_chain = chain_since(s0);
+        let port = |p: u32| PortRule {
+            protocol: "tcp".into(),
+            from_port: p,
+            to_port: p,
+            cidr: String::new(),
+        };
         let apps: Vec<AppSpec> = (0..n)
             .map(|k| AppSpec {
                 name: format!("app-{k:03}"),
                 ami: MOTO_AMI.into(),
                 instance_type: "t3.micro".into(),
                 subnets: vec!["app".into()],
+                inbound: vec![port(80), port(443)],
                 ..Default::default()
             })
             .collect();
-        let p1 = proxied();
-        let s1 = spans_at();
+        let (p1, s1) = (proxied(), spans_at());
         let deploy = submit_wait(job_spec::Kind::DeploySandbox(DeploySandbox {
             recipient: vec![],
             apps,
         }))
         .await;
-        let p2 = proxied();
-        // The deploy's chain of calls that followed one another, measured at the proxy.
-        let chain = ec2proxy::longest_chain(&stats.spans.lock().unwrap()[s1..]);
+        let deploy_chain = chain_since(s1);
+        let (p2, s2) = (proxied(), spans_at());
         let cleanup = submit_wait(job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await;
+        let cleanup_chain = chain_since(s2);
         let p3 = proxied();
         let (prepare_calls, deploy_calls, cleanup_calls) = (p1 - p0, p2 - p1, p3 - p2);
         let (agent_deploy_calls, per_op) = calls(&deploy);
@@ -181,30 +200,48 @@ async fn main() {
                 "{what} of {n}: the proxy saw {proxy} calls, the agent counted {agent}"
             );
         }
-        let ratio = secs(&deploy) / (chain as f64 * latency.as_secs_f64());
+        let cell = |j: &Job, chain: &[String]| {
+            let ratio = secs(j) / (chain.len() as f64 * latency.as_secs_f64());
+            format!("{:.2}/{} ({:.2}x)", secs(j), chain.len(), ratio)
+        };
         println!(
-            "{:>5}  {:>10.2} {:>10.2} {:>10.2}  {:>9.2} {:>12} {:>13.2}  {:>12}  {:>9}",
+            "{:>5}  {:>16} {:>16} {:>16}  {:>7.2}  {:>9.2}  {:>7} {:>7}  {:>9}",
             n,
-            secs(&prepare),
-            secs(&deploy),
-            secs(&cleanup),
+            cell(&prepare, &prepare_chain),
+            cell(&deploy, &deploy_chain),
+            cell(&cleanup, &cleanup_chain),
+            secs(&prepare) + secs(&deploy) + secs(&cleanup),
             deploy_calls as f64 / n as f64,
-            chain,
-            ratio,
+            prepare_calls,
             cleanup_calls,
             stats.throttled_total() - throttled_before
         );
+        if first_chains.is_empty() {
+            first_chains = vec![
+                ("prepare", prepare_chain),
+                ("deploy", deploy_chain),
+                ("cleanup", cleanup_chain),
+            ];
+        }
         let mut ops: Vec<_> = per_op.into_iter().collect();
         ops.sort();
-        eprintln!("  deploy of {n}: {ops:?}; prepare calls {prepare_calls}");
+        eprintln!("  deploy of {n}: {ops:?}");
         let left = tagged_resources(&ec2, &sb).await;
         assert!(left.is_empty(), "left behind by the cleanup: {left:?}");
     }
     println!();
+    for (what, chain) in &first_chains {
+        println!(
+            "{what} chain ({} calls): {}",
+            chain.len(),
+            chain.join(" → ")
+        );
+    }
+    println!();
     println!(
-        "deploy chain = the longest run of the deploy's calls that followed one another (each sent \
-         after the previous was answered), at the proxy; deploy ratio = deploy time / (chain x {} ms); \
-         calls through the proxy: {}",
+        "s/chain (ratio) = the job's time / the longest run of its calls that followed one another \
+         (each sent after the previous was answered, at the proxy) (time / (chain x {} ms)); \
+         prep., clean. = calls of prepare and cleanup; calls through the proxy: {}",
         args.latency_ms,
         stats.calls().values().sum::<u64>()
     );

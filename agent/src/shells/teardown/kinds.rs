@@ -49,7 +49,12 @@ pub(super) async fn delete(s: &Scope<'_>, kind: Ec2Kind) -> Result<Vec<DeletedRe
 async fn instances(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
-        .union("vpc-id", |f| list::instances(ec2, f), |i| i.instance_id())
+        .union(
+            Ec2Kind::Instance,
+            "vpc-id",
+            |f| list::instances(ec2, f),
+            |i| i.instance_id(),
+        )
         .await?;
     let ids: Vec<String> = all
         .iter()
@@ -60,6 +65,7 @@ async fn instances(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     if s.dry_run || ids.is_empty() {
         return Ok(ids.iter().map(|id| s.would(kind, id)).collect());
     }
+    s.ready(kind).await;
     let mut out = Vec::new();
     for chunk in ids.chunks(1000) {
         let r = ec2
@@ -108,7 +114,9 @@ async fn snapshots(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 /// The key pair, its private key's SSM parameter first: a key pair left behind still leads to it.
 async fn key_pairs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let mut out = Vec::new();
-    for k in list::key_pairs(s.ec2, s.tag.clone()).await? {
+    let listed = list::key_pairs(s.ec2, s.tag.clone()).await?;
+    s.ready(Ec2Kind::KeyPair).await;
+    for k in listed {
         if !s.owns(k.tags(), &[]) {
             continue;
         }
@@ -124,8 +132,10 @@ async fn key_pairs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     Ok(out)
 }
 
-/// Detached volumes (a root volume goes with its instance).
+/// Detached volumes (a root volume goes with its instance), listed once instances are gone: a
+/// data volume kept on termination is detached by then.
 async fn volumes(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
+    s.ready(Ec2Kind::Volume).await;
     let items = list::volumes(s.ec2, s.tag.clone(), true)
         .await?
         .into_iter()

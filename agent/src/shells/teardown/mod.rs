@@ -12,7 +12,8 @@
 //! `DependencyViolation` and `*.NotFound` right after a delete are retried with backoff; a
 //! resource already gone counts as deleted; what cannot go is reported with its reason and the
 //! job fails (a later cleanup finishes it). After a pass that deleted something, every tagged
-//! kind is listed once more, all at once: a pass runs again only when that finds something.
+//! kind is listed once more, all at once (but the kinds inside a VPC when EC2 let the pass delete
+//! the VPC: that proves them gone); a pass runs again only when that finds something.
 //! A second cleanup finds nothing: a quick no-op.
 
 mod kinds;
@@ -26,7 +27,7 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::Filter;
 use aws_sdk_ec2::Client;
-use es_proto::resources::{tagged_ec2_kinds, Ec2Kind, EC2_KINDS};
+use es_proto::resources::{ec2_kind, tagged_ec2_kinds, Ec2Kind, EC2_KINDS};
 use es_proto::v1::{Deleted, DeletedResource};
 use futures::StreamExt;
 
@@ -49,54 +50,58 @@ async fn cleanup_passes(cx: &Cx<'_>, sb: &str) -> Result<Vec<DeletedResource>> {
         let pass = cleanup_one(cx, sb, false).await?;
         let found = pass.len();
         let failed = pass.iter().any(|r| r.outcome == "failed");
+        // A VPC that EC2 let us delete held nothing more: only kinds outside VPCs are checked.
+        let vpc_gone = pass.iter().any(|r| r.kind == ec2_kind(Ec2Kind::Vpc).name);
         out.extend(pass);
-        if found == 0 || failed || !anything_tagged(cx.ec2, sb).await? {
+        if found == 0 || failed || !anything_tagged(cx.ec2, sb, vpc_gone).await? {
             break;
         }
     }
     Ok(out)
 }
 
-/// Whether any tagged kind still lists a resource of the sandbox (one call per kind, at once).
-async fn anything_tagged(ec2: &Client, sb: &str) -> Result<bool> {
+/// Whether any tagged kind (but those inside VPCs, with `vpc_gone`) still lists a resource of
+/// the sandbox: one call per kind, all at once.
+async fn anything_tagged(ec2: &Client, sb: &str, vpc_gone: bool) -> Result<bool> {
     let f = sandbox_filter(sb);
-    let lists = tagged_ec2_kinds().map(|k| list::tags_of(ec2, k.kind, &f));
-    let found = futures::future::try_join_all(lists).await?;
+    let kinds = tagged_ec2_kinds().filter(|k| !(vpc_gone && k.in_vpc));
+    let found =
+        futures::future::try_join_all(kinds.map(|k| list::tags_of(ec2, k.kind, &f))).await?;
     Ok(found
         .iter()
         .flatten()
         .any(|(tags, _)| tag_value(tags, TAG_SANDBOX) == Some(sb)))
 }
 
-/// One pass: every kind as soon as the kinds it comes after are done; progress names each kind
-/// that had resources, counting the kinds done so far.
+/// One pass: every kind lists at once and deletes as soon as the kinds it comes after are done;
+/// progress names each kind that had resources, counting the kinds done so far.
 async fn cleanup_one(cx: &Cx<'_>, sb: &str, dry_run: bool) -> Result<Vec<DeletedResource>> {
     let s = scope::Scope::of(cx.ec2, &cx.keys, sb, dry_run, cx.concurrency).await?;
     let s = &s;
     let total = EC2_KINDS.len() as u32;
-    let mut started: HashSet<Ec2Kind> = HashSet::new();
-    let mut finished: HashSet<Ec2Kind> = HashSet::new();
-    let mut running = futures::stream::FuturesUnordered::new();
+    let mut running: futures::stream::FuturesUnordered<_> = EC2_KINDS
+        .iter()
+        .map(|k| async move {
+            let r = kinds::delete(s, k.kind).await;
+            // Done only once what it comes after is (a kind with nothing to delete returns at
+            // once): so "after" holds through it.
+            s.ready(k.kind).await;
+            s.finish(k.kind);
+            (k, r)
+        })
+        .collect();
     let mut out = Vec::new();
-    loop {
-        for k in EC2_KINDS {
-            if !started.contains(&k.kind) && k.after.iter().all(|d| finished.contains(d)) {
-                started.insert(k.kind);
-                running.push(async move { (k, kinds::delete(s, k.kind).await) });
-            }
-        }
-        let Some((k, got)) = running.next().await else {
-            break;
-        };
+    let mut finished = 0;
+    while let Some((k, got)) = running.next().await {
         let got = got?;
-        finished.insert(k.kind);
+        finished += 1;
         if !dry_run && !got.is_empty() {
             let failed = got.iter().filter(|r| r.outcome == "failed").count();
             let mut line = format!("{}: {} deleted", k.name, got.len() - failed);
             if failed > 0 {
                 line.push_str(&format!(", {failed} failed"));
             }
-            cx.ctx.progress(finished.len() as u32, total, line);
+            cx.ctx.progress(finished, total, line);
         }
         out.extend(got);
     }

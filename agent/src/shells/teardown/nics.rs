@@ -72,7 +72,9 @@ fn facts(n: &NetworkInterface) -> Facts<'_> {
     }
 }
 
+/// Listed once instances, NAT gateways and endpoints are gone: theirs go with them.
 pub(super) async fn delete(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
+    s.ready(Ec2Kind::NetworkInterface).await;
     let ec2 = s.ec2;
     let inside = async {
         match s.in_vpcs("vpc-id") {

@@ -2,14 +2,15 @@
 //! them goes, tagged or not), what the pass has read that several kinds need, and the bound on
 //! concurrent deletions. Plus the report records every kind's deletion produces.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{Filter, Tag, VpcPeeringConnection};
 use aws_sdk_ec2::Client;
-use es_proto::resources::{ec2_kind, Ec2Kind};
+use es_proto::resources::{ec2_kind, Ec2Kind, EC2_KINDS};
 use es_proto::v1::DeletedResource;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{watch, OnceCell, Semaphore};
 
 use crate::shells::ec2::{already_gone, aws_err, code, filter, sandbox_filter, tag_value};
 use crate::shells::keys::KeyStore;
@@ -33,6 +34,8 @@ pub(super) struct Scope<'a> {
     pub dry_run: bool,
     permits: Semaphore,
     peerings: OnceCell<Vec<VpcPeeringConnection>>,
+    /// Per kind, whether its deletions are done: a kind deletes once those it comes after are.
+    done: HashMap<Ec2Kind, watch::Sender<bool>>,
 }
 
 impl<'a> Scope<'a> {
@@ -63,7 +66,25 @@ impl<'a> Scope<'a> {
             dry_run,
             permits: Semaphore::new(concurrency.max(1)),
             peerings: OnceCell::new(),
+            done: EC2_KINDS
+                .iter()
+                .map(|k| (k.kind, watch::channel(false).0))
+                .collect(),
         })
+    }
+
+    /// Waits until every kind that `kind` comes after (`after` in the table) is done. Kinds list
+    /// before they wait, so their look-ups run beside the deletions they depend on.
+    pub async fn ready(&self, kind: Ec2Kind) {
+        for dep in ec2_kind(kind).after {
+            let mut rx = self.done[dep].subscribe();
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    /// Marks `kind` done (its dependents may go).
+    pub fn finish(&self, kind: Ec2Kind) {
+        self.done[&kind].send_replace(true);
     }
 
     /// Whether a resource is the sandbox's: tagged with it, or inside one of its VPCs. Listings
@@ -84,10 +105,14 @@ impl<'a> Scope<'a> {
         (!ids.is_empty()).then(|| filter(name, &ids))
     }
 
-    /// Lists with the sandbox tag and, in dedicated mode, with `vpc_filter` = its VPCs, at once;
-    /// answers both lists joined, each resource once (by `id`).
+    /// Lists a kind: in dedicated mode a kind that lives inside a VPC by `vpc_filter` = the
+    /// sandbox's VPCs (tagged ones there included), other kinds both by the tag and by that
+    /// filter, at once, each resource once (by `id`); otherwise by the tag. (A tagged resource
+    /// of the sandbox outside its VPC would be found by the check after the pass, and taken by
+    /// the next pass, which lists by the tag.)
     pub async fn union<T, F, Fut>(
         &self,
+        kind: Ec2Kind,
         vpc_filter: &str,
         list: F,
         id: fn(&T) -> Option<&str>,
@@ -96,13 +121,13 @@ impl<'a> Scope<'a> {
         F: Fn(Filter) -> Fut,
         Fut: Future<Output = Result<Vec<T>>>,
     {
-        let inside = async {
-            match self.in_vpcs(vpc_filter) {
-                Some(f) => list(f).await,
-                None => Ok(Vec::new()),
-            }
+        let inside = self.in_vpcs(vpc_filter);
+        let (tagged, inside) = match inside {
+            Some(f) if ec2_kind(kind).in_vpc => return list(f).await,
+            Some(f) => tokio::try_join!(list(self.tag.clone()), list(f))?,
+            None => return list(self.tag.clone()).await,
         };
-        let (mut all, inside) = tokio::try_join!(list(self.tag.clone()), inside)?;
+        let mut all = tagged;
         for x in inside {
             if !all.iter().any(|y| id(y) == id(&x)) {
                 all.push(x);
@@ -141,7 +166,7 @@ impl<'a> Scope<'a> {
         Ok(all)
     }
 
-    /// Runs `delete` on every item, at most `aws_concurrency` at once across the whole pass; in
+    /// Once `kind` is ready, runs `delete` on every item, at most `aws_concurrency` at once across the whole pass; in
     /// a dry run reports each as "would-delete" instead.
     pub async fn each<T, Fut>(
         &self,
@@ -155,6 +180,7 @@ impl<'a> Scope<'a> {
         if self.dry_run {
             return items.iter().map(|(id, _)| self.would(kind, id)).collect();
         }
+        self.ready(kind).await;
         let runs = items.into_iter().map(|(id, x)| {
             let fut = delete(id, x);
             async {
