@@ -65,10 +65,6 @@ pub struct Ec2KindInfo {
     pub tagged: bool,
     /// Kinds whose resources must be gone (or detached from it) before it can be deleted.
     pub after: &'static [Ec2Kind],
-    /// Every resource of the kind lives inside one VPC, and EC2 refuses to delete a VPC that
-    /// still holds one: in dedicated mode these are listed by the sandbox VPC, and a VPC deleted
-    /// proves them gone.
-    pub in_vpc: bool,
 }
 
 use Ec2Kind::*;
@@ -76,13 +72,13 @@ use Ec2Kind::*;
 /// Every kind, in an order that deletes dependencies first (a cleanup runs each kind as soon as
 /// the kinds in its `after` are done, independent ones at once).
 pub const EC2_KINDS: &[Ec2KindInfo] = &[
-    inside(row(
+    row(
         Instance,
         "instance",
         "DescribeInstances",
         "TerminateInstances",
         &[],
-    )),
+    ),
     row(Image, "image", "DescribeImages", "DeregisterImage", &[]),
     row(
         Snapshot,
@@ -105,13 +101,13 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         "DeleteVolume",
         &[Instance],
     ),
-    inside(row(
+    row(
         NatGateway,
         "nat-gateway",
         "DescribeNatGateways",
         "DeleteNatGateway",
         &[],
-    )),
+    ),
     row(
         ElasticIp,
         "elastic-ip",
@@ -119,20 +115,20 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         "ReleaseAddress",
         &[Instance, NatGateway],
     ),
-    inside(row(
+    row(
         VpcEndpoint,
         "vpc-endpoint",
         "DescribeVpcEndpoints",
         "DeleteVpcEndpoints",
         &[],
-    )),
-    inside(row(
+    ),
+    row(
         EgressOnlyInternetGateway,
         "egress-only-internet-gateway",
         "DescribeEgressOnlyInternetGateways",
         "DeleteEgressOnlyInternetGateway",
         &[],
-    )),
+    ),
     row(
         LaunchTemplate,
         "launch-template",
@@ -140,13 +136,13 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         "DeleteLaunchTemplate",
         &[],
     ),
-    inside(row(
+    row(
         TransitGatewayAttachment,
         "transit-gateway-attachment",
         "DescribeTransitGatewayVpcAttachments",
         "DeleteTransitGatewayVpcAttachment",
         &[],
-    )),
+    ),
     row(
         FlowLog,
         "flow-log",
@@ -154,13 +150,13 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         "DeleteFlowLogs",
         &[],
     ),
-    inside(row(
+    row(
         NetworkInterface,
         "network-interface",
         "DescribeNetworkInterfaces",
         "DeleteNetworkInterface",
         &[Instance, ElasticIp, NatGateway, VpcEndpoint],
-    )),
+    ),
     Ec2KindInfo {
         tagged: false,
         ..row(
@@ -178,14 +174,14 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         "DeleteVpcPeeringConnection",
         &[PeeringRoute],
     ),
-    inside(row(
+    row(
         SecurityGroup,
         "security-group",
         "DescribeSecurityGroups",
         "DeleteSecurityGroup",
         &[Instance, NetworkInterface, VpcEndpoint],
-    )),
-    inside(row(
+    ),
+    row(
         Subnet,
         "subnet",
         "DescribeSubnets",
@@ -197,15 +193,15 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
             VpcEndpoint,
             TransitGatewayAttachment,
         ],
-    )),
+    ),
     // Its associations are removed first; nothing else holds a route table.
-    inside(row(
+    row(
         RouteTable,
         "route-table",
         "DescribeRouteTables",
         "DeleteRouteTable",
         &[],
-    )),
+    ),
     row(
         InternetGateway,
         "internet-gateway",
@@ -214,13 +210,13 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         // Detaching fails while the VPC has public addresses mapped.
         &[ElasticIp, Instance, NatGateway],
     ),
-    inside(row(
+    row(
         NetworkAcl,
         "network-acl",
         "DescribeNetworkAcls",
         "DeleteNetworkAcl",
         &[Subnet],
-    )),
+    ),
     row(
         Vpc,
         "vpc",
@@ -265,15 +261,6 @@ const fn row(
         delete,
         tagged: true,
         after,
-        in_vpc: false,
-    }
-}
-
-/// A row of a kind that lives inside a VPC (see [`Ec2KindInfo::in_vpc`]).
-const fn inside(row: Ec2KindInfo) -> Ec2KindInfo {
-    Ec2KindInfo {
-        in_vpc: true,
-        ..row
     }
 }
 

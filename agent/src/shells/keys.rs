@@ -88,10 +88,15 @@ pub(crate) async fn key_kind(
 /// Makes the sandbox key pair of type `kind` unless it exists with its private key stored;
 /// answers its name and the parameter. A key pair whose private key never reached SSM (a crash
 /// in between) is useless: it is deleted and made again.
-pub(crate) async fn ensure(cx: &Cx<'_>, kind: KeyType) -> Result<(String, String)> {
+/// `fresh`: nothing carries the sandbox's tag (DescribeTags said so): there is nothing to find.
+pub(crate) async fn ensure(cx: &Cx<'_>, kind: KeyType, fresh: bool) -> Result<(String, String)> {
     let name = key_name(cx.sandbox);
     let parameter = cx.keys.parameter(cx.sandbox);
-    if let Some(k) = find(cx).await?.into_iter().next() {
+    let found = match fresh {
+        true => None,
+        false => find(cx).await?.into_iter().next(),
+    };
+    if let Some(k) = found {
         if k.key_type() != Some(&kind) {
             return Err(ShellsError::Invalid {
                 field: "spec.prepare_network.key_type".into(),

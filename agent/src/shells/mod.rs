@@ -212,9 +212,10 @@ async fn run_kind(cx: &Cx<'_>, kind: &Kind) -> Result<shells_result::Result> {
                 keys::key_kind(cx, &p.key_type, &p.amis),
                 network::check(cx, p)
             )?;
+            let fresh = checked.fresh();
             let key = async {
                 match kind {
-                    Some(kind) => keys::ensure(cx, kind).await.map(Some),
+                    Some(kind) => keys::ensure(cx, kind, fresh).await.map(Some),
                     None => Ok(None),
                 }
             };

@@ -226,6 +226,29 @@ async fn main() {
         let mut ops: Vec<_> = per_op.into_iter().collect();
         ops.sort();
         eprintln!("  deploy of {n}: {ops:?}");
+        {
+            // Where the time went: the span from the job's first call to its last, and the sum
+            // of the calls' own durations at the proxy (latency included).
+            let spans = stats.spans.lock().unwrap();
+            for (what, range) in [
+                ("prepare", s0..s1),
+                ("deploy", s1..s2),
+                ("cleanup", s2..spans.len()),
+            ] {
+                let v = &spans[range];
+                let first = v.iter().map(|x| x.start).min();
+                let last = v.iter().map(|x| x.end).max();
+                let busy: f64 = v.iter().map(|x| (x.end - x.start).as_secs_f64()).sum();
+                if let (Some(a), Some(b)) = (first, last) {
+                    eprintln!(
+                        "  {what} of {n}: first call to last answer {:.3} s, calls' own time {:.3} s over {} calls",
+                        (b - a).as_secs_f64(),
+                        busy,
+                        v.len()
+                    );
+                }
+            }
+        }
         let left = tagged_resources(&ec2, &sb).await;
         assert!(left.is_empty(), "left behind by the cleanup: {left:?}");
     }

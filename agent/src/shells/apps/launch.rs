@@ -16,7 +16,9 @@ use aws_sdk_ec2::types::{
 use es_proto::v1::{AppSpec, PortRule, PublicIp};
 use ipnet::Ipv4Net;
 
-use crate::shells::ec2::{aws_err, filter, retry_consistency, sandbox_filter, tag_value, tags};
+use crate::shells::ec2::{
+    aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags,
+};
 use crate::shells::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
 
 use super::{app_path, client_token};
@@ -28,6 +30,8 @@ pub(super) struct Network {
     pub sandbox_sg: String,
     pub isolated_sg: String,
     pub vpc_id: String,
+    /// The sandbox's groups by name (apps' port groups among them), from the same look-up.
+    pub groups: HashMap<String, String>,
 }
 
 pub(super) async fn network(cx: &Cx<'_>) -> Result<Network> {
@@ -80,11 +84,18 @@ pub(super) async fn network(cx: &Cx<'_>) -> Result<Network> {
             "the sandbox security groups are missing".into(),
         ));
     };
+    let named = groups
+        .security_groups()
+        .iter()
+        .filter(|g| g.vpc_id() == Some(vpc_id.as_str()))
+        .filter_map(|g| Some((g.group_name()?.to_owned(), g.group_id()?.to_owned())))
+        .collect();
     Ok(Network {
         subnets: map,
         sandbox_sg,
         isolated_sg,
         vpc_id,
+        groups: named,
     })
 }
 
@@ -425,19 +436,13 @@ pub(super) fn permissions(inbound: &[PortRule]) -> Vec<IpPermission> {
         .collect()
 }
 
-/// The app's own security group for its inbound ports, made (with `a.inbound`) when missing.
+/// The app's own security group for its inbound ports, made (with `a.inbound`) when the
+/// network's look-up did not find it (a group made by a concurrent run meanwhile is looked up by
+/// name).
 pub(super) async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result<String> {
     let name = format!("{}-{}-ports", cx.sandbox, a.name);
-    let found = cx
-        .ec2
-        .describe_security_groups()
-        .filters(filter("vpc-id", &[&net.vpc_id]))
-        .filters(filter("group-name", &[&name]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
-    if let Some(id) = found.security_groups().first().and_then(|g| g.group_id()) {
-        return Ok(id.to_owned());
+    if let Some(id) = net.groups.get(&name) {
+        return Ok(id.clone());
     }
     let r = cx
         .ec2
@@ -452,9 +457,23 @@ pub(super) async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result
             &[(TAG_APP, &a.name), (TAG_ROLE, "app-ports")],
         ))
         .send()
-        .await
-        .map_err(|e| aws_err("CreateSecurityGroup", e))?;
-    let id = r.group_id().unwrap_or_default().to_owned();
+        .await;
+    let id = match r {
+        Ok(r) => r.group_id().unwrap_or_default().to_owned(),
+        Err(e) if code(&e) == "InvalidGroup.Duplicate" => {
+            let found = cx
+                .ec2
+                .describe_security_groups()
+                .filters(filter("vpc-id", &[&net.vpc_id]))
+                .filters(filter("group-name", &[&name]))
+                .send()
+                .await
+                .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
+            let id = found.security_groups().first().and_then(|g| g.group_id());
+            return Ok(id.unwrap_or_default().to_owned());
+        }
+        Err(e) => return Err(aws_err("CreateSecurityGroup", e)),
+    };
     let perms = permissions(&a.inbound);
     crate::shells::ec2::authorize_ingress(cx.ec2, &id, &perms).await?;
     Ok(id)

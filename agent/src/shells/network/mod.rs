@@ -2,12 +2,12 @@
 //! resource is made as soon as what it needs exists:
 //!
 //! ```text
-//! look-ups by the sandbox tag, all at once ──► VPC (create, reconcile) ──┬─► subnets
-//! (VPCs, subnets, groups, route tables,        internet gateway          ├─► security groups ─► ingress rules
-//!  peerings, internet gateways; the            (create, reconcile)       ├─► peering ─► accept ‖ reconcile
-//!  shared/Management VPC's CIDRs)                                        ├─► route tables ─► reconcile
-//!                                                                        └─► gateway attachment
-//!                                  then every route (both ways) and every subnet association at once
+//! DescribeTags (anything of the   ──► VPC (create, reconcile) ──┬─► subnets
+//! sandbox yet? if so, one look-up     internet gateway          ├─► security groups ─► ingress rules
+//! per kind, at once); the shared/     (create, reconcile)       ├─► peering ─► accept ‖ reconcile
+//! Management VPC's CIDRs; the key                               ├─► route tables ─► reconcile
+//! type and images                                               └─► gateway attachment
+//!                         then every route (both ways) and every subnet association at once
 //! ```
 //!
 //! `check` does every read and refutes bad input before anything is created; `build` creates.
@@ -26,8 +26,8 @@ use es_proto::v1::{NetworkMode, NetworkResult, PrepareSandboxNetwork, SubnetResu
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 
-use crate::shells::ec2::{aws_err, sandbox_filter};
-use crate::shells::{Cx, Result};
+use crate::shells::ec2::{aws_err, filter, sandbox_filter};
+use crate::shells::{Cx, Result, TAG_SANDBOX};
 
 use routing::*;
 use steps::*;
@@ -35,6 +35,9 @@ use steps::*;
 /// What a sandbox already has, read once at the start (every kind at once, by the sandbox tag).
 #[derive(Default)]
 pub(super) struct Found {
+    /// Nothing carries the sandbox's tag: no look-up of any kind was needed (nor is the key
+    /// pair's).
+    pub fresh: bool,
     pub vpcs: Vec<String>,
     pub subnets: Vec<Subnet>,
     pub groups: Vec<SecurityGroup>,
@@ -50,6 +53,13 @@ pub(crate) struct Checked {
     /// The existing VPC (shared and single modes); the dedicated one is made by `build`.
     vpc_id: String,
     found: Found,
+}
+
+impl Checked {
+    /// Nothing carries the sandbox's tag yet (its key pair neither).
+    pub fn fresh(&self) -> bool {
+        self.found.fresh
+    }
 }
 
 /// Parses every subnet CIDR and checks it lies inside one of `vpc_cidrs`.
@@ -105,8 +115,25 @@ pub(crate) async fn check(cx: &Cx<'_>, p: &PrepareSandboxNetwork) -> Result<Chec
     })
 }
 
-/// The sandbox's resources of every kind a prepare makes, one call per kind, all at once.
+/// The sandbox's resources of every kind a prepare makes. One DescribeTags tells whether
+/// anything carries the sandbox's tag at all: a new sandbox (the usual case) needs nothing more;
+/// otherwise one call per kind, all at once.
 async fn lookups(cx: &Cx<'_>, mode: NetworkMode, public: bool) -> Result<Found> {
+    let any = cx
+        .ec2
+        .describe_tags()
+        .filters(filter("key", &[TAG_SANDBOX]))
+        .filters(filter("value", &[cx.sandbox]))
+        .max_results(5)
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeTags", e))?;
+    if any.tags().is_empty() {
+        return Ok(Found {
+            fresh: true,
+            ..Default::default()
+        });
+    }
     let f = sandbox_filter(cx.sandbox);
     let dedicated = mode == NetworkMode::Dedicated;
     let subnets = async {
@@ -149,6 +176,7 @@ async fn lookups(cx: &Cx<'_>, mode: NetworkMode, public: bool) -> Result<Found> 
     let (subnets, groups, route_tables, vpcs, peerings, igws) =
         tokio::try_join!(subnets, groups, route_tables, vpcs, peerings, igws)?;
     Ok(Found {
+        fresh: false,
         vpcs,
         subnets,
         groups,

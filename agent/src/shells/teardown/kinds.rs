@@ -49,12 +49,7 @@ pub(super) async fn delete(s: &Scope<'_>, kind: Ec2Kind) -> Result<Vec<DeletedRe
 async fn instances(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
-        .union(
-            Ec2Kind::Instance,
-            "vpc-id",
-            |f| list::instances(ec2, f),
-            |i| i.instance_id(),
-        )
+        .union("vpc-id", |f| list::instances(ec2, f), |i| i.instance_id())
         .await?;
     let ids: Vec<String> = all
         .iter()

@@ -11,10 +11,9 @@
 //!
 //! `DependencyViolation` and `*.NotFound` right after a delete are retried with backoff; a
 //! resource already gone counts as deleted; what cannot go is reported with its reason and the
-//! job fails (a later cleanup finishes it). After a pass that deleted something, every tagged
-//! kind is listed once more, all at once (but the kinds inside a VPC when EC2 let the pass delete
-//! the VPC: that proves them gone); a pass runs again only when that finds something.
-//! A second cleanup finds nothing: a quick no-op.
+//! job fails (a later cleanup finishes it). One pass: each kind is listed in full as it starts
+//! (kinds freed by others' deletions, network interfaces and volumes, once those are done), so a
+//! second listing would prove nothing. A second cleanup finds nothing: a quick no-op.
 
 mod kinds;
 mod list;
@@ -27,50 +26,22 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::Filter;
 use aws_sdk_ec2::Client;
-use es_proto::resources::{ec2_kind, tagged_ec2_kinds, Ec2Kind, EC2_KINDS};
+use es_proto::resources::{tagged_ec2_kinds, EC2_KINDS};
 use es_proto::v1::{Deleted, DeletedResource};
 use futures::StreamExt;
 
-use super::ec2::{sandbox_filter, tag_value};
+use super::ec2::tag_value;
 use super::{Cx, Result, TAG_CREATED_AT, TAG_SANDBOX};
 
 pub(crate) use net::release_address;
 
-/// Everything of the sandbox, deleted in dependency order.
+/// Everything of the sandbox, deleted in dependency order, in one pass: every kind is listed in
+/// full (by the tag, and in dedicated mode by the VPC), so listing again afterwards would prove
+/// nothing (the server runs a sandbox's es-shells jobs one at a time); what could not be deleted
+/// fails the job, and the next cleanup takes it.
 pub(crate) async fn cleanup(cx: &Cx<'_>) -> Result<Deleted> {
-    let out = cleanup_passes(cx, cx.sandbox).await?;
+    let out = cleanup_one(cx, cx.sandbox, false).await?;
     Ok(Deleted { resources: out })
-}
-
-/// Passes until a check finds nothing left (at most 5): a resource that became visible late is
-/// caught by the next pass. A clean sandbox costs the scope's look-up and one listing per kind.
-async fn cleanup_passes(cx: &Cx<'_>, sb: &str) -> Result<Vec<DeletedResource>> {
-    let mut out = Vec::new();
-    for _ in 0..5 {
-        let pass = cleanup_one(cx, sb, false).await?;
-        let found = pass.len();
-        let failed = pass.iter().any(|r| r.outcome == "failed");
-        // A VPC that EC2 let us delete held nothing more: only kinds outside VPCs are checked.
-        let vpc_gone = pass.iter().any(|r| r.kind == ec2_kind(Ec2Kind::Vpc).name);
-        out.extend(pass);
-        if found == 0 || failed || !anything_tagged(cx.ec2, sb, vpc_gone).await? {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-/// Whether any tagged kind (but those inside VPCs, with `vpc_gone`) still lists a resource of
-/// the sandbox: one call per kind, all at once.
-async fn anything_tagged(ec2: &Client, sb: &str, vpc_gone: bool) -> Result<bool> {
-    let f = sandbox_filter(sb);
-    let kinds = tagged_ec2_kinds().filter(|k| !(vpc_gone && k.in_vpc));
-    let found =
-        futures::future::try_join_all(kinds.map(|k| list::tags_of(ec2, k.kind, &f))).await?;
-    Ok(found
-        .iter()
-        .flatten()
-        .any(|(tags, _)| tag_value(tags, TAG_SANDBOX) == Some(sb)))
 }
 
 /// One pass: every kind lists at once and deletes as soon as the kinds it comes after are done;
@@ -205,7 +176,7 @@ pub(crate) async fn sweep(
         let r = if dry_run {
             cleanup_one(cx, sb, true).await?
         } else {
-            cleanup_passes(cx, sb).await?
+            cleanup_one(cx, sb, false).await?
         };
         cx.ctx.progress(
             i as u32 + 1,

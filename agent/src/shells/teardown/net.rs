@@ -56,7 +56,6 @@ pub(super) async fn nat_gateways(s: &Scope<'_>) -> Result<Vec<DeletedResource>> 
     let ec2 = s.ec2;
     let all = s
         .union(
-            Ec2Kind::NatGateway,
             "vpc-id",
             |f| list::nat_gateways(ec2, f),
             |n| n.nat_gateway_id(),
@@ -122,7 +121,6 @@ pub(super) async fn endpoints(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
         .union(
-            Ec2Kind::VpcEndpoint,
             "vpc-id",
             |f| list::endpoints(ec2, f),
             |e| e.vpc_endpoint_id(),
@@ -208,7 +206,6 @@ pub(super) async fn tgw_attachments(s: &Scope<'_>) -> Result<Vec<DeletedResource
     let ec2 = s.ec2;
     let all = s
         .union(
-            Ec2Kind::TransitGatewayAttachment,
             "vpc-id",
             |f| list::tgw_attachments(ec2, f),
             |a| a.transit_gateway_attachment_id(),
@@ -303,7 +300,6 @@ pub(super) async fn flow_logs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
         .union(
-            Ec2Kind::FlowLog,
             "resource-id",
             |f| list::flow_logs(ec2, f),
             |l| l.flow_log_id(),
@@ -414,12 +410,7 @@ pub(super) async fn peerings(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 pub(super) async fn groups(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
-        .union(
-            Ec2Kind::SecurityGroup,
-            "vpc-id",
-            |f| list::groups(ec2, f),
-            |g| g.group_id(),
-        )
+        .union("vpc-id", |f| list::groups(ec2, f), |g| g.group_id())
         .await?;
     let groups: Vec<_> = all
         .into_iter()
@@ -462,12 +453,7 @@ pub(super) async fn groups(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 pub(super) async fn subnets(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
-        .union(
-            Ec2Kind::Subnet,
-            "vpc-id",
-            |f| list::subnets(ec2, f),
-            |x| x.subnet_id(),
-        )
+        .union("vpc-id", |f| list::subnets(ec2, f), |x| x.subnet_id())
         .await?;
     let items = all
         .into_iter()
@@ -487,7 +473,6 @@ pub(super) async fn route_tables(s: &Scope<'_>) -> Result<Vec<DeletedResource>> 
     let ec2 = s.ec2;
     let all = s
         .union(
-            Ec2Kind::RouteTable,
             "vpc-id",
             |f| list::route_tables(ec2, f),
             |t| t.route_table_id(),
@@ -518,7 +503,6 @@ pub(super) async fn igws(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
         .union(
-            Ec2Kind::InternetGateway,
             "attachment.vpc-id",
             |f| list::igws(ec2, f),
             |g| g.internet_gateway_id(),
@@ -558,7 +542,6 @@ pub(super) async fn network_acls(s: &Scope<'_>) -> Result<Vec<DeletedResource>> 
     let ec2 = s.ec2;
     let all = s
         .union(
-            Ec2Kind::NetworkAcl,
             "vpc-id",
             |f| list::network_acls(ec2, f),
             |a| a.network_acl_id(),

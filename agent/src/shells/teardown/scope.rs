@@ -105,14 +105,10 @@ impl<'a> Scope<'a> {
         (!ids.is_empty()).then(|| filter(name, &ids))
     }
 
-    /// Lists a kind: in dedicated mode a kind that lives inside a VPC by `vpc_filter` = the
-    /// sandbox's VPCs (tagged ones there included), other kinds both by the tag and by that
-    /// filter, at once, each resource once (by `id`); otherwise by the tag. (A tagged resource
-    /// of the sandbox outside its VPC would be found by the check after the pass, and taken by
-    /// the next pass, which lists by the tag.)
+    /// Lists a kind by the sandbox tag and, in dedicated mode, by `vpc_filter` = its VPCs (what
+    /// anyone put there), both at once; each resource once (by `id`).
     pub async fn union<T, F, Fut>(
         &self,
-        kind: Ec2Kind,
         vpc_filter: &str,
         list: F,
         id: fn(&T) -> Option<&str>,
@@ -121,13 +117,10 @@ impl<'a> Scope<'a> {
         F: Fn(Filter) -> Fut,
         Fut: Future<Output = Result<Vec<T>>>,
     {
-        let inside = self.in_vpcs(vpc_filter);
-        let (tagged, inside) = match inside {
-            Some(f) if ec2_kind(kind).in_vpc => return list(f).await,
+        let (mut all, inside) = match self.in_vpcs(vpc_filter) {
             Some(f) => tokio::try_join!(list(self.tag.clone()), list(f))?,
             None => return list(self.tag.clone()).await,
         };
-        let mut all = tagged;
         for x in inside {
             if !all.iter().any(|y| id(y) == id(&x)) {
                 all.push(x);
