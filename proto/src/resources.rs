@@ -65,6 +65,9 @@ pub struct Ec2KindInfo {
     pub tagged: bool,
     /// Kinds whose resources must be gone (or detached from it) before it can be deleted.
     pub after: &'static [Ec2Kind],
+    /// How DescribeTags names its resources (`resource-type`; the emulator's spelling too, where
+    /// it differs). Empty: not reliably answered by DescribeTags, so always listed.
+    pub tag_types: &'static [&'static str],
 }
 
 use Ec2Kind::*;
@@ -72,55 +75,79 @@ use Ec2Kind::*;
 /// Every kind, in an order that deletes dependencies first (a cleanup runs each kind as soon as
 /// the kinds in its `after` are done, independent ones at once).
 pub const EC2_KINDS: &[Ec2KindInfo] = &[
-    row(
-        Instance,
-        "instance",
-        "DescribeInstances",
-        "TerminateInstances",
-        &[],
+    named(
+        &["instance"],
+        row(
+            Instance,
+            "instance",
+            "DescribeInstances",
+            "TerminateInstances",
+            &[],
+        ),
     ),
-    row(Image, "image", "DescribeImages", "DeregisterImage", &[]),
-    row(
-        Snapshot,
-        "snapshot",
-        "DescribeSnapshots",
-        "DeleteSnapshot",
-        &[Image],
+    named(
+        &["image"],
+        row(Image, "image", "DescribeImages", "DeregisterImage", &[]),
     ),
-    row(
-        KeyPair,
-        "key-pair",
-        "DescribeKeyPairs",
-        "DeleteKeyPair",
-        &[Instance],
+    named(
+        &["snapshot"],
+        row(
+            Snapshot,
+            "snapshot",
+            "DescribeSnapshots",
+            "DeleteSnapshot",
+            &[Image],
+        ),
     ),
-    row(
-        Volume,
-        "volume",
-        "DescribeVolumes",
-        "DeleteVolume",
-        &[Instance],
+    named(
+        &["key-pair"],
+        row(
+            KeyPair,
+            "key-pair",
+            "DescribeKeyPairs",
+            "DeleteKeyPair",
+            &[Instance],
+        ),
     ),
-    row(
-        NatGateway,
-        "nat-gateway",
-        "DescribeNatGateways",
-        "DeleteNatGateway",
-        &[],
+    named(
+        &["volume"],
+        row(
+            Volume,
+            "volume",
+            "DescribeVolumes",
+            "DeleteVolume",
+            &[Instance],
+        ),
     ),
-    row(
-        ElasticIp,
-        "elastic-ip",
-        "DescribeAddresses",
-        "ReleaseAddress",
-        &[Instance, NatGateway],
+    named(
+        &["natgateway", "nat-gateway"],
+        row(
+            NatGateway,
+            "nat-gateway",
+            "DescribeNatGateways",
+            "DeleteNatGateway",
+            &[],
+        ),
     ),
-    row(
-        VpcEndpoint,
-        "vpc-endpoint",
-        "DescribeVpcEndpoints",
-        "DeleteVpcEndpoints",
-        &[],
+    named(
+        &["elastic-ip", "vpc-elastic-ip"],
+        row(
+            ElasticIp,
+            "elastic-ip",
+            "DescribeAddresses",
+            "ReleaseAddress",
+            &[Instance, NatGateway],
+        ),
+    ),
+    named(
+        &["vpc-endpoint"],
+        row(
+            VpcEndpoint,
+            "vpc-endpoint",
+            "DescribeVpcEndpoints",
+            "DeleteVpcEndpoints",
+            &[],
+        ),
     ),
     row(
         EgressOnlyInternetGateway,
@@ -129,12 +156,15 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         "DeleteEgressOnlyInternetGateway",
         &[],
     ),
-    row(
-        LaunchTemplate,
-        "launch-template",
-        "DescribeLaunchTemplates",
-        "DeleteLaunchTemplate",
-        &[],
+    named(
+        &["launch-template"],
+        row(
+            LaunchTemplate,
+            "launch-template",
+            "DescribeLaunchTemplates",
+            "DeleteLaunchTemplate",
+            &[],
+        ),
     ),
     row(
         TransitGatewayAttachment,
@@ -150,12 +180,15 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
         "DeleteFlowLogs",
         &[],
     ),
-    row(
-        NetworkInterface,
-        "network-interface",
-        "DescribeNetworkInterfaces",
-        "DeleteNetworkInterface",
-        &[Instance, ElasticIp, NatGateway, VpcEndpoint],
+    named(
+        &["network-interface"],
+        row(
+            NetworkInterface,
+            "network-interface",
+            "DescribeNetworkInterfaces",
+            "DeleteNetworkInterface",
+            &[Instance, ElasticIp, NatGateway, VpcEndpoint],
+        ),
     ),
     Ec2KindInfo {
         tagged: false,
@@ -167,82 +200,106 @@ pub const EC2_KINDS: &[Ec2KindInfo] = &[
             &[],
         )
     },
-    row(
-        VpcPeering,
-        "vpc-peering-connection",
-        "DescribeVpcPeeringConnections",
-        "DeleteVpcPeeringConnection",
-        &[PeeringRoute],
+    named(
+        &["vpc-peering-connection"],
+        row(
+            VpcPeering,
+            "vpc-peering-connection",
+            "DescribeVpcPeeringConnections",
+            "DeleteVpcPeeringConnection",
+            &[PeeringRoute],
+        ),
     ),
-    row(
-        SecurityGroup,
-        "security-group",
-        "DescribeSecurityGroups",
-        "DeleteSecurityGroup",
-        &[Instance, NetworkInterface, VpcEndpoint],
+    named(
+        &["security-group"],
+        row(
+            SecurityGroup,
+            "security-group",
+            "DescribeSecurityGroups",
+            "DeleteSecurityGroup",
+            &[Instance, NetworkInterface, VpcEndpoint],
+        ),
     ),
-    row(
-        Subnet,
-        "subnet",
-        "DescribeSubnets",
-        "DeleteSubnet",
-        &[
-            Instance,
-            NetworkInterface,
-            NatGateway,
-            VpcEndpoint,
-            TransitGatewayAttachment,
-        ],
+    named(
+        &["subnet"],
+        row(
+            Subnet,
+            "subnet",
+            "DescribeSubnets",
+            "DeleteSubnet",
+            &[
+                Instance,
+                NetworkInterface,
+                NatGateway,
+                VpcEndpoint,
+                TransitGatewayAttachment,
+            ],
+        ),
     ),
     // Its associations are removed first; nothing else holds a route table.
-    row(
-        RouteTable,
-        "route-table",
-        "DescribeRouteTables",
-        "DeleteRouteTable",
-        &[],
-    ),
-    row(
-        InternetGateway,
-        "internet-gateway",
-        "DescribeInternetGateways",
-        "DeleteInternetGateway",
-        // Detaching fails while the VPC has public addresses mapped.
-        &[ElasticIp, Instance, NatGateway],
-    ),
-    row(
-        NetworkAcl,
-        "network-acl",
-        "DescribeNetworkAcls",
-        "DeleteNetworkAcl",
-        &[Subnet],
-    ),
-    row(
-        Vpc,
-        "vpc",
-        "DescribeVpcs",
-        "DeleteVpc",
-        &[
-            VpcPeering,
-            SecurityGroup,
-            Subnet,
+    named(
+        &["route-table"],
+        row(
             RouteTable,
-            InternetGateway,
-            NetworkInterface,
-            NatGateway,
-            VpcEndpoint,
-            EgressOnlyInternetGateway,
-            NetworkAcl,
-            FlowLog,
-            TransitGatewayAttachment,
-        ],
+            "route-table",
+            "DescribeRouteTables",
+            "DeleteRouteTable",
+            &[],
+        ),
     ),
-    row(
-        DhcpOptions,
-        "dhcp-options",
-        "DescribeDhcpOptions",
-        "DeleteDhcpOptions",
-        &[Vpc],
+    named(
+        &["internet-gateway"],
+        row(
+            InternetGateway,
+            "internet-gateway",
+            "DescribeInternetGateways",
+            "DeleteInternetGateway",
+            // Detaching fails while the VPC has public addresses mapped.
+            &[ElasticIp, Instance, NatGateway],
+        ),
+    ),
+    named(
+        &["network-acl"],
+        row(
+            NetworkAcl,
+            "network-acl",
+            "DescribeNetworkAcls",
+            "DeleteNetworkAcl",
+            &[Subnet],
+        ),
+    ),
+    named(
+        &["vpc"],
+        row(
+            Vpc,
+            "vpc",
+            "DescribeVpcs",
+            "DeleteVpc",
+            &[
+                VpcPeering,
+                SecurityGroup,
+                Subnet,
+                RouteTable,
+                InternetGateway,
+                NetworkInterface,
+                NatGateway,
+                VpcEndpoint,
+                EgressOnlyInternetGateway,
+                NetworkAcl,
+                FlowLog,
+                TransitGatewayAttachment,
+            ],
+        ),
+    ),
+    named(
+        &["dhcp-options"],
+        row(
+            DhcpOptions,
+            "dhcp-options",
+            "DescribeDhcpOptions",
+            "DeleteDhcpOptions",
+            &[Vpc],
+        ),
     ),
 ];
 
@@ -261,7 +318,21 @@ const fn row(
         delete,
         tagged: true,
         after,
+        tag_types: &[],
     }
+}
+
+/// A row whose resources DescribeTags names `types`.
+const fn named(types: &'static [&'static str], row: Ec2KindInfo) -> Ec2KindInfo {
+    Ec2KindInfo {
+        tag_types: types,
+        ..row
+    }
+}
+
+/// Every resource type DescribeTags may answer for a kind of the table.
+pub fn known_tag_types() -> impl Iterator<Item = &'static str> {
+    EC2_KINDS.iter().flat_map(|k| k.tag_types.iter().copied())
 }
 
 /// The facts of one kind.

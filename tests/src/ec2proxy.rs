@@ -96,6 +96,8 @@ pub struct ProxyStats {
     /// Every call forwarded to the emulator, in the order answered: what the longest chain of
     /// calls that followed one another is computed from ([`longest_chain`]).
     pub spans: Mutex<Vec<Span>>,
+    /// Replaces the configured latency from now on when set (a benchmark's baseline run).
+    pub latency_override: Mutex<Option<Duration>>,
 }
 
 /// One call through the proxy: when it arrived, when it was answered, its operation.
@@ -268,7 +270,12 @@ async fn serve(mut sock: TcpStream, st: Arc<State>) -> std::io::Result<()> {
     }
     let arrived = Instant::now();
     let roll = |pct: u32| pct > 0 && rand::random_range(0..100) < pct;
-    let mut delay = st.cfg.latency;
+    let mut delay = st
+        .stats
+        .latency_override
+        .lock()
+        .unwrap()
+        .unwrap_or(st.cfg.latency);
     if let Some((pct, extra)) = st.cfg.spike {
         if roll(pct) {
             *st.stats.spiked.lock().unwrap() += 1;

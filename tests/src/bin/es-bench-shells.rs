@@ -92,7 +92,7 @@ async fn main() {
     );
     println!();
     println!(
-        "{:>5}  {:>16} {:>16} {:>16}  {:>7}  {:>9}  {:>7} {:>7}  {:>9}",
+        "{:>5}  {:>22} {:>22} {:>22}  {:>13}  {:>9}  {:>5} {:>6}  {:>9}",
         "apps",
         "prepare s/chain",
         "deploy s/chain",
@@ -104,63 +104,125 @@ async fn main() {
         "throttled"
     );
     let mut first_chains: Vec<(&str, Vec<String>)> = Vec::new();
+    let b = Bench {
+        c: &c,
+        stats: &stats,
+        mgmt_vpc: &mgmt_vpc,
+        mgmt_rt: &mgmt_rt,
+        ec2: &ec2,
+    };
     for (i, &n) in args.apps.iter().enumerate() {
-        let sb = format!("bench-{n}");
         let throttled_before = stats.throttled_total();
-        let submit_wait = |kind: job_spec::Kind| {
-            let mut c = c.clone();
-            let sb = sb.clone();
-            async move {
-                let req = SubmitRequest {
-                    role: role("shells"),
-                    sandbox_id: sb,
-                    spec: Some(JobSpec {
-                        kind: Some(kind),
-                        target: None,
-                    }),
-                    ..Default::default()
-                };
-                let j = submit(&mut c, req).await;
-                let j = wait_done(&mut c, &j.id, Duration::from_secs(1800)).await;
-                assert_eq!(j.state, JobState::Succeeded as i32, "{:?}", j.result);
-                j
-            }
+        // The same lifecycle with no added latency first: the emulator's own time, which the
+        // ratios subtract (it serves calls one at a time; EC2 does not).
+        *stats.latency_override.lock().unwrap() = Some(Duration::ZERO);
+        let base = b.lifecycle(n, &format!("base-{n}"), 200 - 2 * i).await;
+        *stats.latency_override.lock().unwrap() = None;
+        let run = b.lifecycle(n, &format!("bench-{n}"), 100 + i).await;
+        let cell = |k: usize| {
+            let (t, t0, chain) = (run.secs[k], base.secs[k], run.chains[k].len() as f64);
+            let net = (t - t0) / (chain * latency.as_secs_f64());
+            format!("{t:.2}/{chain} ({t0:.2}; {net:.2}x)")
         };
-        let octet = 100 + i;
-        // Call counts come from the proxy (the agent is its only client and jobs run one at a
-        // time), checked against the agent's own counter; chains from the proxy's spans.
+        let total: f64 = run.secs.iter().sum();
+        let total0: f64 = base.secs.iter().sum();
+        println!(
+            "{:>5}  {:>22} {:>22} {:>22}  {:>13}  {:>9.2}  {:>5} {:>6}  {:>9}",
+            n,
+            cell(0),
+            cell(1),
+            cell(2),
+            format!("{total:.2} ({total0:.2})"),
+            run.calls[1] as f64 / n as f64,
+            run.calls[0],
+            run.calls[2],
+            stats.throttled_total() - throttled_before
+        );
+        if first_chains.is_empty() {
+            first_chains = ["prepare", "deploy", "cleanup"]
+                .into_iter()
+                .zip(run.chains)
+                .collect();
+        }
+    }
+    println!();
+    for (what, chain) in &first_chains {
+        println!(
+            "{what} chain ({} calls): {}",
+            chain.len(),
+            chain.join(" → ")
+        );
+    }
+    println!(
+        "s/chain (t0; net) = the job's time / the longest run of its calls that followed one another \
+         (each sent after the previous was answered, at the proxy); t0 = the same job with no added \
+         latency (the emulator's own time); net = (time - t0) / (chain x {} ms). \
+         prep., clean. = calls of prepare and cleanup; calls through the proxy: {}",
+        args.latency_ms,
+        stats.calls().values().sum::<u64>()
+    );
+}
+
+struct Bench<'a> {
+    c: &'a es_proto::v1::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    stats: &'a ec2proxy::ProxyStats,
+    mgmt_vpc: &'a str,
+    mgmt_rt: &'a str,
+    ec2: &'a aws_sdk_ec2::Client,
+}
+
+/// One lifecycle's figures, in the order prepare, deploy, cleanup.
+struct Run {
+    secs: [f64; 3],
+    chains: [Vec<String>; 3],
+    calls: [u64; 3],
+}
+
+impl Bench<'_> {
+    async fn submit_wait(&self, sb: &str, kind: job_spec::Kind) -> Job {
+        let mut c = self.c.clone();
+        let req = SubmitRequest {
+            role: role("shells"),
+            sandbox_id: sb.into(),
+            spec: Some(JobSpec {
+                kind: Some(kind),
+                target: None,
+            }),
+            ..Default::default()
+        };
+        let j = submit(&mut c, req).await;
+        let j = wait_done(&mut c, &j.id, Duration::from_secs(1800)).await;
+        assert_eq!(j.state, JobState::Succeeded as i32, "{:?}", j.result);
+        j
+    }
+
+    /// Prepare (dedicated, a public and a private subnet), deploy `n` apps with ports 80 and
+    /// 443, clean up; checks the proxy's call counts against the agent's and that nothing
+    /// tagged is left.
+    async fn lifecycle(&self, n: usize, sb: &str, octet: usize) -> Run {
+        let stats = self.stats;
         let proxied = || stats.calls().values().sum::<u64>();
         let spans_at = || stats.spans.lock().unwrap().len();
-        let chain_since = |at: usize| ec2proxy::longest_chain(&stats.spans.lock().unwrap()[at..]);
-        let (p0, s0) = (proxied(), spans_at());
-        let prepare = submit_wait(job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
-            key_type: String::new(),
-            amis: vec![],
+        let subnet = |name: &str, cidr: String, public: bool| SubnetRequest {
+            name: name.into(),
+            cidr,
+            public,
+            availability_zone: String::new(),
+        };
+        let prepare = job_spec::Kind::PrepareNetwork(PrepareSandboxNetwork {
             mode: NetworkMode::Dedicated as i32,
             vpc_cidr: format!("10.{octet}.0.0/16"),
             subnets: vec![
-                SubnetRequest {
-                    name: "web".into(),
-                    cidr: format!("10.{octet}.0.0/24"),
-                    public: true,
-                    availability_zone: String::new(),
-                },
-                SubnetRequest {
-                    name: "app".into(),
-                    cidr: format!("10.{octet}.4.0/22"),
-                    public: false,
-                    availability_zone: String::new(),
-                },
+                subnet("web", format!("10.{octet}.0.0/24"), true),
+                subnet("app", format!("10.{octet}.4.0/22"), false),
             ],
             management: Some(ManagementNetwork {
-                vpc_id: mgmt_vpc.clone(),
+                vpc_id: self.mgmt_vpc.into(),
                 cidr: "10.0.0.0/16".into(),
-                route_table_ids: vec![mgmt_rt.clone()],
+                route_table_ids: vec![self.mgmt_rt.into()],
             }),
-            shared: None,
-        }))
-        .await;
-        let prepare_chain = chain_since(s0);
+            ..Default::default()
+        });
         let port = |p: u32| PortRule {
             protocol: "tcp".into(),
             from_port: p,
@@ -177,95 +239,37 @@ async fn main() {
                 ..Default::default()
             })
             .collect();
-        let (p1, s1) = (proxied(), spans_at());
-        let deploy = submit_wait(job_spec::Kind::DeploySandbox(DeploySandbox {
-            recipient: vec![],
-            apps,
-        }))
-        .await;
-        let deploy_chain = chain_since(s1);
-        let (p2, s2) = (proxied(), spans_at());
-        let cleanup = submit_wait(job_spec::Kind::CleanupSandbox(CleanupSandbox {})).await;
-        let cleanup_chain = chain_since(s2);
-        let p3 = proxied();
-        let (prepare_calls, deploy_calls, cleanup_calls) = (p1 - p0, p2 - p1, p3 - p2);
-        let (agent_deploy_calls, per_op) = calls(&deploy);
-        for (what, proxy, agent) in [
-            ("prepare", prepare_calls, calls(&prepare).0),
-            ("deploy", deploy_calls, agent_deploy_calls),
-            ("cleanup", cleanup_calls, calls(&cleanup).0),
-        ] {
-            assert_eq!(
-                proxy, agent,
-                "{what} of {n}: the proxy saw {proxy} calls, the agent counted {agent}"
-            );
-        }
-        let cell = |j: &Job, chain: &[String]| {
-            let ratio = secs(j) / (chain.len() as f64 * latency.as_secs_f64());
-            format!("{:.2}/{} ({:.2}x)", secs(j), chain.len(), ratio)
+        let kinds = [
+            prepare,
+            job_spec::Kind::DeploySandbox(DeploySandbox {
+                recipient: vec![],
+                apps,
+            }),
+            job_spec::Kind::CleanupSandbox(CleanupSandbox {}),
+        ];
+        let mut run = Run {
+            secs: [0.0; 3],
+            chains: Default::default(),
+            calls: [0; 3],
         };
-        println!(
-            "{:>5}  {:>16} {:>16} {:>16}  {:>7.2}  {:>9.2}  {:>7} {:>7}  {:>9}",
-            n,
-            cell(&prepare, &prepare_chain),
-            cell(&deploy, &deploy_chain),
-            cell(&cleanup, &cleanup_chain),
-            secs(&prepare) + secs(&deploy) + secs(&cleanup),
-            deploy_calls as f64 / n as f64,
-            prepare_calls,
-            cleanup_calls,
-            stats.throttled_total() - throttled_before
-        );
-        if first_chains.is_empty() {
-            first_chains = vec![
-                ("prepare", prepare_chain),
-                ("deploy", deploy_chain),
-                ("cleanup", cleanup_chain),
-            ];
+        for (k, kind) in kinds.into_iter().enumerate() {
+            let (p0, s0) = (proxied(), spans_at());
+            let j = self.submit_wait(sb, kind).await;
+            run.secs[k] = secs(&j);
+            run.chains[k] = ec2proxy::longest_chain(&stats.spans.lock().unwrap()[s0..]);
+            run.calls[k] = proxied() - p0;
+            let (agent, per_op) = calls(&j);
+            assert_eq!(
+                run.calls[k], agent,
+                "job {k} of {sb}: the proxy saw {} calls, the agent counted {agent}",
+                run.calls[k]
+            );
+            let mut ops: Vec<_> = per_op.into_iter().collect();
+            ops.sort();
+            eprintln!("  {sb} job {k}: {ops:?}");
         }
-        let mut ops: Vec<_> = per_op.into_iter().collect();
-        ops.sort();
-        eprintln!("  deploy of {n}: {ops:?}");
-        {
-            // Where the time went: the span from the job's first call to its last, and the sum
-            // of the calls' own durations at the proxy (latency included).
-            let spans = stats.spans.lock().unwrap();
-            for (what, range) in [
-                ("prepare", s0..s1),
-                ("deploy", s1..s2),
-                ("cleanup", s2..spans.len()),
-            ] {
-                let v = &spans[range];
-                let first = v.iter().map(|x| x.start).min();
-                let last = v.iter().map(|x| x.end).max();
-                let busy: f64 = v.iter().map(|x| (x.end - x.start).as_secs_f64()).sum();
-                if let (Some(a), Some(b)) = (first, last) {
-                    eprintln!(
-                        "  {what} of {n}: first call to last answer {:.3} s, calls' own time {:.3} s over {} calls",
-                        (b - a).as_secs_f64(),
-                        busy,
-                        v.len()
-                    );
-                }
-            }
-        }
-        let left = tagged_resources(&ec2, &sb).await;
+        let left = tagged_resources(self.ec2, sb).await;
         assert!(left.is_empty(), "left behind by the cleanup: {left:?}");
+        run
     }
-    println!();
-    for (what, chain) in &first_chains {
-        println!(
-            "{what} chain ({} calls): {}",
-            chain.len(),
-            chain.join(" → ")
-        );
-    }
-    println!();
-    println!(
-        "s/chain (ratio) = the job's time / the longest run of its calls that followed one another \
-         (each sent after the previous was answered, at the proxy) (time / (chain x {} ms)); \
-         prep., clean. = calls of prepare and cleanup; calls through the proxy: {}",
-        args.latency_ms,
-        stats.calls().values().sum::<u64>()
-    );
 }

@@ -49,7 +49,12 @@ pub(super) async fn delete(s: &Scope<'_>, kind: Ec2Kind) -> Result<Vec<DeletedRe
 async fn instances(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
-        .union("vpc-id", |f| list::instances(ec2, f), |i| i.instance_id())
+        .union(
+            Ec2Kind::Instance,
+            "vpc-id",
+            |f| list::instances(ec2, f),
+            |i| i.instance_id(),
+        )
         .await?;
     let ids: Vec<String> = all
         .iter()
@@ -78,7 +83,8 @@ async fn instances(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 }
 
 async fn images(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
-    let items = list::images(s.ec2, s.tag.clone())
+    let items = s
+        .tagged(Ec2Kind::Image, list::images(s.ec2, s.tag.clone()))
         .await?
         .into_iter()
         .filter(|i| s.owns(i.tags(), &[]))
@@ -92,7 +98,8 @@ async fn images(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 }
 
 async fn snapshots(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
-    let items = list::snapshots(s.ec2, s.tag.clone())
+    let items = s
+        .tagged(Ec2Kind::Snapshot, list::snapshots(s.ec2, s.tag.clone()))
         .await?
         .into_iter()
         .filter(|x| s.owns(x.tags(), &[]))
@@ -109,7 +116,9 @@ async fn snapshots(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 /// The key pair, its private key's SSM parameter first: a key pair left behind still leads to it.
 async fn key_pairs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let mut out = Vec::new();
-    let listed = list::key_pairs(s.ec2, s.tag.clone()).await?;
+    let listed = s
+        .tagged(Ec2Kind::KeyPair, list::key_pairs(s.ec2, s.tag.clone()))
+        .await?;
     s.ready(Ec2Kind::KeyPair).await;
     for k in listed {
         if !s.owns(k.tags(), &[]) {
@@ -131,7 +140,8 @@ async fn key_pairs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 /// data volume kept on termination is detached by then.
 async fn volumes(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     s.ready(Ec2Kind::Volume).await;
-    let items = list::volumes(s.ec2, s.tag.clone(), true)
+    let items = s
+        .tagged(Ec2Kind::Volume, list::volumes(s.ec2, s.tag.clone(), true))
         .await?
         .into_iter()
         .filter(|v| s.owns(v.tags(), &[]))
@@ -145,7 +155,11 @@ async fn volumes(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 }
 
 async fn launch_templates(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
-    let items = list::launch_templates(s.ec2, s.tag.clone())
+    let items = s
+        .tagged(
+            Ec2Kind::LaunchTemplate,
+            list::launch_templates(s.ec2, s.tag.clone()),
+        )
         .await?
         .into_iter()
         .filter(|l| s.owns(l.tags(), &[]))

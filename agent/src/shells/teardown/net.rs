@@ -56,6 +56,7 @@ pub(super) async fn nat_gateways(s: &Scope<'_>) -> Result<Vec<DeletedResource>> 
     let ec2 = s.ec2;
     let all = s
         .union(
+            Ec2Kind::NatGateway,
             "vpc-id",
             |f| list::nat_gateways(ec2, f),
             |n| n.nat_gateway_id(),
@@ -104,7 +105,8 @@ pub(super) async fn nat_gateways(s: &Scope<'_>) -> Result<Vec<DeletedResource>> 
 
 /// Elastic IPs tagged with the sandbox (disassociated first).
 pub(super) async fn addresses(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
-    let items = list::addresses(s.ec2, s.tag.clone())
+    let items = s
+        .tagged(Ec2Kind::ElasticIp, list::addresses(s.ec2, s.tag.clone()))
         .await?
         .into_iter()
         .filter(|a| s.owns(a.tags(), &[]))
@@ -121,6 +123,7 @@ pub(super) async fn endpoints(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
         .union(
+            Ec2Kind::VpcEndpoint,
             "vpc-id",
             |f| list::endpoints(ec2, f),
             |e| e.vpc_endpoint_id(),
@@ -206,6 +209,7 @@ pub(super) async fn tgw_attachments(s: &Scope<'_>) -> Result<Vec<DeletedResource
     let ec2 = s.ec2;
     let all = s
         .union(
+            Ec2Kind::TransitGatewayAttachment,
             "vpc-id",
             |f| list::tgw_attachments(ec2, f),
             |a| a.transit_gateway_attachment_id(),
@@ -300,6 +304,7 @@ pub(super) async fn flow_logs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
         .union(
+            Ec2Kind::FlowLog,
             "resource-id",
             |f| list::flow_logs(ec2, f),
             |l| l.flow_log_id(),
@@ -410,7 +415,12 @@ pub(super) async fn peerings(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 pub(super) async fn groups(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
-        .union("vpc-id", |f| list::groups(ec2, f), |g| g.group_id())
+        .union(
+            Ec2Kind::SecurityGroup,
+            "vpc-id",
+            |f| list::groups(ec2, f),
+            |g| g.group_id(),
+        )
         .await?;
     let groups: Vec<_> = all
         .into_iter()
@@ -453,7 +463,12 @@ pub(super) async fn groups(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 pub(super) async fn subnets(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
-        .union("vpc-id", |f| list::subnets(ec2, f), |x| x.subnet_id())
+        .union(
+            Ec2Kind::Subnet,
+            "vpc-id",
+            |f| list::subnets(ec2, f),
+            |x| x.subnet_id(),
+        )
         .await?;
     let items = all
         .into_iter()
@@ -473,6 +488,7 @@ pub(super) async fn route_tables(s: &Scope<'_>) -> Result<Vec<DeletedResource>> 
     let ec2 = s.ec2;
     let all = s
         .union(
+            Ec2Kind::RouteTable,
             "vpc-id",
             |f| list::route_tables(ec2, f),
             |t| t.route_table_id(),
@@ -503,6 +519,7 @@ pub(super) async fn igws(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     let ec2 = s.ec2;
     let all = s
         .union(
+            Ec2Kind::InternetGateway,
             "attachment.vpc-id",
             |f| list::igws(ec2, f),
             |g| g.internet_gateway_id(),
@@ -542,6 +559,7 @@ pub(super) async fn network_acls(s: &Scope<'_>) -> Result<Vec<DeletedResource>> 
     let ec2 = s.ec2;
     let all = s
         .union(
+            Ec2Kind::NetworkAcl,
             "vpc-id",
             |f| list::network_acls(ec2, f),
             |a| a.network_acl_id(),
@@ -573,7 +591,11 @@ pub(super) async fn vpcs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
 
 /// DHCP option sets tagged with the sandbox: free once its VPC is gone.
 pub(super) async fn dhcp_options(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
-    let items = list::dhcp_options(s.ec2, s.tag.clone())
+    let items = s
+        .tagged(
+            Ec2Kind::DhcpOptions,
+            list::dhcp_options(s.ec2, s.tag.clone()),
+        )
         .await?
         .into_iter()
         .filter(|d| tag_value(d.tags(), TAG_SANDBOX) == Some(s.sb))

@@ -2,7 +2,7 @@
 //! them goes, tagged or not), what the pass has read that several kinds need, and the bound on
 //! concurrent deletions. Plus the report records every kind's deletion produces.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
@@ -36,10 +36,13 @@ pub(super) struct Scope<'a> {
     peerings: OnceCell<Vec<VpcPeeringConnection>>,
     /// Per kind, whether its deletions are done: a kind deletes once those it comes after are.
     done: HashMap<Ec2Kind, watch::Sender<bool>>,
+    /// The resource types DescribeTags found the sandbox's tag on; None: list every kind.
+    tagged_types: Option<HashSet<String>>,
 }
 
 impl<'a> Scope<'a> {
-    /// Reads the sandbox's own VPCs (one call): the scope of the pass.
+    /// Reads the sandbox's own VPCs and, at once, which resource types carry its tag (one
+    /// DescribeTags): kinds it names none of are not listed by tag.
     pub async fn of(
         ec2: &'a Client,
         keys: &'a KeyStore<'a>,
@@ -48,15 +51,19 @@ impl<'a> Scope<'a> {
         concurrency: usize,
     ) -> Result<Scope<'a>> {
         let tag = sandbox_filter(sb);
-        let r = ec2.describe_vpcs().filters(tag.clone()).send().await;
-        let r = r.map_err(|e| aws_err("DescribeVpcs", e))?;
-        let mut vpcs: Vec<String> = r
-            .vpcs()
-            .iter()
-            .filter(|v| tag_value(v.tags(), TAG_SANDBOX) == Some(sb))
-            .filter_map(|v| v.vpc_id().map(str::to_owned))
-            .collect();
-        vpcs.sort();
+        let vpcs = async {
+            let r = ec2.describe_vpcs().filters(tag.clone()).send().await;
+            let r = r.map_err(|e| aws_err("DescribeVpcs", e))?;
+            let mut vpcs: Vec<String> = r
+                .vpcs()
+                .iter()
+                .filter(|v| tag_value(v.tags(), TAG_SANDBOX) == Some(sb))
+                .filter_map(|v| v.vpc_id().map(str::to_owned))
+                .collect();
+            vpcs.sort();
+            Ok(vpcs)
+        };
+        let (vpcs, types) = tokio::try_join!(vpcs, tagged_types(ec2, sb))?;
         Ok(Scope {
             ec2,
             keys,
@@ -70,7 +77,17 @@ impl<'a> Scope<'a> {
                 .iter()
                 .map(|k| (k.kind, watch::channel(false).0))
                 .collect(),
+            tagged_types: trusted(types),
         })
+    }
+
+    /// Whether `kind` may have resources carrying the sandbox's tag (and so is listed by it).
+    pub fn maybe_tagged(&self, kind: Ec2Kind) -> bool {
+        let names = ec2_kind(kind).tag_types;
+        match &self.tagged_types {
+            Some(found) if !names.is_empty() => names.iter().any(|n| found.contains(*n)),
+            _ => true,
+        }
     }
 
     /// Waits until every kind that `kind` comes after (`after` in the table) is done. Kinds list
@@ -105,10 +122,12 @@ impl<'a> Scope<'a> {
         (!ids.is_empty()).then(|| filter(name, &ids))
     }
 
-    /// Lists a kind by the sandbox tag and, in dedicated mode, by `vpc_filter` = its VPCs (what
-    /// anyone put there), both at once; each resource once (by `id`).
+    /// Lists `kind` by the sandbox tag (when DescribeTags found that tag on its type) and, in
+    /// dedicated mode, by `vpc_filter` = the sandbox's VPCs (what anyone put there), at once;
+    /// each resource once (by `id`).
     pub async fn union<T, F, Fut>(
         &self,
+        kind: Ec2Kind,
         vpc_filter: &str,
         list: F,
         id: fn(&T) -> Option<&str>,
@@ -117,16 +136,36 @@ impl<'a> Scope<'a> {
         F: Fn(Filter) -> Fut,
         Fut: Future<Output = Result<Vec<T>>>,
     {
-        let (mut all, inside) = match self.in_vpcs(vpc_filter) {
-            Some(f) => tokio::try_join!(list(self.tag.clone()), list(f))?,
-            None => return list(self.tag.clone()).await,
+        let tagged = async {
+            match self.maybe_tagged(kind) {
+                true => list(self.tag.clone()).await,
+                false => Ok(Vec::new()),
+            }
         };
+        let inside = async {
+            match self.in_vpcs(vpc_filter) {
+                Some(f) => list(f).await,
+                None => Ok(Vec::new()),
+            }
+        };
+        let (mut all, inside) = tokio::try_join!(tagged, inside)?;
         for x in inside {
             if !all.iter().any(|y| id(y) == id(&x)) {
                 all.push(x);
             }
         }
         Ok(all)
+    }
+
+    /// Lists `kind` by the sandbox tag, unless DescribeTags found that tag on none of its type.
+    pub async fn tagged<T, Fut>(&self, kind: Ec2Kind, list: Fut) -> Result<Vec<T>>
+    where
+        Fut: Future<Output = Result<Vec<T>>>,
+    {
+        match self.maybe_tagged(kind) {
+            true => list.await,
+            false => Ok(Vec::new()),
+        }
     }
 
     /// The sandbox's live peering connections (tagged, or of its VPCs), read once per pass: the
@@ -136,7 +175,11 @@ impl<'a> Scope<'a> {
             .peerings
             .get_or_try_init(|| async {
                 let (tagged, req, acc) = tokio::try_join!(
-                    list::peerings(self.ec2, Some(self.tag.clone())),
+                    list::peerings(
+                        self.ec2,
+                        self.maybe_tagged(Ec2Kind::VpcPeering)
+                            .then(|| self.tag.clone())
+                    ),
                     list::peerings(self.ec2, self.in_vpcs("requester-vpc-info.vpc-id")),
                     list::peerings(self.ec2, self.in_vpcs("accepter-vpc-info.vpc-id")),
                 )?;
@@ -208,6 +251,36 @@ impl<'a> Scope<'a> {
     }
 }
 
+/// The resource types carrying the sandbox's tag, every page of DescribeTags.
+async fn tagged_types(ec2: &Client, sb: &str) -> Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    let mut pages = ec2
+        .describe_tags()
+        .filters(filter("key", &[TAG_SANDBOX]))
+        .filters(filter("value", &[sb]))
+        .into_paginator()
+        .send();
+    while let Some(p) = pages.next().await {
+        let p = p.map_err(|e| aws_err("DescribeTags", e))?;
+        out.extend(
+            p.tags()
+                .iter()
+                .filter_map(|t| t.resource_type().map(|r| r.as_str().to_owned())),
+        );
+    }
+    Ok(out)
+}
+
+/// DescribeTags' answer is trusted to skip listings only when it names no type this agent does
+/// not know: an unknown spelling of a known kind would otherwise hide that kind.
+fn trusted(types: HashSet<String>) -> Option<HashSet<String>> {
+    let known: HashSet<&str> = es_proto::resources::known_tag_types().collect();
+    types
+        .iter()
+        .all(|t| known.contains(t.as_str()))
+        .then_some(types)
+}
+
 /// The report of one deletion: "deleted", or "failed" with the reason.
 pub(super) fn record(
     kind: Ec2Kind,
@@ -241,5 +314,19 @@ where
         Ok(_) => Ok(()),
         Err(e) if already_gone(&code(&e)) => Ok(()),
         Err(e) => Err(aws_err(op, e).to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_tags_answers_are_trusted_only_when_every_type_is_known() {
+        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        assert!(trusted(set(&[])).is_some());
+        assert!(trusted(set(&["instance", "vpc", "key-pair", "vpc-elastic-ip"])).is_some());
+        assert!(trusted(set(&["instance", "elastic-ip-v2"])).is_none());
+        assert!(trusted(set(&["transit-gateway-attachment"])).is_none());
     }
 }
