@@ -36,8 +36,9 @@ pub(super) struct Scope<'a> {
     peerings: OnceCell<Vec<VpcPeeringConnection>>,
     /// Per kind, whether its deletions are done: a kind deletes once those it comes after are.
     done: HashMap<Ec2Kind, watch::Sender<bool>>,
-    /// The resource types DescribeTags found the sandbox's tag on; None: list every kind.
-    tagged_types: Option<HashSet<String>>,
+    /// What DescribeTags found the sandbox's tag on: resource type → ids. None: not trusted
+    /// (every kind is listed by tag).
+    tagged: Option<HashMap<String, HashSet<String>>>,
 }
 
 impl<'a> Scope<'a> {
@@ -77,17 +78,27 @@ impl<'a> Scope<'a> {
                 .iter()
                 .map(|k| (k.kind, watch::channel(false).0))
                 .collect(),
-            tagged_types: trusted(types),
+            tagged: trusted(types),
         })
     }
 
     /// Whether `kind` may have resources carrying the sandbox's tag (and so is listed by it).
     pub fn maybe_tagged(&self, kind: Ec2Kind) -> bool {
+        self.tagged_ids(kind).is_none_or(|ids| !ids.is_empty())
+    }
+
+    /// The ids of `kind` that DescribeTags found the sandbox's tag on; None when it cannot tell.
+    fn tagged_ids(&self, kind: Ec2Kind) -> Option<HashSet<&str>> {
         let names = ec2_kind(kind).tag_types;
-        match &self.tagged_types {
-            Some(found) if !names.is_empty() => names.iter().any(|n| found.contains(*n)),
-            _ => true,
-        }
+        let found = self.tagged.as_ref().filter(|_| !names.is_empty())?;
+        Some(
+            names
+                .iter()
+                .filter_map(|n| found.get(*n))
+                .flatten()
+                .map(String::as_str)
+                .collect(),
+        )
     }
 
     /// Waits until every kind that `kind` comes after (`after` in the table) is done. Kinds list
@@ -122,9 +133,10 @@ impl<'a> Scope<'a> {
         (!ids.is_empty()).then(|| filter(name, &ids))
     }
 
-    /// Lists `kind` by the sandbox tag (when DescribeTags found that tag on its type) and, in
-    /// dedicated mode, by `vpc_filter` = the sandbox's VPCs (what anyone put there), at once;
-    /// each resource once (by `id`).
+    /// Lists `kind`: in dedicated mode by `vpc_filter` = the sandbox's VPCs (what anyone put
+    /// there), and by the sandbox tag too unless DescribeTags showed every tagged one of the kind
+    /// inside them; otherwise by the tag when DescribeTags found it on the kind. Each resource
+    /// once (by `id`).
     pub async fn union<T, F, Fut>(
         &self,
         kind: Ec2Kind,
@@ -136,19 +148,18 @@ impl<'a> Scope<'a> {
         F: Fn(Filter) -> Fut,
         Fut: Future<Output = Result<Vec<T>>>,
     {
-        let tagged = async {
-            match self.maybe_tagged(kind) {
-                true => list(self.tag.clone()).await,
-                false => Ok(Vec::new()),
+        let (mut all, inside) = match (self.in_vpcs(vpc_filter), self.tagged_ids(kind)) {
+            (None, _) => return self.tagged(kind, list(self.tag.clone())).await,
+            (Some(f), Some(ids)) => {
+                let inside = list(f).await?;
+                let all_inside = ids.iter().all(|i| inside.iter().any(|x| id(x) == Some(*i)));
+                if all_inside {
+                    return Ok(inside);
+                }
+                (list(self.tag.clone()).await?, inside)
             }
+            (Some(f), None) => tokio::try_join!(list(self.tag.clone()), list(f))?,
         };
-        let inside = async {
-            match self.in_vpcs(vpc_filter) {
-                Some(f) => list(f).await,
-                None => Ok(Vec::new()),
-            }
-        };
-        let (mut all, inside) = tokio::try_join!(tagged, inside)?;
         for x in inside {
             if !all.iter().any(|y| id(y) == id(&x)) {
                 all.push(x);
@@ -251,9 +262,9 @@ impl<'a> Scope<'a> {
     }
 }
 
-/// The resource types carrying the sandbox's tag, every page of DescribeTags.
-async fn tagged_types(ec2: &Client, sb: &str) -> Result<HashSet<String>> {
-    let mut out = HashSet::new();
+/// The resources carrying the sandbox's tag, by resource type: every page of DescribeTags.
+async fn tagged_types(ec2: &Client, sb: &str) -> Result<HashMap<String, HashSet<String>>> {
+    let mut out: HashMap<String, HashSet<String>> = HashMap::new();
     let mut pages = ec2
         .describe_tags()
         .filters(filter("key", &[TAG_SANDBOX]))
@@ -262,21 +273,22 @@ async fn tagged_types(ec2: &Client, sb: &str) -> Result<HashSet<String>> {
         .send();
     while let Some(p) = pages.next().await {
         let p = p.map_err(|e| aws_err("DescribeTags", e))?;
-        out.extend(
-            p.tags()
-                .iter()
-                .filter_map(|t| t.resource_type().map(|r| r.as_str().to_owned())),
-        );
+        for t in p.tags() {
+            if let (Some(ty), Some(id)) = (t.resource_type(), t.resource_id()) {
+                let ids = out.entry(ty.as_str().to_owned()).or_default();
+                ids.insert(id.to_owned());
+            }
+        }
     }
     Ok(out)
 }
 
 /// DescribeTags' answer is trusted to skip listings only when it names no type this agent does
 /// not know: an unknown spelling of a known kind would otherwise hide that kind.
-fn trusted(types: HashSet<String>) -> Option<HashSet<String>> {
+fn trusted(types: HashMap<String, HashSet<String>>) -> Option<HashMap<String, HashSet<String>>> {
     let known: HashSet<&str> = es_proto::resources::known_tag_types().collect();
     types
-        .iter()
+        .keys()
         .all(|t| known.contains(t.as_str()))
         .then_some(types)
 }
@@ -323,7 +335,11 @@ mod tests {
 
     #[test]
     fn describe_tags_answers_are_trusted_only_when_every_type_is_known() {
-        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<HashSet<_>>();
+        let set = |v: &[&str]| {
+            v.iter()
+                .map(|s| (s.to_string(), HashSet::from(["x".to_string()])))
+                .collect::<HashMap<_, _>>()
+        };
         assert!(trusted(set(&[])).is_some());
         assert!(trusted(set(&["instance", "vpc", "key-pair", "vpc-elastic-ip"])).is_some());
         assert!(trusted(set(&["instance", "elastic-ip-v2"])).is_none());
