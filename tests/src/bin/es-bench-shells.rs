@@ -92,7 +92,7 @@ async fn main() {
     );
     println!();
     println!(
-        "{:>5}  {:>22} {:>22} {:>22}  {:>13}  {:>9}  {:>5} {:>6}  {:>9}",
+        "{:>5}  {:>28} {:>28} {:>28}  {:>13}  {:>9}  {:>5} {:>6}  {:>9}",
         "apps",
         "prepare s/chain",
         "deploy s/chain",
@@ -121,13 +121,17 @@ async fn main() {
         let run = b.lifecycle(n, &format!("bench-{n}"), 100 + i).await;
         let cell = |k: usize| {
             let (t, t0, chain) = (run.secs[k], base.secs[k], run.chains[k].len() as f64);
-            let net = (t - t0) / (chain * latency.as_secs_f64());
-            format!("{t:.2}/{chain} ({t0:.2}; {net:.2}x)")
+            let path = chain * latency.as_secs_f64();
+            format!(
+                "{t:.2}/{chain} ({:.2}x; {t0:.2}; {:.2}x)",
+                t / path,
+                t / path.max(t0)
+            )
         };
         let total: f64 = run.secs.iter().sum();
         let total0: f64 = base.secs.iter().sum();
         println!(
-            "{:>5}  {:>22} {:>22} {:>22}  {:>13}  {:>9.2}  {:>5} {:>6}  {:>9}",
+            "{:>5}  {:>28} {:>28} {:>28}  {:>13}  {:>9.2}  {:>5} {:>6}  {:>9}",
             n,
             cell(0),
             cell(1),
@@ -154,10 +158,11 @@ async fn main() {
         );
     }
     println!(
-        "s/chain (t0; net) = the job's time / the longest run of its calls that followed one another \
-         (each sent after the previous was answered, at the proxy); t0 = the same job with no added \
-         latency (the emulator's own time); net = (time - t0) / (chain x {} ms). \
-         prep., clean. = calls of prepare and cleanup; calls through the proxy: {}",
+        "s/chain (r; t0; b) = the job's time in s / the longest run of its calls that followed one \
+         another (each sent after the previous was answered, at the proxy); r = time / (chain x {} \
+         ms); t0 = the same job with no added latency (the emulator's own time: it serves calls \
+         one at a time); b = time / the larger of the two. prep., clean. = calls of prepare and \
+         cleanup; calls through the proxy: {}",
         args.latency_ms,
         stats.calls().values().sum::<u64>()
     );
@@ -259,11 +264,19 @@ impl Bench<'_> {
             run.chains[k] = ec2proxy::longest_chain(&stats.spans.lock().unwrap()[s0..]);
             run.calls[k] = proxied() - p0;
             let (agent, per_op) = calls(&j);
-            assert_eq!(
-                run.calls[k], agent,
-                "job {k} of {sb}: the proxy saw {} calls, the agent counted {agent}",
+            // The agent counts attempts; one that timed out while waiting in its own pacing
+            // (a large sandbox's burst of mutating calls) never reaches EC2.
+            assert!(
+                run.calls[k] <= agent,
+                "job {k} of {sb}: the proxy saw {} calls, more than the {agent} the agent counted",
                 run.calls[k]
             );
+            if run.calls[k] < agent {
+                println!(
+                    "note: job {k} of {sb}: the agent counted {agent} attempts, EC2 saw {} (the rest timed out while paced)",
+                    run.calls[k]
+                );
+            }
             let mut ops: Vec<_> = per_op.into_iter().collect();
             ops.sort();
             eprintln!("  {sb} job {k}: {ops:?}");
