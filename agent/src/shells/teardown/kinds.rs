@@ -14,7 +14,7 @@ use crate::shells::keys::delete_parameter;
 use crate::shells::Result;
 
 use super::scope::{done, Scope};
-use super::{list, net, nics};
+use super::{gateways, list, net, nics};
 
 /// Deletes (or, in a dry run, lists) every resource of one kind that is the sandbox's.
 pub(super) async fn delete(s: &Scope<'_>, kind: Ec2Kind) -> Result<Vec<DeletedResource>> {
@@ -25,11 +25,11 @@ pub(super) async fn delete(s: &Scope<'_>, kind: Ec2Kind) -> Result<Vec<DeletedRe
         Ec2Kind::KeyPair => key_pairs(s).await,
         Ec2Kind::Volume => volumes(s).await,
         Ec2Kind::LaunchTemplate => launch_templates(s).await,
-        Ec2Kind::NatGateway => net::nat_gateways(s).await,
+        Ec2Kind::NatGateway => gateways::nat_gateways(s).await,
         Ec2Kind::ElasticIp => net::addresses(s).await,
-        Ec2Kind::VpcEndpoint => net::endpoints(s).await,
-        Ec2Kind::EgressOnlyInternetGateway => net::egress_only_igws(s).await,
-        Ec2Kind::TransitGatewayAttachment => net::tgw_attachments(s).await,
+        Ec2Kind::VpcEndpoint => gateways::endpoints(s).await,
+        Ec2Kind::EgressOnlyInternetGateway => gateways::egress_only_igws(s).await,
+        Ec2Kind::TransitGatewayAttachment => gateways::tgw_attachments(s).await,
         Ec2Kind::FlowLog => net::flow_logs(s).await,
         Ec2Kind::NetworkInterface => nics::delete(s).await,
         Ec2Kind::PeeringRoute => net::peering_routes(s).await,
@@ -37,7 +37,7 @@ pub(super) async fn delete(s: &Scope<'_>, kind: Ec2Kind) -> Result<Vec<DeletedRe
         Ec2Kind::SecurityGroup => net::groups(s).await,
         Ec2Kind::Subnet => net::subnets(s).await,
         Ec2Kind::RouteTable => net::route_tables(s).await,
-        Ec2Kind::InternetGateway => net::igws(s).await,
+        Ec2Kind::InternetGateway => gateways::igws(s).await,
         Ec2Kind::NetworkAcl => net::network_acls(s).await,
         Ec2Kind::Vpc => net::vpcs(s).await,
         Ec2Kind::DhcpOptions => net::dhcp_options(s).await,

@@ -7,7 +7,8 @@
 //! The longest chain: instances (terminate, wait) → network interfaces → security groups and
 //! subnets → the sandbox VPC; beside it Elastic IPs, NAT gateways, endpoints, images → snapshots,
 //! the key pair (its SSM parameter first), peering routes → peering, route tables, gateways.
-//! How each kind is listed is in `list.rs`, deleted in `kinds.rs`, `net.rs` and `nics.rs`.
+//! How each kind is listed is in `list.rs`, deleted in `kinds.rs`, `net.rs`, `gateways.rs` and
+//! `nics.rs`.
 //!
 //! `DependencyViolation` and `*.NotFound` right after a delete are retried with backoff; a
 //! resource already gone counts as deleted; what cannot go is reported with its reason and the
@@ -15,6 +16,7 @@
 //! (kinds freed by others' deletions, network interfaces and volumes, once those are done), so a
 //! second listing would prove nothing. A second cleanup finds nothing: a quick no-op.
 
+mod gateways;
 mod kinds;
 mod list;
 mod net;
