@@ -195,6 +195,22 @@ pub fn live_peering(p: &aws_sdk_ec2::types::VpcPeeringConnection) -> bool {
     )
 }
 
+/// The security group named `name` in VPC `vpc_id` (group names are unique per VPC).
+pub async fn group_named(
+    ec2: &aws_sdk_ec2::Client,
+    vpc_id: &str,
+    name: &str,
+) -> Result<Option<aws_sdk_ec2::types::SecurityGroup>> {
+    let r = ec2
+        .describe_security_groups()
+        .filters(filter("vpc-id", &[vpc_id]))
+        .filters(filter("group-name", &[name]))
+        .send()
+        .await
+        .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
+    Ok(r.security_groups().first().cloned())
+}
+
 /// Adds ingress rules to a security group; rules it already has count as added (a re-run).
 pub async fn authorize_ingress(
     ec2: &aws_sdk_ec2::Client,

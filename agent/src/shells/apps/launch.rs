@@ -16,9 +16,7 @@ use aws_sdk_ec2::types::{
 use es_proto::v1::{AppSpec, PortRule, PublicIp};
 use ipnet::Ipv4Net;
 
-use crate::shells::ec2::{
-    aws_err, code, filter, retry_consistency, sandbox_filter, tag_value, tags,
-};
+use crate::shells::ec2::{aws_err, code, retry_consistency, sandbox_filter, tag_value, tags};
 use crate::shells::{Cx, Result, ShellsError, TAG_APP, TAG_ROLE, TAG_SUBNET};
 
 use super::{app_path, client_token};
@@ -461,16 +459,9 @@ pub(super) async fn app_group(cx: &Cx<'_>, net: &Network, a: &AppSpec) -> Result
     let id = match r {
         Ok(r) => r.group_id().unwrap_or_default().to_owned(),
         Err(e) if code(&e) == "InvalidGroup.Duplicate" => {
-            let found = cx
-                .ec2
-                .describe_security_groups()
-                .filters(filter("vpc-id", &[&net.vpc_id]))
-                .filters(filter("group-name", &[&name]))
-                .send()
-                .await
-                .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
-            let id = found.security_groups().first().and_then(|g| g.group_id());
-            return Ok(id.unwrap_or_default().to_owned());
+            // Made by a concurrent run between the network's look-up and this create.
+            let found = crate::shells::ec2::group_named(cx.ec2, &net.vpc_id, &name).await?;
+            return Ok(found.and_then(|g| g.group_id).unwrap_or_default());
         }
         Err(e) => return Err(aws_err("CreateSecurityGroup", e)),
     };

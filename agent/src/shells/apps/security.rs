@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use aws_sdk_ec2::types::{IpPermission, IpRange};
 use es_proto::v1::{AppList, AppSpec, UpdateAppSecurity};
 
-use crate::shells::ec2::{aws_err, filter, retry_consistency};
+use crate::shells::ec2::{aws_err, retry_consistency};
 use crate::shells::{Cx, Result};
 
 use super::launch::{app_group, network, permissions};
@@ -62,17 +62,7 @@ pub(crate) async fn update(cx: &Cx<'_>, u: &UpdateAppSecurity) -> Result<AppList
         return Err(no_app(cx, "spec.update_app_security.app", &u.app));
     };
     let name = format!("{}-{}-ports", cx.sandbox, u.app);
-    let existing = cx
-        .ec2
-        .describe_security_groups()
-        .filters(filter("vpc-id", &[&net.vpc_id]))
-        .filters(filter("group-name", &[&name]))
-        .send()
-        .await
-        .map_err(|e| aws_err("DescribeSecurityGroups", e))?
-        .security_groups()
-        .first()
-        .cloned();
+    let existing = crate::shells::ec2::group_named(cx.ec2, &net.vpc_id, &name).await?;
     let wanted = rules(&permissions(&u.inbound));
     // The ports group: its rules brought to `wanted`, or made with them.
     let ports = match (&existing, wanted.is_empty()) {

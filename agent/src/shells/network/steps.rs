@@ -245,20 +245,8 @@ async fn security_group(
         Ok(r) => r.group_id().unwrap_or_default().to_owned(),
         Err(e) if code(&e) == "InvalidGroup.Duplicate" => {
             // Created by a concurrent run between our lookup and create.
-            let again = cx
-                .ec2
-                .describe_security_groups()
-                .filters(filter("vpc-id", &[vpc_id]))
-                .filters(filter("group-name", &[&name]))
-                .send()
-                .await
-                .map_err(|e| aws_err("DescribeSecurityGroups", e))?;
-            again
-                .security_groups()
-                .first()
-                .and_then(|g| g.group_id())
-                .unwrap_or_default()
-                .to_owned()
+            let again = crate::shells::ec2::group_named(cx.ec2, vpc_id, &name).await?;
+            again.and_then(|g| g.group_id).unwrap_or_default()
         }
         Err(e) => return Err(aws_err("CreateSecurityGroup", e)),
     };
