@@ -140,7 +140,8 @@ pub enum Command {
         #[arg(long, default_value = "submit")]
         scope: String,
     },
-    /// es-shells jobs on a sandbox: up (blueprint), power, ips, details, delete-app, down, sweep.
+    /// A sandbox's jobs: up (a blueprint), down, power, reboot, ips, details, delete-app, run (a
+    /// script, es-commands), tag, security, snapshots, console, access-key, sweep.
     Sandbox {
         #[command(subcommand)]
         cmd: super::sandbox_args::SandboxCmd,
