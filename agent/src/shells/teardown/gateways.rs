@@ -14,7 +14,7 @@ use crate::shells::Result;
 
 use super::list;
 use super::net::wait_until;
-use super::scope::{done, Scope};
+use super::scope::{batch_outcome, done, Scope};
 
 /// NAT gateways: deleted, waited for (AWS takes about a minute), then their Elastic IPs are
 /// released: they are the sandbox's even when untagged.
@@ -101,16 +101,7 @@ pub(super) async fn endpoints(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
         match r {
             Ok(r) => {
                 for id in chunk {
-                    let failed = r
-                        .unsuccessful()
-                        .iter()
-                        .find(|u| u.resource_id() == Some(id.as_str()))
-                        .and_then(|u| u.error())
-                        .map(|e| {
-                            format!("{}: {}", e.code().unwrap_or(""), e.message().unwrap_or(""))
-                        });
-                    let failed = failed.filter(|e| !e.contains("NotFound"));
-                    out.push(s.rec(kind, id, failed.map_or(Ok(()), Err)));
+                    out.push(s.rec(kind, id, batch_outcome(r.unsuccessful(), id)));
                 }
             }
             Err(e) => {

@@ -15,7 +15,7 @@ use crate::shells::ec2::{aws_err, filter, retry_consistency, tag_value};
 use crate::shells::{Result, TAG_SANDBOX};
 
 use super::list;
-use super::scope::{done, record, Scope};
+use super::scope::{batch_outcome, done, record, Scope};
 
 pub(crate) async fn release_address(ec2: &Client, a: &Address, sandbox: &str) -> DeletedResource {
     let id = a.allocation_id().unwrap_or_default();
@@ -95,15 +95,7 @@ pub(super) async fn flow_logs(s: &Scope<'_>) -> Result<Vec<DeletedResource>> {
     Ok(match r {
         Ok(r) => ids
             .iter()
-            .map(|id| {
-                let failed = r
-                    .unsuccessful()
-                    .iter()
-                    .find(|u| u.resource_id() == Some(id.as_str()))
-                    .and_then(|u| u.error())
-                    .map(|e| format!("{}: {}", e.code().unwrap_or(""), e.message().unwrap_or("")));
-                s.rec(kind, id, failed.map_or(Ok(()), Err))
-            })
+            .map(|id| s.rec(kind, id, batch_outcome(r.unsuccessful(), id)))
             .collect(),
         Err(e) => {
             let e = aws_err("DeleteFlowLogs", e).to_string();

@@ -313,6 +313,26 @@ pub(super) fn record(
     }
 }
 
+/// The outcome for `id` of a batch delete (DeleteVpcEndpoints, DeleteFlowLogs) that answered
+/// its failures in `Unsuccessful`: gone already is fine, as in [`done`].
+pub(super) fn batch_outcome(
+    unsuccessful: &[aws_sdk_ec2::types::UnsuccessfulItem],
+    id: &str,
+) -> std::result::Result<(), String> {
+    let error = unsuccessful
+        .iter()
+        .find(|u| u.resource_id() == Some(id))
+        .and_then(|u| u.error());
+    match error {
+        Some(e) if !already_gone(e.code().unwrap_or_default()) => Err(format!(
+            "{}: {}",
+            e.code().unwrap_or_default(),
+            e.message().unwrap_or_default()
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Maps a delete's outcome: gone already is fine.
 pub(super) fn done<T, E, R>(
     op: &'static str,
