@@ -44,6 +44,8 @@ pub fn main() -> ExitCode {
         }
     };
     if let Some(Cmd::CheckConfig) = cli.command {
+        // `check-config | head` ends quietly (SIGPIPE), not with a println! panic.
+        sigpipe::reset();
         print!("{}", cfg.describe());
         return ExitCode::SUCCESS;
     }

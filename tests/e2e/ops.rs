@@ -115,12 +115,15 @@ async fn drain_command_metrics_and_audit_of_operator_actions() {
         text.contains("draining") && text.contains("drained and gone"),
         "{text}"
     );
-    let status = a.wait_exit(LONG).expect("the drained agent exits");
-    assert!(status.success(), "{status:?}: {}", a.log());
+    // "Drained and gone" means the job in flight has finished (issue 17: it used to be said
+    // as soon as the agent closed its stream, seconds before the job ended).
     assert_eq!(
         get(&mut c, &busy.id).await.state,
-        JobState::Succeeded as i32
+        JobState::Succeeded as i32,
+        "drain returned before the job in flight finished: {text}"
     );
+    let status = a.wait_exit(LONG).expect("the drained agent exits");
+    assert!(status.success(), "{status:?}: {}", a.log());
     let unknown = std::process::Command::new(bins().server)
         .args(["drain", "nobody", "--server"])
         .arg(env.server.url())
@@ -259,4 +262,37 @@ async fn under_systemd_the_agent_logs_to_the_journal_with_job_fields() {
         "job lines went to stderr: {}",
         agent.log()
     );
+}
+
+/// `es-server jobs | head -1` and the like: a CLI whose reader has gone ends as Unix tools do
+/// (killed by SIGPIPE, nothing on stderr), not with a println! panic and exit 101. The pipe's
+/// read end is closed before the command starts, so its first write fails, whatever the timing.
+#[test]
+fn cli_output_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::start(&[]);
+    let url = env.server.url();
+    let runs: [(&str, Vec<&str>); 3] = [
+        ("es-server token", vec!["token", "ci"]),
+        ("es-server jobs", vec!["jobs", "--server", &url]),
+        ("es-server --help", vec!["--help"]),
+    ];
+    for (what, args) in runs {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(bins().server)
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // clap writes --help before the command is known and ignores the error: exit 0.
+        assert!(
+            out.status.signal() == Some(13) || (what.ends_with("--help") && out.status.success()),
+            "{what} into a closed pipe: {:?}, stderr: {stderr}",
+            out.status
+        );
+        assert!(stderr.is_empty(), "{what}: {stderr}");
+    }
 }

@@ -49,7 +49,13 @@ pub fn main() -> ExitCode {
             crate::logging::init("es-server", &[]);
             rt.block_on(serve(config))
         }
-        other => rt.block_on(run_client(other)),
+        other => {
+            // A client command's output piped into `head` ends it like any Unix tool (killed by
+            // SIGPIPE, nothing printed) instead of a println! panic with exit 101. Not for
+            // `serve`: a server must never die of a peer's closed socket.
+            sigpipe::reset();
+            rt.block_on(run_client(other))
+        }
     }
 }
 

@@ -204,12 +204,17 @@ struct AgentEntry {
 }
 
 impl AgentEntry {
+    /// Connected: its Listen stream is open or it polls. A draining agent closes its stream
+    /// and stops polling but still heartbeats and reports its jobs until it says goodbye:
+    /// connected until then (what `es-server drain` waits for), or until its heartbeats stop.
     fn connected(&self, s: &Settings, now: Instant) -> bool {
         !self.gone
             && (self.streaming
                 || self.last_poll.is_some_and(|t| {
                     now.duration_since(t) <= s.poll_wait * 2 + s.heartbeat_timeout
-                }))
+                })
+                || (self.draining
+                    && now.duration_since(self.last_heartbeat) <= s.heartbeat_timeout))
     }
 
     fn health(&self, s: &Settings, now: Instant) -> Result<(), String> {
