@@ -257,7 +257,20 @@ fn deb_packages_hold_binaries_units_config_and_create_the_user() {
         let sections = run(Command::new("readelf")
             .arg("-S")
             .arg(root.join("usr/bin").join(pkg)));
-        assert!(!sections.contains(".debug_info"), "{pkg} is not stripped");
+        assert!(
+            !sections.contains(".debug_info") && !sections.contains(".debug_line"),
+            "{pkg} is not stripped"
+        );
+        // Its line tables went to the -dbgsym package beside it (issue 17: the release .deb
+        // shipped them, 100 MB installed for es-agent).
+        let ddeb = deb.with_file_name(
+            deb.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replacen(pkg, &format!("{pkg}-dbgsym"), 1)
+                .replace(".deb", ".ddeb"),
+        );
+        assert!(ddeb.is_file(), "no {} in {out}", ddeb.display());
 
         // The maintainer script, against a scratch root with only root in its user database.
         if unsafe { libc::geteuid() } != 0 {
