@@ -96,8 +96,12 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("es-agent: {e}");
-                // Unusable settings are a configuration error: systemd does not restart on 64.
-                if matches!(e, crate::AgentError::Server(..)) {
+                // Unusable settings, or a registration the server refuses, are configuration
+                // errors: systemd does not restart on 64.
+                if matches!(
+                    e,
+                    crate::AgentError::Server(..) | crate::AgentError::Refused(..)
+                ) {
                     ExitCode::from(EXIT_USAGE)
                 } else {
                     ExitCode::FAILURE

@@ -460,6 +460,29 @@ impl AgentConfig {
                 ));
             }
         }
+        // The server accepts an agent only under its certificate's CN (name) and OU (role):
+        // say so here, naming both, rather than be refused at every start.
+        let pem = std::fs::read(&self.tls_cert).unwrap_or_default();
+        let (cn, ou) = es_proto::cert::pem_subject(&pem)
+            .map_err(|e| bad("tls_cert", format!("{:?}: {e}", self.tls_cert)))?;
+        if cn != self.name {
+            return Err(bad(
+                "name",
+                format!(
+                    "{:?} differs from the CN {cn:?} of tls_cert {:?}: the server accepts this agent only as {cn:?} (set name = {cn:?}, or use that agent's certificate)",
+                    self.name, self.tls_cert
+                ),
+            ));
+        }
+        if ou != self.role {
+            return Err(bad(
+                "role",
+                format!(
+                    "{:?} differs from the OU {ou:?} of tls_cert {:?}: the certificate is for role {ou:?}",
+                    self.role, self.tls_cert
+                ),
+            ));
+        }
         Ok(())
     }
 

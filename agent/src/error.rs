@@ -2,7 +2,10 @@
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("the server refused this agent: {0}")]
+    /// Registration refused (name, role or selector not allowed for this certificate): only a
+    /// change of configuration here or on the server fixes it, so it exits 64 like a bad file
+    /// and systemd does not restart it every few seconds.
+    #[error("the server refused this agent: {0} (fix name, role or selector here, or the server's agents file, then start it again)")]
     Refused(String),
     /// The server URL or the TLS files (`server`, `tls_ca`, `tls_cert`, `tls_key`) are unusable.
     #[error(

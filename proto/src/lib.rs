@@ -3,6 +3,7 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod cert;
 pub mod kinds;
 pub mod limits;
 pub mod logging;

@@ -9,6 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use es_proto::v1::agent_service_client::AgentServiceClient;
 use es_proto::v1::*;
 use es_tests::pki::{CertFiles, Pki};
 use es_tests::*;
@@ -128,26 +129,63 @@ async fn agents_are_known_by_their_certificate_and_refused_with_a_reason() {
     let good = env.pki.client("es-shells-1", "shells");
     let _a = env.agent("es-shells-1", "shells", &ca, &good);
 
-    // A commands agent asking for shells work: exits 1, names both roles.
+    // An agent configured under another name or role than its certificate's refuses to start
+    // (exit 64, which systemd does not restart), naming the certificate's CN or OU.
     let cmd_cert = env.pki.client("es-commands-1", "commands");
     let mut wrong_role = env.agent("es-commands-1", "shells", &ca, &cmd_cert);
-    let status = wrong_role.wait_exit(LONG).expect("refused agent exits");
-    assert_eq!(status.code(), Some(1), "{}", wrong_role.log());
+    let status = wrong_role
+        .wait_exit(LONG)
+        .expect("misconfigured agent exits");
+    assert_eq!(status.code(), Some(64), "{}", wrong_role.log());
     let log = wrong_role.log();
     assert!(
-        log.contains("is for role commands") && log.contains("registers as role shells"),
+        log.contains("`role`") && log.contains("the certificate is for role \"commands\""),
         "{log}"
     );
-
-    // Posing as another agent with one's own certificate.
     let mut poser = env.agent("es-shells-2", "shells", &ca, &good);
-    poser.wait_exit(LONG).expect("refused agent exits");
+    let status = poser.wait_exit(LONG).expect("misconfigured agent exits");
+    assert_eq!(status.code(), Some(64), "{}", poser.log());
     assert!(
         poser
             .log()
-            .contains("certificate is for agent es-shells-1, but it registers as es-shells-2"),
+            .contains("differs from the CN \"es-shells-1\" of tls_cert"),
         "{}",
         poser.log()
+    );
+
+    // The server refuses the same on its own (an agent that does not check, or an older one):
+    // a Register under another role, or another name, than the certificate's.
+    let register = |cert: CertFiles, name: &'static str, role: &'static str| {
+        let (addr, ca) = (env.server.addr, ca.clone());
+        async move {
+            let ch = tls_channel(addr, &ca, Some(&cert)).await.unwrap();
+            AgentServiceClient::new(ch)
+                .register(RegisterRequest {
+                    identity: Some(AgentIdentity {
+                        name: name.into(),
+                        role: es_tests::role(role),
+                        slots: 1,
+                        ..Default::default()
+                    }),
+                    held: vec![],
+                })
+                .await
+                .expect_err("refused")
+        }
+    };
+    let e = register(cmd_cert.clone(), "es-commands-1", "shells").await;
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("is for role commands")
+            && e.message().contains("registers as role shells"),
+        "{e:?}"
+    );
+    let e = register(good.clone(), "es-shells-2", "shells").await;
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message()
+            .contains("certificate is for agent es-shells-1, but it registers as es-shells-2"),
+        "{e:?}"
     );
 
     // A certificate from another CA, and an expired one: the handshake fails; the agent keeps
@@ -158,7 +196,8 @@ async fn agents_are_known_by_their_certificate_and_refused_with_a_reason() {
     let expired_cert = env.pki.expired_client("es-shells-4", "shells");
     let expired = env.agent("es-shells-4", "shells", &ca, &expired_cert);
     // An agent that does not trust the server's CA.
-    let distrust = env.agent("es-shells-5", "shells", &other.ca_file, &good);
+    let fifth = env.pki.client("es-shells-5", "shells");
+    let distrust = env.agent("es-shells-5", "shells", &other.ca_file, &fifth);
     // Each refusal for its own reason: the server's alert to a client certificate from another
     // CA, its alert to an expired one, and the agent's own refusal of a server it cannot verify.
     wait_log(&stranger, "received fatal alert: UnknownCA");

@@ -208,14 +208,13 @@ pub async fn connect(url: &str) -> JobServiceClient<Channel> {
     }
 }
 
-/// A submitter client for a TLS server: trusts `ca`, presents `identity` (if any) and sends
-/// `token` (if any). Errors are returned, not panicked on: tests check refusals.
-pub async fn tls_client(
+/// A TLS channel to `addr`: trusts `ca`, presents `identity` (if any). Errors are returned,
+/// not panicked on: tests check refusals.
+pub async fn tls_channel(
     addr: SocketAddr,
     ca: &Path,
     identity: Option<&pki::CertFiles>,
-    token: Option<&str>,
-) -> Result<es_server::client::Client, String> {
+) -> Result<Channel, String> {
     let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
         tonic::transport::Certificate::from_pem(std::fs::read(ca).map_err(|e| e.to_string())?),
     );
@@ -225,13 +224,24 @@ pub async fn tls_client(
             std::fs::read(&id.key).map_err(|e| e.to_string())?,
         ));
     }
-    let ch = Channel::from_shared(format!("https://{addr}"))
+    Channel::from_shared(format!("https://{addr}"))
         .map_err(|e| e.to_string())?
         .tls_config(tls)
         .map_err(|e| e.to_string())?
         .connect()
         .await
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// A submitter client for a TLS server: trusts `ca`, presents `identity` (if any) and sends
+/// `token` (if any).
+pub async fn tls_client(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Option<&pki::CertFiles>,
+    token: Option<&str>,
+) -> Result<es_server::client::Client, String> {
+    let ch = tls_channel(addr, ca, identity).await?;
     let token = token.map(|t| format!("Bearer {t}").parse().expect("ascii token"));
     Ok(JobServiceClient::with_interceptor(
         ch,

@@ -72,6 +72,7 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
             _ = tokio::signal::ctrl_c() => {}
         }
         log::info!("shutting down");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
     let running = match crate::start(config, shutdown).await {
         Ok(r) => r,
@@ -87,6 +88,15 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
     };
     // Tests and scripts read the bound address from this line (useful with port 0).
     println!("es-server listening on {}", running.addr);
+    // systemd (Type=notify): started once the store is open and the port bound. Without
+    // NOTIFY_SOCKET (not under systemd) this does nothing.
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("serving on {}", running.addr)),
+        ],
+    );
     match running.task.await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {

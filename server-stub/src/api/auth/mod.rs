@@ -92,18 +92,7 @@ pub struct Auth {
 pub fn cert_identity(der: &[u8]) -> Result<CertIdentity, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unreadable client certificate: {e}"))?;
-    let subject = cert.subject();
-    let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue>| {
-        it.next().and_then(|a| a.as_str().ok()).map(str::to_owned)
-    };
-    let name = first(&mut subject.iter_common_name())
-        .filter(|n| !n.is_empty())
-        .ok_or("the client certificate has no subject CN (the agent or submitter name)")?;
-    let unit = first(&mut subject.iter_organizational_unit()).ok_or_else(|| {
-        format!(
-            "the client certificate of {name} has no subject OU (shells, commands, submitter or admin)"
-        )
-    })?;
+    let (name, unit) = es_proto::cert::subject(der)?;
     Ok(CertIdentity {
         name,
         unit,
