@@ -298,11 +298,12 @@ async fn a_sweep_needs_a_live_list_and_an_admin_and_scopes_bound_every_submitter
 async fn a_selector_is_bound_to_the_agent_identity_and_revocation_needs_no_restart() {
     let env = Secure::start("es-commands-staging commands staging\n");
     let mut ops = env.client("ops").await;
-    // A staging certificate registering for prod: refused, told what it may serve.
+    // A staging certificate registering for prod: refused, told what it may serve; exit 64 (a
+    // configuration error: systemd does not restart it).
     let mut rogue = env.agent("es-commands-staging", "commands", "prod");
     assert_eq!(
         rogue.wait_exit(LONG).and_then(|s| s.code()),
-        Some(1),
+        Some(64),
         "{}",
         rogue.log()
     );
