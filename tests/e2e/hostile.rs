@@ -314,7 +314,7 @@ async fn a_selector_is_bound_to_the_agent_identity_and_revocation_needs_no_resta
     );
     // An agent the file does not list: refused.
     let mut unlisted = env.agent("es-commands-other", "commands", "staging");
-    assert_eq!(unlisted.wait_exit(LONG).and_then(|s| s.code()), Some(1));
+    assert_eq!(unlisted.wait_exit(LONG).and_then(|s| s.code()), Some(64));
     assert!(unlisted.log().contains("not in the server's agents file"));
     // Prod jobs (and their secret variables) never reach it; staging ones do.
     let prod = ops
