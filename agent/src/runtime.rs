@@ -55,7 +55,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         role: cfg.role() as i32,
         selector: cfg.selector.clone(),
         slots: cfg.slots,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: version(),
         fallback: cfg.fallback,
         health_addr: health
             .as_ref()
@@ -344,4 +344,21 @@ async fn drain_and_leave(
         }
     }
     shared.session.send_replace(None);
+}
+
+/// The version shown by `es-server agents`: the crate's, and when this binary was built (its
+/// file's modification time, which dpkg sets from the package): a package rebuilt from the same
+/// version still shows as the new one after an upgrade.
+fn version() -> String {
+    let built = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .and_then(|m| m.modified());
+    match built {
+        Ok(t) => format!(
+            "{} (built {})",
+            env!("CARGO_PKG_VERSION"),
+            humantime::format_rfc3339_seconds(t)
+        ),
+        Err(_) => env!("CARGO_PKG_VERSION").to_owned(),
+    }
 }

@@ -16,6 +16,7 @@ mod ops;
 mod packaging;
 mod security;
 mod shells;
+mod systemd;
 mod teardown;
 
 use std::time::Duration;

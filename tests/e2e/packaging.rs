@@ -192,6 +192,33 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The .deb packages (es-agent, es-server), built once per test run by `cargo deb --no-build`
+/// from the debug binaries that `cargo build --workspace --bins` made (scripts/test builds them
+/// first), into `target/es-debs`; their -dbgsym packages beside. Shared with the systemd test.
+pub(crate) fn debs() -> &'static [(String, PathBuf); 2] {
+    static DEBS: std::sync::OnceLock<[(String, PathBuf); 2]> = std::sync::OnceLock::new();
+    DEBS.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        tool("cargo-deb");
+        let dir = repo().join("target/es-debs");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ["es-agent", "es-server"].map(|pkg| {
+            assert!(
+                repo().join("target/debug").join(pkg).is_file(),
+                "target/debug/{pkg} is missing: run `cargo build --workspace --bins` first (scripts/test does)"
+            );
+            let out = run(Command::new(&cargo)
+                .current_dir(repo())
+                .args(["deb", "-p", pkg, "--no-build", "--profile", "dev", "-o"])
+                .arg(&dir));
+            let deb = PathBuf::from(out.lines().last().unwrap().trim());
+            assert!(deb.is_file(), "{out}");
+            (pkg.to_owned(), deb)
+        })
+    })
+}
+
 /// `cargo deb --no-build` of the debug binaries that `cargo build --workspace --bins` made
 /// (scripts/test builds them before the tests). The packages are then read with dpkg-deb: the
 /// files, modes, conffiles, stripped binaries, and the maintainer script run against a scratch
@@ -199,24 +226,12 @@ fn run(cmd: &mut Command) -> String {
 #[test]
 fn deb_packages_hold_binaries_units_config_and_create_the_user() {
     let _turn = crate::shared_turn();
-    let target = repo().join("target/debug");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    tool("cargo-deb");
     let dir = tempfile::tempdir().unwrap();
-    for (pkg, unit, conf) in [
-        ("es-agent", "es-agent@.service", "es-agent.toml"),
-        ("es-server", "es-server.service", "es-server.env"),
-    ] {
-        assert!(
-            target.join(pkg).is_file(),
-            "target/debug/{pkg} is missing: run `cargo build --workspace --bins` first (scripts/test does)"
-        );
-        let out = run(Command::new(&cargo)
-            .current_dir(repo())
-            .args(["deb", "-p", pkg, "--no-build", "--profile", "dev", "-o"])
-            .arg(dir.path()));
-        let deb = PathBuf::from(out.lines().last().unwrap().trim());
-        assert!(deb.is_file(), "{out}");
+    for ((pkg, deb), (unit, conf)) in debs().iter().zip([
+        ("es-agent@.service", "es-agent.toml"),
+        ("es-server.service", "es-server.env"),
+    ]) {
+        let pkg = pkg.as_str();
 
         let files = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
         for (path, mode) in [
@@ -270,7 +285,12 @@ fn deb_packages_hold_binaries_units_config_and_create_the_user() {
                 .replacen(pkg, &format!("{pkg}-dbgsym"), 1)
                 .replace(".deb", ".ddeb"),
         );
-        assert!(ddeb.is_file(), "no {} in {out}", ddeb.display());
+        assert!(
+            ddeb.is_file(),
+            "no {} beside {}",
+            ddeb.display(),
+            deb.display()
+        );
 
         // The maintainer script, against a scratch root with only root in its user database.
         if unsafe { libc::geteuid() } != 0 {

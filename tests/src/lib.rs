@@ -3,6 +3,7 @@
 //! failed test leaves nothing running. On a panic, the tail of each process's log is printed.
 
 pub mod ec2proxy;
+pub mod machine;
 pub mod pki;
 pub mod sshd;
 pub mod tcpproxy;

@@ -248,44 +248,7 @@ async fn agents(client: ClientOpts) -> Result<ExitCode, CliError> {
     if client.json {
         print_json(&Value::Array(agents.iter().map(agent_json).collect()));
     } else {
-        println!(
-            "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {:>8}  {:>8}  {:>7}  {:>7}  DETAIL",
-            "AGENT",
-            "ROLE",
-            "SELECTOR",
-            "KIND",
-            "HEALTH",
-            "SLOTS",
-            "LEASED",
-            "DONE",
-            "REFUSED",
-            "EXPIRED"
-        );
-        for a in &agents {
-            let id = a.identity.clone().unwrap_or_default();
-            let health = if a.draining {
-                "draining"
-            } else if a.healthy {
-                "healthy"
-            } else {
-                "unhealthy"
-            };
-            let n = a.counters.unwrap_or_default();
-            println!(
-                "{:<28}  {:<8}  {:<12}  {:<8}  {:<9}  {:>9}  {:>8}  {:>8}  {:>7}  {:>7}  {}",
-                id.name,
-                role_name(id.role),
-                id.selector,
-                if id.fallback { "fallback" } else { "primary" },
-                health,
-                format!("{}/{}", a.slots_in_use, id.slots),
-                n.leases_granted,
-                n.results_accepted,
-                n.writes_refused,
-                n.leases_expired,
-                a.health_detail
-            );
-        }
+        print!("{}", agents_table(&agents));
         println!("{} agents", agents.len());
     }
     Ok(ExitCode::SUCCESS)

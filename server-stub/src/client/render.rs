@@ -156,38 +156,138 @@ pub fn event_line(ev: &JobEvent) -> String {
     format!("{at}  #{:<3} {what}", ev.seq)
 }
 
-/// The `jobs` table: one line per job, each column as wide as its widest value (kind names
-/// run from `echo` to `update_app_security`), so the columns line up whatever is listed.
-pub fn jobs_table(jobs: &[Job]) -> String {
-    let kw = jobs
+/// A table: each column as wide as its widest value or heading (`true` = right-aligned), two
+/// spaces between columns, the last one unpadded.
+pub fn table(columns: &[(&str, bool)], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = columns
         .iter()
-        .map(|j| es_proto::kinds::name(j).len())
-        .max()
-        .unwrap_or(0)
-        .max("KIND".len());
-    let aw = jobs
-        .iter()
-        .map(|j| j.agent.len())
-        .max()
-        .unwrap_or(0)
-        .max("AGENT".len());
-    let mut out = format!(
-        "{:<36}  {:<9}  {:<8}  {:<kw$}  {:>7}  {:<aw$}  SANDBOX\n",
-        "JOB", "STATE", "ROLE", "KIND", "ATTEMPT", "AGENT"
-    );
-    for j in jobs {
-        out.push_str(&format!(
-            "{:<36}  {:<9}  {:<8}  {:<kw$}  {:>7}  {:<aw$}  {}\n",
-            j.id,
-            state_name(j.state),
-            role_name(j.role),
-            es_proto::kinds::name(j),
-            format!("{}/{}", j.attempt, j.max_attempts),
-            j.agent,
-            j.sandbox_id
-        ));
+        .enumerate()
+        .map(|(i, (head, _))| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |v| v.chars().count()))
+                .max()
+                .unwrap_or(0)
+                .max(head.len())
+        })
+        .collect();
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, cell) in cells.enumerate() {
+            let (w, right) = (widths[i], columns[i].1);
+            if i + 1 == columns.len() {
+                out.push_str(cell);
+            } else if right {
+                out.push_str(&format!("{cell:>w$}  "));
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+        out
+    };
+    let mut out = line(&mut columns.iter().map(|(h, _)| *h));
+    for r in rows {
+        out.push_str(&line(&mut r.iter().map(String::as_str)));
     }
     out
+}
+
+/// The `jobs` table: one line per job (kind names run from `echo` to `update_app_security`).
+pub fn jobs_table(jobs: &[Job]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                state_name(j.state).into(),
+                role_name(j.role).into(),
+                es_proto::kinds::name(j).into(),
+                format!("{}/{}", j.attempt, j.max_attempts),
+                j.agent.clone(),
+                j.sandbox_id.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("JOB", false),
+            ("STATE", false),
+            ("ROLE", false),
+            ("KIND", false),
+            ("ATTEMPT", true),
+            ("AGENT", false),
+            ("SANDBOX", false),
+        ],
+        &rows,
+    )
+}
+
+/// The `agents` table: who is connected, its health, slots, counters and version.
+pub fn agents_table(agents: &[AgentStatus]) -> String {
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            let id = a.identity.clone().unwrap_or_default();
+            let health = if a.draining {
+                "draining"
+            } else if a.healthy {
+                "healthy"
+            } else {
+                "unhealthy"
+            };
+            let n = a.counters.unwrap_or_default();
+            vec![
+                id.name,
+                role_name(id.role).into(),
+                id.selector,
+                if id.fallback { "fallback" } else { "primary" }.into(),
+                health.into(),
+                format!("{}/{}", a.slots_in_use, id.slots),
+                n.leases_granted.to_string(),
+                n.results_accepted.to_string(),
+                n.writes_refused.to_string(),
+                n.leases_expired.to_string(),
+                id.version,
+                a.health_detail.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("AGENT", false),
+            ("ROLE", false),
+            ("SELECTOR", false),
+            ("KIND", false),
+            ("HEALTH", false),
+            ("SLOTS", true),
+            ("LEASED", true),
+            ("DONE", true),
+            ("REFUSED", true),
+            ("EXPIRED", true),
+            ("VERSION", false),
+            ("DETAIL", false),
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod table_tests {
+    use super::table;
+
+    #[test]
+    fn columns_are_as_wide_as_their_widest_value() {
+        let rows = vec![
+            vec!["cleanup_sandbox".into(), "7".into(), "x".into()],
+            vec!["echo".into(), "1234".into(), "".into()],
+        ];
+        let t = table(&[("KIND", false), ("N", true), ("NOTE", false)], &rows);
+        assert_eq!(
+            t,
+            "KIND                N  NOTE\ncleanup_sandbox     7  x\necho             1234\n"
+        );
+    }
 }
 
 pub fn print_job(j: &Job) {
