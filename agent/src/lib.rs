@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod cli;
 pub mod commands;
 pub mod config;
+mod config_tls;
 mod error;
 pub mod executor;
 mod health;

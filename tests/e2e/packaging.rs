@@ -233,7 +233,7 @@ fn deb_packages_hold_binaries_units_config_and_create_the_user() {
     ]) {
         let pkg = pkg.as_str();
 
-        let files = run(Command::new("dpkg-deb").arg("-c").arg(&deb));
+        let files = run(Command::new("dpkg-deb").arg("-c").arg(deb));
         for (path, mode) in [
             (format!("./usr/bin/{pkg}"), "-rwxr-xr-x"),
             (format!("./lib/systemd/system/{unit}"), "-rw-r--r--"),
@@ -248,7 +248,7 @@ fn deb_packages_hold_binaries_units_config_and_create_the_user() {
             );
         }
         let ctl = dir.path().join(format!("{pkg}-control"));
-        run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctl));
+        run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&ctl));
         assert_eq!(
             std::fs::read_to_string(ctl.join("conffiles"))
                 .unwrap()
@@ -264,7 +264,7 @@ fn deb_packages_hold_binaries_units_config_and_create_the_user() {
 
         // The shipped files are the repository's, the binary without debug info.
         let root = dir.path().join(format!("{pkg}-root"));
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+        run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
         assert_eq!(
             std::fs::read(root.join("lib/systemd/system").join(unit)).unwrap(),
             std::fs::read(repo().join("packaging/systemd").join(unit)).unwrap()
