@@ -504,3 +504,71 @@ async fn without_app_pings_the_idle_cut_breaks_the_stream_and_the_agent_reconnec
     );
     proxy.sever();
 }
+
+/// A job no connected agent can run (a typo in the selector) is queued all the same, and its
+/// submitter is told why it will wait: in SubmitResponse.warnings and on the CLI's stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_warns_when_no_connected_agent_serves_the_role_and_selector() {
+    let env = Env::start(&[]);
+    let mut spec = AgentSpec::new("es-shells-east", "shells");
+    spec.selector = "us-east-1".into();
+    let _a = env.agent(&spec);
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-east"]).await;
+
+    let served = |sel: &str, role: &str| SubmitRequest {
+        selector: sel.into(),
+        ..submission(role, echo("hi"))
+    };
+    let ok = c
+        .submit(served("us-east-1", "shells"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.warnings.is_empty(), "{:?}", ok.warnings);
+    let typo = c
+        .submit(served("us-east-l", "shells"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(typo.job.as_ref().unwrap().state, JobState::Queued as i32);
+    assert_eq!(typo.warnings.len(), 1, "{:?}", typo.warnings);
+    assert!(
+        typo.warnings[0].contains("selector \"us-east-l\"")
+            && typo.warnings[0].contains("serve \"us-east-1\""),
+        "{:?}",
+        typo.warnings
+    );
+    let nobody = c
+        .submit(served("us-east-1", "commands"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        nobody.warnings[0].contains("no commands agent is connected at all"),
+        "{:?}",
+        nobody.warnings
+    );
+
+    let out = cli(
+        &env.server.url(),
+        &[
+            "submit",
+            "--role",
+            "shells",
+            "--selector",
+            "us-east-l",
+            "--echo",
+            "x",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "es-server: warning: no connected shells agent serves selector \"us-east-l\""
+        ),
+        "{stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("submitted job"));
+}

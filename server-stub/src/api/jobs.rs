@@ -120,9 +120,15 @@ impl JobService for JobApi {
                 req.idempotency_key, job.id
             )));
         }
+        let warnings = if job.state == JobState::Queued as i32 {
+            self.d.no_server_warning(job.role, &job.selector)
+        } else {
+            None
+        };
         Ok(Response::new(SubmitResponse {
             job: Some(redact(job)),
             created,
+            warnings: warnings.into_iter().collect(),
         }))
     }
 

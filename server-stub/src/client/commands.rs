@@ -117,8 +117,14 @@ async fn submit(job: SubmitArgs, wait: bool, client: ClientOpts) -> Result<ExitC
     let mut c = connect(&client).await?;
     let resp = c.submit(req).await?.into_inner();
     let j = resp.job.unwrap_or_default();
+    // On stderr: the job is queued all the same, and stdout stays the job (or its JSON).
+    for w in &resp.warnings {
+        eprintln!("es-server: warning: {w}");
+    }
     if client.json && !wait {
-        print_json(&json!({"created": resp.created, "job": job_json(&j)}));
+        print_json(
+            &json!({"created": resp.created, "job": job_json(&j), "warnings": resp.warnings}),
+        );
     } else if !client.json {
         let verb = if resp.created {
             "submitted"

@@ -319,9 +319,11 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
                     s.message().to_owned(),
                 )
             })?
-            .into_inner()
-            .job
-            .unwrap_or_default();
+            .into_inner();
+        for w in &job.warnings {
+            eprintln!("es-server: warning: {w}");
+        }
+        let job = job.job.unwrap_or_default();
         let kind = es_proto::kinds::name(&job);
         if !json {
             println!("{kind} {}: job {}", job.sandbox_id, job.id);

@@ -38,6 +38,28 @@ impl Dispatcher {
         out
     }
 
+    /// A warning for the submitter of a job of `role` and `selector` when no connected agent
+    /// can run it now (see `selector::no_server_warning`).
+    pub fn no_server_warning(&self, role: i32, selector: &str) -> Option<String> {
+        let core = self.lock();
+        let now = Instant::now();
+        let servers: Vec<selector::Server> = core
+            .agents
+            .values()
+            .filter(|a| a.connected(&self.settings, now))
+            .map(|a| selector::Server {
+                role: es_proto::v1::Role::try_from(a.identity.role).unwrap_or_default(),
+                selector: &a.identity.selector,
+                available: !a.draining && a.health(&self.settings, now).is_ok(),
+            })
+            .collect();
+        selector::no_server_warning(
+            &servers,
+            es_proto::v1::Role::try_from(role).unwrap_or_default(),
+            selector,
+        )
+    }
+
     /// Registers (or re-registers) an agent. Answers its session and the held leases that the
     /// server no longer recognises.
     pub async fn register(

@@ -42,6 +42,58 @@ pub fn choose(candidates: &[Candidate]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+/// One connected agent as the submit warning sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server<'a> {
+    pub role: es_proto::v1::Role,
+    pub selector: &'a str,
+    /// Healthy and not draining.
+    pub available: bool,
+}
+
+/// What a submitter should hear when no connected agent can run a job of `role` and
+/// `selector` (a typo in the selector, an agent down): the job is still queued and waits.
+pub fn no_server_warning(
+    agents: &[Server],
+    role: es_proto::v1::Role,
+    selector: &str,
+) -> Option<String> {
+    let same_role: Vec<&Server> = agents.iter().filter(|a| a.role == role).collect();
+    let serving: Vec<&&Server> = same_role
+        .iter()
+        .filter(|a| a.selector == selector)
+        .collect();
+    if serving.iter().any(|a| a.available) {
+        return None;
+    }
+    let waits = "the job is queued and waits until one is";
+    if !serving.is_empty() {
+        return Some(format!(
+            "every connected {} agent with selector {selector:?} is draining or unhealthy: {waits} available (see `es-server agents`)",
+            role.name()
+        ));
+    }
+    let mut others: Vec<String> = same_role
+        .iter()
+        .map(|a| format!("{:?}", a.selector))
+        .collect();
+    others.sort();
+    others.dedup();
+    let seen = if others.is_empty() {
+        format!("no {} agent is connected at all", role.name())
+    } else {
+        format!(
+            "connected {} agents serve {}",
+            role.name(),
+            others.join(", ")
+        )
+    };
+    Some(format!(
+        "no connected {} agent serves selector {selector:?} ({seen}): {waits} registered (check --selector)",
+        role.name()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +171,54 @@ mod tests {
         }
         assert_eq!(agents[0].busy, 50);
         assert_eq!(agents[1].busy, 50);
+    }
+
+    #[test]
+    fn a_submitter_hears_when_no_agent_can_run_the_job() {
+        use es_proto::v1::Role::{Commands, Shells};
+        let a = |role, selector, available| Server {
+            role,
+            selector,
+            available,
+        };
+        let east = [a(Shells, "us-east-1", true), a(Commands, "us-west-2", true)];
+        let cases: &[(&[Server], es_proto::v1::Role, &str, Option<&str>)] = &[
+            (&east, Shells, "us-east-1", None),
+            (
+                &east,
+                Shells,
+                "us-east-l",
+                Some("connected shells agents serve \"us-east-1\""),
+            ),
+            (
+                &east,
+                Commands,
+                "us-east-1",
+                Some("connected commands agents serve \"us-west-2\""),
+            ),
+            (&[], Shells, "", Some("no shells agent is connected at all")),
+            (
+                &[a(Shells, "x", false), a(Shells, "x", false)],
+                Shells,
+                "x",
+                Some("draining or unhealthy"),
+            ),
+            (
+                &[a(Shells, "x", false), a(Shells, "x", true)],
+                Shells,
+                "x",
+                None,
+            ),
+        ];
+        for (agents, role, selector, want) in cases {
+            let got = no_server_warning(agents, *role, selector);
+            match want {
+                None => assert_eq!(got, None, "{role:?} {selector}"),
+                Some(w) => assert!(
+                    got.as_deref().is_some_and(|g| g.contains(w)),
+                    "{role:?} {selector}: {got:?}"
+                ),
+            }
+        }
     }
 }
