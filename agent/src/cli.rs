@@ -47,6 +47,22 @@ pub fn main() -> ExitCode {
         // `check-config | head` ends quietly (SIGPIPE), not with a println! panic.
         sigpipe::reset();
         print!("{}", cfg.describe());
+        // Who the agent would act as in AWS. The configuration is valid either way (exit 0);
+        // missing credentials are a warning with the fix.
+        let who = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let aws = crate::aws::Aws::new(cfg.aws_settings()).await;
+                    crate::aws::identity::whoami(aws.base()).await
+                })
+            });
+        match who {
+            Ok(id) => println!("# AWS identity: {id}"),
+            Err(problem) => eprintln!("es-agent: warning: cannot use AWS: {problem}"),
+        }
         return ExitCode::SUCCESS;
     }
     crate::logging::init(

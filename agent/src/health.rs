@@ -9,7 +9,9 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 
 pub struct Health {
-    reporter: HealthReporter,
+    /// Service "" is SERVING while registered and not draining; "es.aws" while the agent can
+    /// use AWS (see runtime::watch_aws).
+    pub reporter: HealthReporter,
     /// The address given to the server to probe.
     pub advertised: String,
 }

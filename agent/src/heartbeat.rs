@@ -61,11 +61,14 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
         let Some(session) = shared.session() else {
             continue;
         };
+        let aws = shared.aws();
         let req = HeartbeatRequest {
             session_id: session.id.clone(),
             leases: shared.held(),
             slots_in_use: shared.in_flight() as u32,
             draining: shared.draining.load(Ordering::SeqCst),
+            aws_identity: aws.0,
+            aws_problem: aws.1,
         };
         let req_leases = req.leases.len();
         let mut r = tonic::Request::new(req);

@@ -20,6 +20,7 @@ pub struct AgentMetrics {
     lease_renewals: Counter,
     leases_fenced: Counter,
     aws_calls: Family<Labels, Counter>,
+    aws_identity: Family<Labels, Gauge>,
 }
 
 impl Default for AgentMetrics {
@@ -33,6 +34,7 @@ impl Default for AgentMetrics {
             lease_renewals: Counter::default(),
             leases_fenced: Counter::default(),
             aws_calls: Family::default(),
+            aws_identity: Family::default(),
         };
         registry.register(
             "jobs_running",
@@ -63,6 +65,11 @@ impl Default for AgentMetrics {
             "aws_calls",
             "AWS API call attempts, by service, operation and outcome (ok, error, throttled)",
             m.aws_calls.clone(),
+        );
+        registry.register(
+            "aws_identity",
+            "1 for the AWS identity this agent acts as (STS GetCallerIdentity: arn, account); 0 with arn=\"\" while it has none",
+            m.aws_identity.clone(),
         );
         AgentMetrics { registry, ..m }
     }
@@ -95,6 +102,15 @@ impl AgentMetrics {
                 ("outcome", outcome),
             ]))
             .inc();
+    }
+
+    /// The identity found (`Some((arn, account))`), or none (no credentials, STS unreachable).
+    pub fn aws_identity(&self, who: Option<(&str, &str)>) {
+        self.aws_identity.clear();
+        let (arn, account) = who.unwrap_or(("", ""));
+        self.aws_identity
+            .get_or_create(&labels(&[("arn", arn), ("account", account)]))
+            .set(i64::from(who.is_some()));
     }
 
     pub fn render(&self) -> String {

@@ -75,6 +75,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         signals: signals.clone(),
         cfg: cfg.clone(),
         metrics,
+        aws: Mutex::new((String::new(), "AWS credentials not checked yet".into())),
     });
     let slots = Arc::new(Semaphore::new(cfg.slots as usize));
     let executor = Arc::new(executor::Executor::with_ssh(
@@ -83,6 +84,16 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
     ));
     let hb_stop = CancellationToken::new();
     let hb = crate::heartbeat::spawn(shared.clone(), endpoint.clone(), hb_stop.clone());
+    let aws_sdk = crate::aws::Aws::new(cfg.aws_settings())
+        .await
+        .base()
+        .clone();
+    let aws_watch = tokio::spawn(watch_aws(
+        shared.clone(),
+        aws_sdk,
+        health.as_ref().map(|h| h.reporter.clone()),
+        hb_stop.clone(),
+    ));
     let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);
     let drain = signals.drain.clone();
 
@@ -220,6 +231,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
     drain_and_leave(&shared, &mut client, health.as_ref()).await;
     hb_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || hb.join()).await;
+    let _ = aws_watch.await;
     log::info!(agent = cfg.name.as_str(); "stopped");
     Ok(())
 }
@@ -281,6 +293,8 @@ async fn drain_and_leave(
                 leases: shared.held(),
                 slots_in_use: n as u32,
                 draining: true,
+                aws_identity: shared.aws().0,
+                aws_problem: shared.aws().1,
             }))
             .await;
     }
@@ -360,5 +374,55 @@ fn version() -> String {
             humantime::format_rfc3339_seconds(t)
         ),
         Err(_) => env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// How often an agent without usable AWS credentials checks again.
+const AWS_RECHECK: Duration = Duration::from_secs(30);
+
+/// Finds who the agent acts as in AWS (STS GetCallerIdentity) and keeps asking every 30 s
+/// while it cannot: the server holds back AWS jobs until then, the health service `es.aws`
+/// reports NOT_SERVING, and the log says why once per change, in one line with the fix.
+async fn watch_aws(
+    shared: Arc<Shared>,
+    sdk: aws_config::SdkConfig,
+    health: Option<tonic_health::server::HealthReporter>,
+    stop: CancellationToken,
+) {
+    let name = shared.cfg.name.clone();
+    let mut said = String::new();
+    loop {
+        let found = tokio::select! {
+            r = crate::aws::identity::whoami(&sdk) => r,
+            _ = stop.cancelled() => return,
+        };
+        let status = match &found {
+            Ok(_) => tonic_health::ServingStatus::Serving,
+            Err(_) => tonic_health::ServingStatus::NotServing,
+        };
+        if let Some(h) = &health {
+            h.set_service_status("es.aws", status).await;
+        }
+        match found {
+            Ok(id) => {
+                log::info!(agent = name.as_str(); "acting in AWS as {id}");
+                shared.metrics.aws_identity(Some((&id.arn, &id.account)));
+                *shared.aws.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (id.to_string(), String::new());
+                return;
+            }
+            Err(problem) => {
+                if problem != said {
+                    log::warn!(agent = name.as_str(); "cannot use AWS: {problem}; AWS jobs wait until this is fixed (checked again every {} s)", AWS_RECHECK.as_secs());
+                    said = problem.clone();
+                }
+                shared.metrics.aws_identity(None);
+                *shared.aws.lock().unwrap_or_else(|p| p.into_inner()) = (String::new(), problem);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(AWS_RECHECK) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }

@@ -51,9 +51,16 @@ pub(crate) struct Shared {
     pub(crate) last_renew: Mutex<Instant>,
     pub signals: Signals,
     pub metrics: Arc<crate::metrics::AgentMetrics>,
+    /// Who the agent acts as in AWS, and why it cannot use AWS now ("" = it can): told to the
+    /// server at each heartbeat (aws_identity, aws_problem).
+    pub aws: Mutex<(String, String)>,
 }
 
 impl Shared {
+    pub(crate) fn aws(&self) -> (String, String) {
+        self.aws.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub(crate) fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, RunningJob>> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }

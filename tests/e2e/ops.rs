@@ -296,3 +296,91 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
         assert!(stderr.is_empty(), "{what}: {stderr}");
     }
 }
+
+/// An agent without AWS credentials says so at start in one line with the fix, still runs
+/// diagnostic jobs, and gets no job that needs AWS; one with credentials (moto) shows who it
+/// acts as (STS GetCallerIdentity) in `es-server agents` and in its metrics, and takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_aws_credentials_says_so_and_gets_no_aws_job() {
+    let env = Env::start(&[]);
+    let mut blind = env.agent(&AgentSpec::new("es-shells-blind", "shells"));
+    let mut c = env.server.client().await;
+    wait_healthy(&mut c, &["es-shells-blind"]).await;
+    let url = env.server.url();
+    wait_until("the agent to report its AWS problem", LONG, || {
+        let mut c = c.clone();
+        async move {
+            agents(&mut c)
+                .await
+                .iter()
+                .any(|a| a.aws_problem.starts_with("no AWS credentials"))
+        }
+    })
+    .await;
+    let log = blind.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("cannot use AWS"))
+        .expect("the problem is logged");
+    assert!(
+        line.contains("no AWS credentials") && line.contains("instance profile"),
+        "{line}"
+    );
+    assert!(!log.contains("ProviderAttempt"), "{log}");
+
+    // Diagnostic jobs still run on it; an AWS job waits.
+    let echo = submit(&mut c, submission("shells", echo("still here"))).await;
+    wait_done(&mut c, &echo.id, LONG).await;
+    let mut cleanup = submission(
+        "shells",
+        JobSpec {
+            kind: Some(job_spec::Kind::CleanupSandbox(CleanupSandbox {})),
+            ..Default::default()
+        },
+    );
+    cleanup.sandbox_id = "sb-creds".into();
+    let cleanup = submit(&mut c, cleanup).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        get(&mut c, &cleanup.id).await.state,
+        JobState::Queued as i32
+    );
+    let table = std::process::Command::new(bins().server)
+        .args(["agents", "--server", &url])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("AWS jobs held back: no AWS credentials"),
+        "{table}"
+    );
+
+    // An agent with credentials takes it, and says who it is.
+    let moto = start_moto(env.dir.path());
+    let _seeing = env.agent(&moto.agent_env(
+        AgentSpec::new("es-shells-seeing", "shells").env("ES_AGENT_METRICS_ADDR", "127.0.0.1:0"),
+    ));
+    let done = wait_done(&mut c, &cleanup.id, LONG).await;
+    assert_eq!(done.agent, "es-shells-seeing");
+    let seeing = agents(&mut c)
+        .await
+        .into_iter()
+        .find(|a| a.identity.as_ref().unwrap().name == "es-shells-seeing")
+        .unwrap();
+    assert_eq!(
+        seeing.aws_identity,
+        "arn:aws:sts::123456789012:user/moto (account 123456789012)"
+    );
+    assert!(seeing.aws_problem.is_empty());
+    let metrics = wait_metrics_addr("es-shells-seeing", || _seeing.log());
+    let m = scrape(&metrics);
+    assert_eq!(
+        sample(
+            &m,
+            r#"es_agent_aws_identity{arn="arn:aws:sts::123456789012:user/moto",account="123456789012"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    blind.sigterm();
+}

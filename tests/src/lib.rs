@@ -455,6 +455,8 @@ pub fn start_agent(bins: &Bins, dir: &Path, server_url: &str, spec: &AgentSpec) 
         .env("ES_AGENT_SELECTOR", &spec.selector)
         .env("ES_AGENT_FALLBACK", spec.fallback.to_string())
         .env("ES_AGENT_TRANSPORT", spec.transport)
+        // Never the instance-metadata address from a test (it is not loopback).
+        .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("ES_AGENT_BACKOFF_BASE", "50ms")
         .env("ES_AGENT_BACKOFF_CAP", "1s")
         .env(

@@ -12,6 +12,7 @@ use es_proto::v1::Job;
 
 pub mod assume;
 mod calls;
+pub mod identity;
 pub(crate) mod limiter;
 
 pub use calls::CallCounter;
@@ -107,6 +108,11 @@ impl Aws {
         Aws { base, settings }
     }
 
+    /// The agent's own SDK configuration (its credentials, region and endpoint).
+    pub fn base(&self) -> &SdkConfig {
+        &self.base
+    }
+
     /// The SDK configuration for the job's `spec.target` (assumed role and region), or the
     /// agent's own. A role that is not on the agent's allow-list is refused before any call.
     pub fn sdk_config(&self, job: &Job) -> Result<SdkConfig, NotAllowed> {
@@ -185,4 +191,24 @@ where
         _ => "Error",
     }
     .to_owned()
+}
+
+/// An SDK error as one readable line: the service's message when AWS answered; otherwise the
+/// cause, first line only, with the fix when it is missing credentials (the SDK's own text for
+/// that is a screenful of provider attempts).
+pub fn one_line<E, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> String
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_sdk_ec2::error::ProvideErrorMetadata;
+    if let Some(m) = e.message() {
+        return m.to_owned();
+    }
+    let chain = es_proto::error_chain(e);
+    if chain.to_ascii_lowercase().contains("credentials") {
+        return identity::NO_CREDENTIALS.to_owned();
+    }
+    let first = chain.lines().next().unwrap_or_default();
+    es_proto::limits::clip(first, 300)
 }

@@ -102,14 +102,8 @@ where
     E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    use aws_sdk_ec2::error::ProvideErrorMetadata;
     let code = crate::aws::error_code(&e);
-    let message = e.message().map(str::to_owned).unwrap_or_else(|| {
-        format!(
-            "{}",
-            aws_smithy_types::error::display::DisplayErrorContext(&e)
-        )
-    });
+    let message = crate::aws::one_line(&e);
     let hint = match code.as_str() {
         "AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation" => {
             " (the agent's IAM role lacks this permission)"

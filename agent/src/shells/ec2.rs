@@ -50,12 +50,7 @@ where
     R: std::fmt::Debug,
 {
     let code = code(&e);
-    let message = e.message().map(str::to_owned).unwrap_or_else(|| {
-        format!(
-            "{}",
-            aws_smithy_types::error::display::DisplayErrorContext(&e)
-        )
-    });
+    let message = crate::aws::one_line(&e);
     let hint = if code.starts_with("InvalidAMIID") {
         " (the AMI does not exist in this region or account: check `ami`)"
     } else if matches!(

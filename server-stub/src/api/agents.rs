@@ -130,6 +130,8 @@ impl AgentService for AgentApi {
         let (lost, cancel, drain) = self
             .d
             .heartbeat(&req.session_id, &req.leases, req.draining)?;
+        self.d
+            .set_aws(&req.session_id, &req.aws_identity, &req.aws_problem)?;
         Ok(Response::new(HeartbeatResponse {
             lost,
             cancel,

@@ -88,6 +88,8 @@ pub fn agent_json(a: &AgentStatus) -> Value {
         "healthy": a.healthy,
         "draining": a.draining,
         "health_detail": a.health_detail,
+        "aws_identity": a.aws_identity,
+        "aws_problem": a.aws_problem,
         "last_heartbeat": time(a.last_heartbeat_us),
         "counters": a.counters.as_ref().map(|n| json!({
             "leases_granted": n.leases_granted,
@@ -249,7 +251,21 @@ pub fn agents_table(agents: &[AgentStatus]) -> String {
                 n.writes_refused.to_string(),
                 n.leases_expired.to_string(),
                 id.version,
-                a.health_detail.clone(),
+                if a.aws_identity.is_empty() {
+                    "-".into()
+                } else {
+                    a.aws_identity.clone()
+                },
+                [
+                    a.health_detail.clone(),
+                    (!a.aws_problem.is_empty())
+                        .then(|| format!("AWS jobs held back: {}", a.aws_problem))
+                        .unwrap_or_default(),
+                ]
+                .into_iter()
+                .filter(|d| !d.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
             ]
         })
         .collect();
@@ -266,6 +282,7 @@ pub fn agents_table(agents: &[AgentStatus]) -> String {
             ("REFUSED", true),
             ("EXPIRED", true),
             ("VERSION", false),
+            ("AWS IDENTITY", false),
             ("DETAIL", false),
         ],
         &rows,

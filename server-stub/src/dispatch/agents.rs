@@ -22,6 +22,8 @@ impl Dispatcher {
                     last_heartbeat_us: a.last_heartbeat_us,
                     health_detail: health.err().unwrap_or_default(),
                     registered_at_us: a.registered_at_us,
+                    aws_identity: a.aws_identity.clone(),
+                    aws_problem: a.aws_problem.clone(),
                     counters: Some(
                         core.counters
                             .get(&a.identity.name)
@@ -137,6 +139,8 @@ impl Dispatcher {
                     leased: kept,
                     offered: HashSet::new(),
                     last_pick: 0,
+                    aws_identity: String::new(),
+                    aws_problem: String::new(),
                 },
             );
             core.sessions.insert(session.clone(), name.clone());
@@ -309,6 +313,34 @@ impl Dispatcher {
             core.dispatch(&self.settings, &key, now);
         }
         Ok((lost, cancels, drain))
+    }
+
+    /// Records what an agent's heartbeat says of its AWS access. While `problem` is set it is
+    /// offered no job that needs AWS; when it clears, its queue is dispatched again.
+    pub fn set_aws(&self, session: &str, identity: &str, problem: &str) -> Res<()> {
+        let mut core = self.lock();
+        let name = core.session_agent(session)?;
+        let entry = core.agents.get_mut(&name).expect("session maps to agent");
+        // Agent-supplied text shown to operators: bounded.
+        let (identity, problem) = (
+            es_proto::limits::clip(identity, 512),
+            es_proto::limits::clip(problem, 512),
+        );
+        if entry.aws_problem != problem {
+            if problem.is_empty() {
+                log::info!(agent = name.as_str(); "agent {name} can use AWS as {identity}");
+            } else {
+                log::warn!(agent = name.as_str(); "agent {name} cannot use AWS: {problem}");
+            }
+        }
+        let cleared = !entry.aws_problem.is_empty() && problem.is_empty();
+        entry.aws_identity = identity;
+        entry.aws_problem = problem;
+        let key = (entry.identity.role, entry.identity.selector.clone());
+        if cleared {
+            core.dispatch(&self.settings, &key, Instant::now());
+        }
+        Ok(())
     }
 
     /// The agent (name, role) a session belongs to.

@@ -165,6 +165,12 @@ impl Active {
 
     /// The sandbox this job must have to itself: es-shells jobs of one sandbox run one at a
     /// time (two provisioning runs at once could each create what the other is creating).
+    /// Needs the cloud: every kind but the diagnostic ones (echo, sleep).
+    fn needs_aws(&self) -> bool {
+        es_proto::kinds::of(&self.job)
+            .is_some_and(|k| k.family != es_proto::kinds::Family::Diagnostic)
+    }
+
     fn exclusive_sandbox(&self) -> Option<&str> {
         let exclusive = es_proto::kinds::of(&self.job).is_some_and(|k| k.exclusive_sandbox);
         (exclusive && !self.job.sandbox_id.is_empty()).then_some(self.job.sandbox_id.as_str())
@@ -201,6 +207,9 @@ struct AgentEntry {
     leased: HashSet<String>,
     offered: HashSet<String>,
     last_pick: u64,
+    /// Its AWS identity, and why it cannot use AWS (empty: it can), from its heartbeats.
+    aws_identity: String,
+    aws_problem: String,
 }
 
 impl AgentEntry {

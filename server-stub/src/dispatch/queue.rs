@@ -32,9 +32,11 @@ impl Core {
         }
         let mut names: Vec<&String> = Vec::new();
         let mut cands: Vec<Candidate> = Vec::new();
+        let mut aws_ok: Vec<bool> = Vec::new();
         for (name, a) in &self.agents {
             if a.identity.role == key.0 && a.identity.selector == key.1 {
                 names.push(name);
+                aws_ok.push(a.aws_problem.is_empty());
                 cands.push(Candidate {
                     fallback: a.identity.fallback,
                     available: !a.draining && a.health(s, now).is_ok(),
@@ -47,15 +49,19 @@ impl Core {
         let names: Vec<String> = names.into_iter().cloned().collect();
         while let Some(i) = selector::choose(&cands) {
             // The first job whose sandbox is not busy with another es-shells job (usually the
-            // head of the queue).
+            // head of the queue), and that this agent can run: one that cannot use AWS now gets
+            // only diagnostic jobs. None: this agent is done, the others may still take one.
             let jobs = &self.jobs;
             let busy_now = &self.busy_sandboxes;
             let Some(pos) = queue.iter().position(|id| {
-                jobs.get(id)
-                    .and_then(|j| j.exclusive_sandbox())
-                    .is_none_or(|sb| !busy_now.contains_key(sb))
+                jobs.get(id).is_none_or(|j| {
+                    (aws_ok[i] || !j.needs_aws())
+                        && j.exclusive_sandbox()
+                            .is_none_or(|sb| !busy_now.contains_key(sb))
+                })
             }) else {
-                break;
+                cands[i].available = false;
+                continue;
             };
             let Some(id) = queue.remove(pos) else { break };
             let Some(job) = self.jobs.get_mut(&id) else {
