@@ -303,7 +303,7 @@ fn cli_output_into_a_closed_pipe_ends_quietly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_without_aws_credentials_says_so_and_gets_no_aws_job() {
     let env = Env::start(&[]);
-    let mut blind = env.agent(&AgentSpec::new("es-shells-blind", "shells"));
+    let blind = env.agent(&AgentSpec::new("es-shells-blind", "shells"));
     let mut c = env.server.client().await;
     wait_healthy(&mut c, &["es-shells-blind"]).await;
     let url = env.server.url();

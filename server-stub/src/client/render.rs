@@ -258,9 +258,11 @@ pub fn agents_table(agents: &[AgentStatus]) -> String {
                 },
                 [
                     a.health_detail.clone(),
-                    (!a.aws_problem.is_empty())
-                        .then(|| format!("AWS jobs held back: {}", a.aws_problem))
-                        .unwrap_or_default(),
+                    if a.aws_problem.is_empty() {
+                        String::new()
+                    } else {
+                        format!("AWS jobs held back: {}", a.aws_problem)
+                    },
                 ]
                 .into_iter()
                 .filter(|d| !d.is_empty())
