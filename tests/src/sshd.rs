@@ -171,20 +171,29 @@ pub struct Fleet {
     pub user: String,
 }
 
-/// `n` instances of sandbox `sb` (apps app-0, app-1, ...), each an sshd on 127.0.0.(base+i),
-/// and an agent `es-commands` with `slots` slots connected to `server_url`.
-pub async fn start_fleet(
-    bins: &Bins,
+/// Sandbox instances played by sshd servers: `n` sshds on 127.0.0.(base+i) and a shared port,
+/// registered in the emulator at `moto_url` as instances of sandbox `sb` (apps app-0, app-1,
+/// ...; private IPs = the sshds' addresses), and an EC2 proxy in front of the emulator that
+/// plays Instance Connect for them. An agent whose AWS endpoint is `proxy_url` reaches them.
+pub struct Instances {
+    pub sshds: Vec<Sshd>,
+    /// Instance ids, in the order of `sshds`.
+    pub ids: Vec<String>,
+    pub port: u16,
+    pub proxy_url: String,
+    /// Keys pushed through Instance Connect.
+    pub pushes: Arc<AtomicU64>,
+}
+
+pub async fn play_instances(
     dir: &Path,
-    server_url: &str,
+    moto_url: &str,
+    ec2: &aws_sdk_ec2::Client,
     sb: &str,
     n: usize,
     base: u8,
-    slots: u32,
-) -> Fleet {
+) -> Instances {
     use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-    let moto = start_moto(dir);
-    let ec2 = moto.ec2().await;
     let ips: Vec<String> = (0..n)
         .map(|i| format!("127.0.0.{}", base as usize + i))
         .collect();
@@ -240,23 +249,49 @@ pub async fn start_fleet(
         ids.push(id);
     }
     let pushes = Arc::new(AtomicU64::new(0));
-    let (url, _stats) = ec2proxy::start(
-        &moto.url,
+    let (proxy_url, _stats) = ec2proxy::start(
+        moto_url,
         ec2proxy::ProxyConfig {
             hook: Some(instance_connect(map, pushes.clone())),
             ..Default::default()
         },
     )
     .await;
-    let spec = moto.agent_env_via(AgentSpec::new("es-commands", "commands").slots(slots), &url);
+    Instances {
+        sshds,
+        ids,
+        port,
+        proxy_url,
+        pushes,
+    }
+}
+
+/// `n` instances of sandbox `sb` (see `play_instances`) in a new emulator, and an agent
+/// `es-commands` with `slots` slots connected to `server_url` that reaches them.
+pub async fn start_fleet(
+    bins: &Bins,
+    dir: &Path,
+    server_url: &str,
+    sb: &str,
+    n: usize,
+    base: u8,
+    slots: u32,
+) -> Fleet {
+    let moto = start_moto(dir);
+    let ec2 = moto.ec2().await;
+    let i = play_instances(dir, &moto.url, &ec2, sb, n, base).await;
+    let spec = moto.agent_env_via(
+        AgentSpec::new("es-commands", "commands").slots(slots),
+        &i.proxy_url,
+    );
     let agent = start_agent(bins, dir, server_url, &spec);
     Fleet {
         moto,
         agent,
-        sshds,
-        ids,
-        port,
-        pushes,
+        sshds: i.sshds,
+        ids: i.ids,
+        port: i.port,
+        pushes: i.pushes,
         user: login_user(),
     }
 }
