@@ -678,9 +678,23 @@ mod tests {
         // The reference names the packaged TLS files; point them at files that exist here.
         let dir = tempfile::tempdir().unwrap();
         let mut local = text.clone();
-        for f in ["ca.pem", "agent.pem", "agent.key"] {
+        // The certificate must be es-shells' (CN) for role shells (OU), as the reference says.
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "es-shells");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationalUnitName, "shells");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap().pem();
+        for (f, content) in [
+            ("ca.pem", cert.clone()),
+            ("es-shells.pem", cert),
+            ("es-shells.key", key.serialize_pem()),
+        ] {
             let p = dir.path().join(f);
-            std::fs::write(&p, "x").unwrap();
+            std::fs::write(&p, content).unwrap();
             local = local.replace(&format!("/etc/es-agent/tls/{f}"), p.to_str().unwrap());
         }
         let copy = dir.path().join("es-agent.toml");
