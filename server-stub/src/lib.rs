@@ -17,6 +17,7 @@ pub mod dispatch;
 pub use es_proto::logging;
 pub mod metrics;
 pub mod store;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -272,19 +273,15 @@ pub async fn start(
 ) -> Result<Running, ServerError> {
     config.validate().map_err(ServerError::Config)?;
     let tls = match config.tls().map_err(ServerError::Config)? {
+        // Submitters may use a token instead of a certificate; agents are refused without one
+        // (api/auth). Handshakes are ours (tls.rs), so that refused ones are logged.
         Some((cert, key, ca)) => Some(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(
-                    read_file("--tls-cert", cert)?,
-                    read_file("--tls-key", key)?,
-                ))
-                .client_ca_root(tonic::transport::Certificate::from_pem(read_file(
-                    "--client-ca",
-                    ca,
-                )?))
-                // Submitters may use a token instead; agents are refused without a certificate
-                // (auth.rs).
-                .client_auth_optional(true),
+            tls::acceptor(
+                &read_file("--tls-cert", cert)?,
+                &read_file("--tls-key", key)?,
+                &read_file("--client-ca", ca)?,
+            )
+            .map_err(ServerError::Config)?,
         ),
         None => {
             log::warn!("INSECURE: serving plaintext without client certificates (--insecure); agents are trusted as they describe themselves");
@@ -378,11 +375,7 @@ pub async fn start(
         });
     }
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let router = builder
+    let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -413,10 +406,31 @@ pub async fn start(
         });
     }
     // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
-    // small stream messages (offers) wait for delayed ACKs (~40 ms).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    // small stream messages (offers) wait for delayed ACKs (~40 ms). With TLS, our own
+    // handshakes (tls.rs), whose accept loop ends when tonic drops the stream at shutdown.
+    let (plain, secure) = match tls {
+        None => (
+            Some(
+                tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60))),
+            ),
+            None,
+        ),
+        Some(acceptor) => {
+            let (stream, accept_loop) = tls::incoming(
+                listener,
+                acceptor,
+                dispatcher.metrics().auth_failures.clone(),
+            );
+            let live = Live::new(&background);
+            tasks.spawn(async move {
+                let _live = live;
+                accept_loop.await
+            });
+            (None, Some(stream))
+        }
+    };
     // The timings in force, so benchmarks and operators read them rather than assume defaults.
     let d = humantime::format_duration;
     log::info!(
@@ -429,14 +443,17 @@ pub async fn start(
     );
     let dispatcher_for_task = dispatcher.clone();
     let task = tokio::spawn(async move {
-        let res = router
-            .serve_with_incoming_shutdown(incoming, async move {
-                shutdown.await;
-                health_reporter
-                    .set_not_serving::<AgentServiceServer<api::AgentApi>>()
-                    .await;
-            })
-            .await;
+        let shutdown = async move {
+            shutdown.await;
+            health_reporter
+                .set_not_serving::<AgentServiceServer<api::AgentApi>>()
+                .await;
+        };
+        let res = match (plain, secure) {
+            (Some(tcp), _) => router.serve_with_incoming_shutdown(tcp, shutdown).await,
+            (None, Some(tls)) => router.serve_with_incoming_shutdown(tls, shutdown).await,
+            (None, None) => unreachable!("one of the two listeners is set"),
+        };
         // Shutdown joins everything it started: background tasks first (they use the store),
         // then the store's threads, after committing what was queued.
         stop.cancel();

@@ -203,6 +203,20 @@ async fn agents_are_known_by_their_certificate_and_refused_with_a_reason() {
     wait_log(&stranger, "received fatal alert: UnknownCA");
     wait_log(&expired, "received fatal alert: CertificateExpired");
     wait_log(&distrust, "invalid peer certificate: UnknownIssuer");
+    // The server says so too: each refused handshake, with the client's address and the reason
+    // (tonic alone drops them in silence), counted by reason.
+    let log = env.server.proc.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused TLS handshake from 127.0.0.1:"))
+        .collect();
+    assert!(
+        refused.iter().any(|l| l.contains("UnknownIssuer"))
+            && refused
+                .iter()
+                .any(|l| l.to_ascii_lowercase().contains("expired")),
+        "{log}"
+    );
 
     // Only the good agent is known, and only it runs work.
     wait_until("good agent to register", LONG, || {
