@@ -402,7 +402,7 @@ pub async fn start(
         let (stop, live) = (stop.clone(), Live::new(&background));
         tasks.spawn(async move {
             let _live = live;
-            reload_on_sighup(auth, stop).await
+            api::auth::reload_on_sighup(auth, stop).await
         });
     }
     // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
@@ -483,29 +483,6 @@ impl Live {
 impl Drop for Live {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// SIGHUP reads the tokens, deny and agents files again (revocation without a restart).
-async fn reload_on_sighup(auth: Arc<api::auth::Auth>, stop: tokio_util::sync::CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        log::warn!("cannot listen for SIGHUP: credentials are read at start only");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            got = hup.recv() => {
-                if got.is_none() {
-                    return;
-                }
-                match auth.reload() {
-                    Ok(()) => log::info!("SIGHUP: tokens, deny-list and agents files read again"),
-                    Err(e) => log::error!("SIGHUP: {e}; the previous credentials stay in force"),
-                }
-            }
-        }
     }
 }
 

@@ -386,5 +386,28 @@ impl Auth {
     }
 }
 
+/// SIGHUP reads the tokens, deny and agents files again (revocation without a restart).
+pub async fn reload_on_sighup(auth: Arc<Auth>, stop: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        log::warn!("cannot listen for SIGHUP: credentials are read at start only");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            got = hup.recv() => {
+                if got.is_none() {
+                    return;
+                }
+                match auth.reload() {
+                    Ok(()) => log::info!("SIGHUP: tokens, deny-list and agents files read again"),
+                    Err(e) => log::error!("SIGHUP: {e}; the previous credentials stay in force"),
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
