@@ -53,12 +53,7 @@ pub fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())
-            .and_then(|rt| {
-                rt.block_on(async {
-                    let aws = crate::aws::Aws::new(cfg.aws_settings()).await;
-                    crate::aws::identity::whoami(aws.base()).await
-                })
-            });
+            .and_then(|rt| rt.block_on(crate::aws::identity::check(cfg.aws_settings())));
         match who {
             Ok(id) => println!("# AWS identity: {id}"),
             Err(problem) => eprintln!("es-agent: warning: cannot use AWS: {problem}"),

@@ -84,13 +84,8 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
     ));
     let hb_stop = CancellationToken::new();
     let hb = crate::heartbeat::spawn(shared.clone(), endpoint.clone(), hb_stop.clone());
-    let aws_sdk = crate::aws::Aws::new(cfg.aws_settings())
-        .await
-        .base()
-        .clone();
     let aws_watch = tokio::spawn(watch_aws(
         shared.clone(),
-        aws_sdk,
         health.as_ref().map(|h| h.reporter.clone()),
         hb_stop.clone(),
     ));
@@ -385,7 +380,6 @@ const AWS_RECHECK: Duration = Duration::from_secs(30);
 /// reports NOT_SERVING, and the log says why once per change, in one line with the fix.
 async fn watch_aws(
     shared: Arc<Shared>,
-    sdk: aws_config::SdkConfig,
     health: Option<tonic_health::server::HealthReporter>,
     stop: CancellationToken,
 ) {
@@ -393,7 +387,7 @@ async fn watch_aws(
     let mut said = String::new();
     loop {
         let found = tokio::select! {
-            r = crate::aws::identity::whoami(&sdk) => r,
+            r = crate::aws::identity::check(shared.cfg.aws_settings()) => r,
             _ = stop.cancelled() => return,
         };
         let status = match &found {

@@ -14,9 +14,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// What the root holds beyond the minimal base: systemd itself, and openssl for the operator
-/// guide's certificate commands. A change here rebuilds the root (the stamp file records it).
-const INCLUDE: &str = "systemd,systemd-sysv,dbus,openssl";
+/// What the root holds beyond the minimal base: systemd itself, openssl for the operator
+/// guide's certificate commands, and ca-certificates (es-agent depends on it; the machine has
+/// no network to fetch it from). A change here rebuilds the root (the stamp file records it).
+const INCLUDE: &str = "systemd,systemd-sysv,dbus,openssl,ca-certificates";
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 

@@ -41,3 +41,31 @@ pub async fn whoami(sdk: &SdkConfig) -> Result<Identity, String> {
         }),
     }
 }
+
+/// Builds the agent's AWS configuration from `settings` and asks STS who it is. Both run in a
+/// task of their own: the SDK panics when it cannot build its HTTPS client (a host without CA
+/// certificates), which must be a problem reported like any other, not the agent's end.
+pub async fn check(settings: super::AwsSettings) -> Result<Identity, String> {
+    let task = tokio::spawn(async move {
+        let aws = super::Aws::new(settings).await;
+        whoami(aws.base()).await
+    });
+    match task.await {
+        Ok(found) => found,
+        Err(e) => {
+            let why = e
+                .try_into_panic()
+                .ok()
+                .and_then(|p| {
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                })
+                .unwrap_or_else(|| "the check was cancelled".into());
+            Err(format!(
+                "cannot make HTTPS connections to AWS: {} (install the CA certificates: Debian's ca-certificates)",
+                why.lines().next().unwrap_or_default()
+            ))
+        }
+    }
+}
