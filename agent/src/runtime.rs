@@ -112,7 +112,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
             }
             Err(s) => {
                 let delay = backoff.next_delay();
-                let why = status_text(&s);
+                let why = with_expired_cert(&cfg.tls_cert, status_text(&s));
                 log::warn!(agent = cfg.name.as_str(); "cannot register with {}: {} ({}); retrying in {} ms",
                     cfg.server, why, s.code(), delay.as_millis());
                 notify(&[sd_notify::NotifyState::Status(&format!(
@@ -418,5 +418,26 @@ async fn watch_aws(
             _ = tokio::time::sleep(AWS_RECHECK) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// A refused handshake reaches the agent as whatever TLS 1.3 left it to see ("broken pipe",
+/// sometimes the server's `CertificateExpired` alert): say plainly when the agent's own
+/// certificate is the cause.
+fn with_expired_cert(tls_cert: &str, why: String) -> String {
+    if tls_cert.is_empty() {
+        return why;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    match std::fs::read(tls_cert)
+        .ok()
+        .and_then(|pem| es_proto::cert::pem_expired_at(&pem, now))
+    {
+        Some(at) => format!(
+            "{why} (this agent's certificate {tls_cert} expired at {at}: renew it, see docs/operations.md section 7)"
+        ),
+        None => why,
     }
 }

@@ -27,3 +27,12 @@ pub fn pem_subject(pem: &[u8]) -> Result<(String, String), String> {
         x509_parser::pem::parse_x509_pem(pem).map_err(|e| format!("not a PEM certificate: {e}"))?;
     subject(&pem.contents)
 }
+
+/// When the first certificate of a PEM file's content stopped being valid, if it has: RFC 3339
+/// text of its `notAfter` (None while valid, or when unreadable).
+pub fn pem_expired_at(pem: &[u8], now_unix: i64) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let not_after = cert.validity().not_after;
+    (not_after.timestamp() < now_unix).then(|| not_after.to_string())
+}

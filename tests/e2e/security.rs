@@ -202,6 +202,14 @@ async fn agents_are_known_by_their_certificate_and_refused_with_a_reason() {
     // CA, its alert to an expired one, and the agent's own refusal of a server it cannot verify.
     wait_log(&stranger, "received fatal alert: UnknownCA");
     wait_log(&expired, "received fatal alert: CertificateExpired");
+    // Whatever the handshake left the agent to see, its log names its own expired certificate.
+    let log = wait_log(&expired, "this agent's certificate");
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("cannot register with"))
+            .all(|l| l.contains("expired at") && l.contains("renew it")),
+        "{log}"
+    );
     wait_log(&distrust, "invalid peer certificate: UnknownIssuer");
     // The server says so too: each refused handshake, with the client's address and the reason
     // (tonic alone drops them in silence), counted by reason.
