@@ -7,6 +7,7 @@ use std::time::Duration;
 use es_proto::v1::*;
 use es_tests::*;
 
+use crate::leases::SleepJobSpec;
 use crate::{bins, LONG};
 
 async fn all_jobs(
@@ -185,4 +186,108 @@ async fn server_killed_mid_flow_loses_nothing_and_agents_reconnect() {
         );
         assert_eq!(now.finished_at_us, j.finished_at_us);
     }
+}
+
+/// `submit --wait` (and so `watch` and `sandbox up`, which follow jobs the same way) carries on
+/// across a `kill -9` and restart of the server: it reconnects, resumes after the last event it
+/// saw (each event printed once), and exits with the job's status. The first of its two
+/// `--server` addresses answers nothing: the next one is tried. With no server at all it gives
+/// up after `--give-up-after`, with exit 69, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_cli_resumes_across_a_server_restart() {
+    let _turn = crate::shared_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("es.db");
+    let mut server = start_server(&bins(), dir.path(), &db, "127.0.0.1:0", FAST);
+    let addr = server.addr.to_string();
+    let _agent = start_agent(
+        &bins(),
+        dir.path(),
+        &server.url(),
+        &AgentSpec::new("es-commands-w", "commands"),
+    );
+    let mut c = server.client().await;
+    wait_healthy(&mut c, &["es-commands-w"]).await;
+    let servers = format!("http://127.0.0.1:1,{}", server.url());
+    let cli = std::process::Command::new(bins().server)
+        .args([
+            "submit", "--role", "commands", "--sleep", "6s", "--steps", "6", "--wait",
+        ])
+        .env("ES_SERVER", &servers)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let job = {
+        let until = std::time::Instant::now() + LONG;
+        loop {
+            let jobs = all_jobs(&mut c).await;
+            if let Some(j) = jobs
+                .into_iter()
+                .find(|j| j.state == JobState::Running as i32)
+            {
+                break j;
+            }
+            assert!(std::time::Instant::now() < until, "the job never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.proc.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server = start_server(&bins(), dir.path(), &db, &addr, FAST);
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("lost the server") && stderr.contains("resumed after event #"),
+        "{stderr}"
+    );
+    // Each event once: seq numbers strictly increase, and the result is there.
+    let seqs: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| {
+            l.split_once("  #")
+                .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{stdout}");
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    let mut c = server.client().await;
+    assert_eq!(get(&mut c, &job.id).await.state, JobState::Succeeded as i32);
+
+    // The server goes for good while a watch follows a job: it gives up after
+    // --give-up-after, with exit 69, saying the job goes on.
+    let long = submit(
+        &mut c,
+        submission("commands", SleepJobSpec::steps(30_000, 30)),
+    )
+    .await;
+    wait_state(&mut c, &long.id, JobState::Running, LONG).await;
+    let watcher = std::process::Command::new(bins().server)
+        .args(["watch", &long.id, "--give-up-after", "2s"])
+        .env("ES_SERVER", format!("http://{addr}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(server);
+    let out = tokio::task::spawn_blocking(move || watcher.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("no server answered for 2s")
+            && stderr.contains(&format!("es-server watch {}", long.id)),
+        "{stderr}"
+    );
 }

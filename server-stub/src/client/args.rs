@@ -20,7 +20,7 @@ pub struct Cli {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientOpts {
-    /// Server address.
+    /// Server address; several, comma-separated (a server and its replicas), are tried in turn.
     #[arg(
         long,
         global = true,
@@ -43,6 +43,10 @@ pub struct ClientOpts {
     /// Private key of --cert (PEM).
     #[arg(long, global = true, env = "ES_CERT_KEY", requires = "cert")]
     pub cert_key: Option<std::path::PathBuf>,
+    /// How long watch, --wait and `sandbox up` keep reconnecting (a server restart, a failover
+    /// to another of the --server addresses) before giving up with exit 69.
+    #[arg(long, global = true, env = "ES_GIVE_UP_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub give_up_after: Duration,
 }
 
 #[derive(Subcommand, Debug)]

@@ -4,13 +4,11 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use es_proto::error_chain;
-use es_proto::v1::job_service_client::JobServiceClient;
 use es_proto::v1::*;
 use serde_json::{json, Value};
 
 use super::args::{ClientOpts, Command, SubmitArgs};
-use super::conn::{usage, CliError, Client, Credentials, EXIT_UNAVAILABLE};
+use super::conn::{connect, usage, CliError, Client};
 use super::render::*;
 
 /// Runs one client subcommand; answers the process exit code or the error to print.
@@ -52,65 +50,6 @@ pub async fn run(cmd: Command) -> Result<ExitCode, CliError> {
     }
 }
 
-async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
-    let mut endpoint = tonic::transport::Endpoint::from_shared(opts.server.clone())
-        .map_err(|e| usage(format!("--server {:?}: {e}", opts.server)))?
-        .connect_timeout(Duration::from_secs(5));
-    let read = |flag: &str, p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| usage(format!("{flag} {}: {e}", p.display())))
-    };
-    if opts.server.starts_with("https://") {
-        let ca = opts.ca.as_ref().ok_or_else(|| {
-            usage(
-                "--ca (ES_CA) is needed for an https:// server: the CA that signed its certificate"
-                    .into(),
-            )
-        })?;
-        let mut tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
-        if let (Some(cert), Some(key)) = (&opts.cert, &opts.cert_key) {
-            tls = tls.identity(tonic::transport::Identity::from_pem(
-                read("--cert", cert)?,
-                read("--cert-key", key)?,
-            ));
-        }
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| usage(format!("--ca/--cert/--cert-key: {e}")))?;
-    } else if opts.cert.is_some() || opts.ca.is_some() {
-        return Err(usage(format!(
-            "--ca/--cert need an https:// --server (got {})",
-            opts.server
-        )));
-    }
-    let token = match &opts.token {
-        None => None,
-        Some(t) => {
-            if opts.server.starts_with("http://") {
-                eprintln!(
-                    "es-server: warning: sending the token in plaintext to {}",
-                    opts.server
-                );
-            }
-            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-                format!("Bearer {}", t.trim()).parse().map_err(|_| {
-                    usage("--token (ES_TOKEN) holds characters not allowed in a header".into())
-                })?;
-            v.set_sensitive(true);
-            Some(v)
-        }
-    };
-    let channel = endpoint.connect().await.map_err(|e| CliError {
-        code: EXIT_UNAVAILABLE,
-        message: format!("cannot reach {}: {}", opts.server, error_chain(&e)),
-    })?;
-    Ok(
-        JobServiceClient::with_interceptor(channel, Credentials(token))
-            .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
-            .max_encoding_message_size(es_proto::limits::MAX_MESSAGE),
-    )
-}
-
 /// `submit`: sends the job, then follows it with `--wait`.
 async fn submit(job: SubmitArgs, wait: bool, client: ClientOpts) -> Result<ExitCode, CliError> {
     let req = job.request().map_err(usage)?;
@@ -139,7 +78,7 @@ async fn submit(job: SubmitArgs, wait: bool, client: ClientOpts) -> Result<ExitC
         );
     }
     if wait {
-        return watch(&mut c, &j.id, client.json).await;
+        return watch(&client, &mut c, &j.id).await;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -214,7 +153,7 @@ async fn get(job_id: String, client: ClientOpts) -> Result<ExitCode, CliError> {
 /// `watch`: a job's events until it finishes.
 async fn watch_job(job_id: String, client: ClientOpts) -> Result<ExitCode, CliError> {
     let mut c = connect(&client).await?;
-    watch(&mut c, &job_id, client.json).await
+    watch(&client, &mut c, &job_id).await
 }
 
 /// `cancel`: asks for a cancel.
@@ -242,7 +181,7 @@ async fn sandbox(
     client: ClientOpts,
 ) -> Result<ExitCode, CliError> {
     let mut c = connect(&client).await?;
-    super::sandbox::run(&mut c, cmd, client.json)
+    super::sandbox::run(&client, &mut c, cmd)
         .await
         .map_err(|(code, message)| CliError { code, message })
 }
@@ -390,25 +329,21 @@ async fn token(name: String, scope: String) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn watch(c: &mut Client, job_id: &str, as_json: bool) -> Result<ExitCode, CliError> {
-    let mut stream = c
-        .watch(WatchRequest {
-            job_id: job_id.to_owned(),
-            after_seq: 0,
-        })
-        .await?
-        .into_inner();
+/// A job's events until it finishes, across server restarts (see follow.rs); the exit status
+/// follows the job's final state.
+async fn watch(opts: &ClientOpts, c: &mut Client, job_id: &str) -> Result<ExitCode, CliError> {
     let mut final_state = JobState::Unspecified;
-    while let Some(ev) = stream.message().await? {
-        if as_json {
-            println!("{}", event_json(&ev));
+    super::follow::follow(opts, c, job_id, |ev| {
+        if opts.json {
+            println!("{}", event_json(ev));
         } else {
-            println!("{}", event_line(&ev));
+            println!("{}", event_line(ev));
         }
         if let Some(job_event::Event::Result(r)) = &ev.event {
             final_state = JobState::try_from(r.state).unwrap_or_default();
         }
-    }
+    })
+    .await?;
     Ok(match final_state {
         JobState::Succeeded => ExitCode::SUCCESS,
         _ => ExitCode::from(1),

@@ -1,8 +1,13 @@
-//! The submitter's connection to the server: the client type, the interceptor that adds the
-//! token, the CLI's exit codes and its error (shared by every client command).
+//! The submitter's connection to the server: connecting (to the first of several addresses
+//! that answers), the client type, the interceptor that adds the token, the CLI's exit codes and
+//! its error (shared by every client command).
+
+use std::time::Duration;
 
 use es_proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
+
+use super::args::ClientOpts;
 
 /// EX_USAGE: bad command line or configuration, or input the server refused as invalid.
 pub const EXIT_USAGE: u8 = 64;
@@ -52,4 +57,78 @@ pub fn usage(message: String) -> CliError {
         code: EXIT_USAGE,
         message,
     }
+}
+
+/// Connects to the first of the comma-separated `--server` addresses (ES_SERVER) that answers:
+/// a server and its replicas, tried in turn.
+pub async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
+    let mut unreachable = None;
+    for server in opts
+        .server
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        match connect_one(opts, server).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.code == EXIT_UNAVAILABLE => unreachable = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(unreachable.unwrap_or_else(|| usage("--server (ES_SERVER) names no address".into())))
+}
+
+async fn connect_one(opts: &ClientOpts, server: &str) -> Result<Client, CliError> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
+        .map_err(|e| usage(format!("--server {server:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    let read = |flag: &str, p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| usage(format!("{flag} {}: {e}", p.display())))
+    };
+    if server.starts_with("https://") {
+        let ca = opts.ca.as_ref().ok_or_else(|| {
+            usage(
+                "--ca (ES_CA) is needed for an https:// server: the CA that signed its certificate"
+                    .into(),
+            )
+        })?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("--ca", ca)?));
+        if let (Some(cert), Some(key)) = (&opts.cert, &opts.cert_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read("--cert", cert)?,
+                read("--cert-key", key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| usage(format!("--ca/--cert/--cert-key: {e}")))?;
+    } else if opts.cert.is_some() || opts.ca.is_some() {
+        return Err(usage(format!(
+            "--ca/--cert need an https:// --server (got {server})"
+        )));
+    }
+    let token = match &opts.token {
+        None => None,
+        Some(t) => {
+            if server.starts_with("http://") {
+                eprintln!("es-server: warning: sending the token in plaintext to {server}");
+            }
+            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                    usage("--token (ES_TOKEN) holds characters not allowed in a header".into())
+                })?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+    };
+    let channel = endpoint.connect().await.map_err(|e| CliError {
+        code: EXIT_UNAVAILABLE,
+        message: format!("cannot reach {server}: {}", es_proto::error_chain(&e)),
+    })?;
+    Ok(
+        JobServiceClient::with_interceptor(channel, Credentials(token))
+            .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
+            .max_encoding_message_size(es_proto::limits::MAX_MESSAGE),
+    )
 }

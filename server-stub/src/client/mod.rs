@@ -7,6 +7,7 @@ pub mod args;
 pub mod blueprint;
 pub mod commands;
 pub mod conn;
+pub mod follow;
 pub mod render;
 pub mod run_args;
 pub mod sandbox;

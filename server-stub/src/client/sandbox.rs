@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use es_proto::v1::*;
 
+use super::args::ClientOpts;
 use super::blueprint::Blueprint;
 use super::conn::{Client, EXIT_USAGE};
 use super::render::{job_json, state_name};
@@ -34,7 +35,12 @@ fn req(
 }
 
 /// Runs a sandbox command; answers the exit code (1 when a job did not succeed).
-pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode, (u8, String)> {
+pub async fn run(
+    opts: &ClientOpts,
+    c: &mut Client,
+    cmd: SandboxCmd,
+) -> Result<ExitCode, (u8, String)> {
+    let json = opts.json;
     let usage = |m: String| (EXIT_USAGE, m);
     let mut jobs = Vec::new();
     // GetAccessKey: the one-time key its answer is sealed to, and where the key goes.
@@ -328,30 +334,21 @@ pub async fn run(c: &mut Client, cmd: SandboxCmd, json: bool) -> Result<ExitCode
         if !json {
             println!("{kind} {}: job {}", job.sandbox_id, job.id);
         }
-        let mut events = c
-            .watch(WatchRequest {
-                job_id: job.id.clone(),
-                after_seq: 0,
-            })
-            .await
-            .map_err(|s| (1, s.message().to_owned()))?
-            .into_inner();
-        while let Some(ev) = events
-            .message()
-            .await
-            .map_err(|s| (1, s.message().to_owned()))?
-        {
+        // Its progress, across server restarts (follow.rs).
+        super::follow::follow(opts, c, &job.id, |ev| {
             if json {
-                continue;
+                return;
             }
-            match ev.event {
+            match &ev.event {
                 Some(job_event::Event::Progress(p)) => {
                     println!("  [{}/{}] {}", p.done, p.total, p.message)
                 }
                 Some(job_event::Event::Log(l)) => println!("  {l}"),
                 _ => {}
             }
-        }
+        })
+        .await
+        .map_err(|e| (e.code, e.message))?;
         let done = c
             .get(GetRequest {
                 job_id: job.id.clone(),
