@@ -79,8 +79,12 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
-            // Small stream messages (offers) must not wait for delayed ACKs.
+            // Small stream messages (offers) must not wait for delayed ACKs; TCP keepalive as on
+            // the plaintext path (tonic's TcpIncoming), so half-open connections are found.
             let _ = tcp.set_nodelay(true);
+            let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)),
+            );
             let (acceptor, tx, failures) = (acceptor.clone(), tx.clone(), failures.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
