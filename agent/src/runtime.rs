@@ -282,14 +282,15 @@ async fn drain_and_leave(
     log::info!(agent = cfg.name.as_str(); "draining: taking no new work; {n} jobs in flight, grace {} ms", cfg.drain_grace.as_millis());
     // Tell the server now rather than at the next heartbeat.
     if let Some(s) = shared.session() {
+        let (aws_identity, aws_problem) = shared.aws();
         let _ = client
             .heartbeat(call(HeartbeatRequest {
                 session_id: s.id,
                 leases: shared.held(),
                 slots_in_use: n as u32,
                 draining: true,
-                aws_identity: shared.aws().0,
-                aws_problem: shared.aws().1,
+                aws_identity,
+                aws_problem,
             }))
             .await;
     }

@@ -6,6 +6,11 @@
 pub fn subject(der: &[u8]) -> Result<(String, String), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unreadable certificate: {e}"))?;
+    names(&cert)
+}
+
+/// The subject `CN` and `OU` of a parsed certificate (for callers that read more of it).
+pub fn names(cert: &x509_parser::certificate::X509Certificate) -> Result<(String, String), String> {
     let subject = cert.subject();
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue>| {
         it.next().and_then(|a| a.as_str().ok()).map(str::to_owned)

@@ -408,14 +408,11 @@ pub async fn start(
     // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
     // small stream messages (offers) wait for delayed ACKs (~40 ms). With TLS, our own
     // handshakes (tls.rs), whose accept loop ends when tonic drops the stream at shutdown.
-    let (plain, secure) = match tls {
-        None => (
-            Some(
-                tonic::transport::server::TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(60))),
-            ),
-            None,
+    let incoming = match tls {
+        None => Incoming::Plain(
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
         ),
         Some(acceptor) => {
             let (stream, accept_loop) = tls::incoming(
@@ -428,7 +425,7 @@ pub async fn start(
                 let _live = live;
                 accept_loop.await
             });
-            (None, Some(stream))
+            Incoming::Tls(stream)
         }
     };
     // The timings in force, so benchmarks and operators read them rather than assume defaults.
@@ -449,10 +446,9 @@ pub async fn start(
                 .set_not_serving::<AgentServiceServer<api::AgentApi>>()
                 .await;
         };
-        let res = match (plain, secure) {
-            (Some(tcp), _) => router.serve_with_incoming_shutdown(tcp, shutdown).await,
-            (None, Some(tls)) => router.serve_with_incoming_shutdown(tls, shutdown).await,
-            (None, None) => unreachable!("one of the two listeners is set"),
+        let res = match incoming {
+            Incoming::Plain(tcp) => router.serve_with_incoming_shutdown(tcp, shutdown).await,
+            Incoming::Tls(tls) => router.serve_with_incoming_shutdown(tls, shutdown).await,
         };
         // Shutdown joins everything it started: background tasks first (they use the store),
         // then the store's threads, after committing what was queued.
@@ -471,6 +467,12 @@ pub async fn start(
 }
 
 /// Counts a background task while it lives (see [`Running::background`]).
+/// The connections tonic serves: accepted as they are (plaintext), or after our handshake.
+enum Incoming {
+    Plain(tonic::transport::server::TcpIncoming),
+    Tls(tls::Connections),
+}
+
 struct Live(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Live {

@@ -54,16 +54,16 @@ pub fn acceptor(cert_pem: &[u8], key_pem: &[u8], ca_pem: &[u8]) -> Result<TlsAcc
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// The connections whose handshakes succeeded, as tonic takes them.
+pub type Connections = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
+
 /// The connections whose handshakes succeeded. Accepts until tonic drops the stream (server
 /// shutdown); each handshake runs in its own task, bounded by `HANDSHAKE_TIMEOUT`.
 pub fn incoming(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     failures: Family<Labels, Counter>,
-) -> (
-    ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
-    impl std::future::Future<Output = ()>,
-) {
+) -> (Connections, impl std::future::Future<Output = ()>) {
     let (tx, rx) = mpsc::channel(64);
     let accept_loop = async move {
         loop {

@@ -92,7 +92,7 @@ pub struct Auth {
 pub fn cert_identity(der: &[u8]) -> Result<CertIdentity, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("unreadable client certificate: {e}"))?;
-    let (name, unit) = es_proto::cert::subject(der)?;
+    let (name, unit) = es_proto::cert::names(&cert)?;
     Ok(CertIdentity {
         name,
         unit,
