@@ -16,18 +16,17 @@ pub mod client;
 pub mod dispatch;
 pub use es_proto::logging;
 pub mod metrics;
+mod replica;
+mod serve;
 pub mod store;
 mod tls;
+
+pub use serve::{probe, start};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-
-use es_proto::limits::MAX_MESSAGE;
-use es_proto::v1::agent_service_server::AgentServiceServer;
-use es_proto::v1::job_service_server::JobServiceServer;
-use tokio::net::TcpListener;
 
 pub use dispatch::{Dispatcher, Settings};
 
@@ -37,10 +36,20 @@ pub struct ServerConfig {
     /// Address to listen on (use port 0 for any free port; the bound address is printed).
     #[arg(long, env = "ES_SERVER_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
-    /// SQLite file of the job store (created if missing).
+    /// The job store: a SQLite file (created if missing; one server), or a PostgreSQL URL
+    /// `postgres://USER:PASSWORD@HOST:PORT/DB?sslmode=require` shared by replicas, one of
+    /// which leads (the others stand by).
     #[arg(long, env = "ES_SERVER_DB", default_value = "es-server.db")]
-    pub db: PathBuf,
-    /// `normal` survives a server crash; `full` also survives power loss (slower).
+    pub db: Db,
+    /// CA (PEM) that issued the PostgreSQL server's certificate (with `sslmode=require`);
+    /// unset: the system's CAs.
+    #[arg(long, env = "ES_SERVER_DB_CA")]
+    pub db_ca: Option<PathBuf>,
+    /// The address clients reach this replica at, which standbys name when they refuse a call
+    /// (default: the listening address, or this host's name and port).
+    #[arg(long, env = "ES_SERVER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// SQLite: `normal` survives a server crash; `full` also survives power loss (slower).
     #[arg(long, env = "ES_SERVER_DB_SYNC", value_enum, default_value_t = store::Sync::Normal)]
     pub db_sync: store::Sync,
     /// How often agents heartbeat and renew leases.
@@ -131,7 +140,7 @@ impl ServerConfig {
         }
         let mut c = P::try_parse_from(["es-server"]).expect("defaults parse").c;
         c.listen = listen;
-        c.db = db;
+        c.db = Db::Sqlite(db);
         c.insecure = true;
         c
     }
@@ -218,8 +227,45 @@ impl ServerConfig {
     }
 }
 
+/// Where the jobs are kept (`--db`).
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite(PathBuf),
+    /// A PostgreSQL URL (kept with its password; shown without it).
+    Postgres(String),
+}
+
+impl std::str::FromStr for Db {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Db, String> {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(Db::Postgres(s.to_owned()))
+        } else if s.contains("://") {
+            Err(format!(
+                "{:?}: give a SQLite file path or a postgres:// URL",
+                store::postgres::conn::without_password(s)
+            ))
+        } else {
+            Ok(Db::Sqlite(PathBuf::from(s)))
+        }
+    }
+}
+
+impl std::fmt::Display for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Db::Sqlite(p) => write!(f, "{}", p.display()),
+            Db::Postgres(url) => f.write_str(&store::postgres::conn::without_password(url)),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// Another replica leads the job store now; this one stopped serving (systemd restarts it
+    /// as a standby).
+    #[error("{0}; stopped leading (restart this server to stand by)")]
+    Deposed(String),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error(transparent)]
@@ -247,7 +293,10 @@ pub enum ServerError {
     Auth(#[from] api::auth::AuthError),
 }
 
-fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+pub(crate) fn read_file(
+    flag: &'static str,
+    path: &std::path::Path,
+) -> Result<Vec<u8>, ServerError> {
     std::fs::read(path).map_err(|source| ServerError::File {
         flag,
         path: path.to_owned(),
@@ -258,329 +307,13 @@ fn read_file(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, Serv
 /// A running server: its bound address and the dispatcher (for in-process tests).
 pub struct Running {
     pub addr: SocketAddr,
-    pub dispatcher: Arc<Dispatcher>,
+    /// Set once this server leads (at once on SQLite).
+    pub dispatcher: Arc<std::sync::OnceLock<Arc<Dispatcher>>>,
     /// Ends after the gRPC server, every background task it started (reaper, pings, probes,
     /// retention, metrics, SIGHUP) and the store's writer and checkpoint threads have stopped.
     pub task: tokio::task::JoinHandle<Result<(), ServerError>>,
     /// Background tasks alive now (0 once `task` has ended).
     pub background: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// Binds, recovers the store and serves until `shutdown` resolves.
-pub async fn start(
-    config: ServerConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<Running, ServerError> {
-    config.validate().map_err(ServerError::Config)?;
-    let tls = match config.tls().map_err(ServerError::Config)? {
-        // Submitters may use a token instead of a certificate; agents are refused without one
-        // (api/auth). Handshakes are ours (tls.rs), so that refused ones are logged.
-        Some((cert, key, ca)) => Some(
-            tls::acceptor(
-                &read_file("--tls-cert", cert)?,
-                &read_file("--tls-key", key)?,
-                &read_file("--client-ca", ca)?,
-            )
-            .map_err(ServerError::Config)?,
-        ),
-        None => {
-            log::warn!("INSECURE: serving plaintext without client certificates (--insecure); agents are trusted as they describe themselves");
-            if !config.listen.ip().is_loopback() {
-                log::warn!("INSECURE ON A NETWORK ({}): anyone who reaches it can register as any agent (--insecure-on-network)", config.listen);
-            }
-            None
-        }
-    };
-    let store = store::sqlite::open(&config.db, config.db_sync)?;
-    let dispatcher = Dispatcher::recover(store, config.settings()).await?;
-    let auth = Arc::new(api::auth::Auth::new(
-        tls.is_some(),
-        api::auth::AuthFiles {
-            tokens: config.tokens.clone(),
-            deny: config.deny.clone(),
-            agents: config.agents.clone(),
-        },
-        dispatcher.metrics().auth_failures.clone(),
-    )?);
-    if tls.is_some() && config.agents.is_none() {
-        log::warn!("no --agents file: any agent certificate may register for any selector of its role (bind names to selectors with --agents)");
-    }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<AgentServiceServer<api::AgentApi>>()
-        .await;
-    health_reporter
-        .set_serving::<JobServiceServer<api::JobApi>>()
-        .await;
-    // Reflection in both versions: v1, and v1alpha for the clients that speak only that one
-    // (Python's grpcio-reflection, several GUI clients), which get UNIMPLEMENTED otherwise.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(es_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection = reflection_builder()
-        .build_v1()
-        .map_err(|e| ServerError::Reflection(e.to_string()))?;
-    let reflection_v1alpha = reflection_builder()
-        .build_v1alpha()
-        .map_err(|e| ServerError::Reflection(e.to_string()))?;
-
-    let mut metrics_listener = None;
-    if let Some(m) = config.metrics_listen {
-        let l = TcpListener::bind(m)
-            .await
-            .map_err(|source| ServerError::Bind { addr: m, source })?;
-        let bound = l
-            .local_addr()
-            .map_err(|source| ServerError::Bind { addr: m, source })?;
-        log::info!("metrics on http://{bound}/metrics");
-        metrics_listener = Some(l);
-    }
-    let stop = tokio_util::sync::CancellationToken::new();
-    let background = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    spawn_background(
-        &mut tasks,
-        &background,
-        dispatcher.clone(),
-        &config,
-        stop.clone(),
-    );
-    if let Some(l) = metrics_listener {
-        let (d, stop, live) = (dispatcher.clone(), stop.clone(), Live::new(&background));
-        tasks.spawn(async move {
-            let _live = live;
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = es_proto::metrics::serve(l, Arc::new(move || {
-                    let now = metrics::Snapshot {
-                        active: d.active_counts(),
-                        agents: d.agents(),
-                    };
-                    d.metrics().render(&now)
-                })) => {}
-            }
-        });
-    }
-
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            AgentServiceServer::new(api::AgentApi {
-                d: dispatcher.clone(),
-                auth: auth.clone(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(
-            JobServiceServer::new(api::JobApi {
-                d: dispatcher.clone(),
-                auth: auth.clone(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-        );
-    {
-        let (stop, live) = (stop.clone(), Live::new(&background));
-        tasks.spawn(async move {
-            let _live = live;
-            api::auth::reload_on_sighup(auth, stop).await
-        });
-    }
-    // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
-    // small stream messages (offers) wait for delayed ACKs (~40 ms). With TLS, our own
-    // handshakes (tls.rs), whose accept loop ends when tonic drops the stream at shutdown.
-    let incoming = match tls {
-        None => Incoming::Plain(
-            tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-        ),
-        Some(acceptor) => {
-            let (stream, accept_loop) = tls::incoming(
-                listener,
-                acceptor,
-                dispatcher.metrics().auth_failures.clone(),
-            );
-            let live = Live::new(&background);
-            tasks.spawn(async move {
-                let _live = live;
-                accept_loop.await
-            });
-            Incoming::Tls(stream)
-        }
-    };
-    // The timings in force, so benchmarks and operators read them rather than assume defaults.
-    let d = humantime::format_duration;
-    log::info!(
-        "es-server listening on {addr}, store {}; heartbeat {}, lease TTL {}, heartbeat timeout {}, offer timeout {}",
-        config.db.display(),
-        d(config.heartbeat_interval),
-        d(config.lease_ttl),
-        d(config.heartbeat_timeout),
-        d(config.offer_timeout)
-    );
-    let dispatcher_for_task = dispatcher.clone();
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            shutdown.await;
-            health_reporter
-                .set_not_serving::<AgentServiceServer<api::AgentApi>>()
-                .await;
-        };
-        let res = match incoming {
-            Incoming::Plain(tcp) => router.serve_with_incoming_shutdown(tcp, shutdown).await,
-            Incoming::Tls(tls) => router.serve_with_incoming_shutdown(tls, shutdown).await,
-        };
-        // Shutdown joins everything it started: background tasks first (they use the store),
-        // then the store's threads, after committing what was queued.
-        stop.cancel();
-        while tasks.join_next().await.is_some() {}
-        let store = dispatcher_for_task.store().clone();
-        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
-        res.map_err(ServerError::from)
-    });
-    Ok(Running {
-        addr,
-        dispatcher,
-        task,
-        background,
-    })
-}
-
-/// Counts a background task while it lives (see [`Running::background`]).
-/// The connections tonic serves: accepted as they are (plaintext), or after our handshake.
-enum Incoming {
-    Plain(tonic::transport::server::TcpIncoming),
-    Tls(tls::Connections),
-}
-
-struct Live(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Live {
-    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Live {
-        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Live(n.clone())
-    }
-}
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-fn spawn_background(
-    tasks: &mut tokio::task::JoinSet<()>,
-    background: &Arc<std::sync::atomic::AtomicUsize>,
-    d: Arc<Dispatcher>,
-    config: &ServerConfig,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    let tick = d.settings.tick;
-    let ping = d.settings.stream_ping;
-    let (probe_every, retention) = (config.probe_interval, config.retention);
-    let reaper = {
-        let d = d.clone();
-        let stop = stop.clone();
-        let live = Live::new(background);
-        async move {
-            let _live = live;
-            let mut every = tokio::time::interval(tick);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut pings = tokio::time::interval(ping);
-            let mut purge = tokio::time::interval(
-                (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
-            );
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = every.tick() => d.tick().await,
-                    _ = pings.tick() => d.ping_streams(),
-                    _ = purge.tick() => {
-                        let before = dispatch::now_us() - retention.as_micros() as i64;
-                        match d.store().purge(before).await {
-                            Ok(0) => {}
-                            Ok(n) => log::info!("retention: deleted {n} finished jobs"),
-                            Err(e) => log::error!("retention: {e}"),
-                        }
-                    }
-                }
-            }
-        }
-    };
-    tasks.spawn(reaper);
-    let live = Live::new(background);
-    tasks.spawn(async move {
-        let _live = live;
-        let mut every = tokio::time::interval(probe_every);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Probes in flight, joined (each ends within its timeout) when the server stops.
-        let mut probes_running = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => {
-                    while probes_running.join_next().await.is_some() {}
-                    return;
-                }
-                _ = every.tick() => {}
-            }
-            while probes_running.try_join_next().is_some() {}
-            let timeout = probe_every.min(Duration::from_secs(2));
-            let probes = d.probe_targets().into_iter().map(|(name, session, addr)| {
-                let d = d.clone();
-                async move {
-                    let res = probe(&addr, timeout).await;
-                    d.set_probe(&name, &session, res);
-                }
-            });
-            for p in probes {
-                probes_running.spawn(p);
-            }
-        }
-    });
-}
-
-/// One grpc.health.v1 check of `addr` (overall server health, service "").
-pub async fn probe(addr: &str, timeout: Duration) -> Result<(), String> {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(timeout)
-        .timeout(timeout);
-    let channel = tokio::time::timeout(timeout, endpoint.connect())
-        .await
-        .map_err(|_| format!("connect to {addr} timed out"))?
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    let resp = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .map_err(|s| format!("{addr}: {}", s.message()))?;
-    match resp.into_inner().status() {
-        ServingStatus::Serving => Ok(()),
-        other => Err(format!("{addr} reports {}", other.as_str_name())),
-    }
 }
 
 #[cfg(test)]
@@ -601,13 +334,18 @@ mod tests {
         })
         .await
         .unwrap();
-        // Reaper (with pings and retention), probes, metrics, SIGHUP: all counted while alive.
-        assert_eq!(running.background.load(Ordering::SeqCst), 4);
-        let store = running.dispatcher.store().clone();
+        // Reaper (with pings and retention), probes, metrics, SIGHUP, the connection
+        // forwarder: all counted while alive (the first two start as the server leads).
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while running.background.load(Ordering::SeqCst) < 5 && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(running.background.load(Ordering::SeqCst), 5);
+        let dispatcher = running.dispatcher.get().unwrap().clone();
+        let store = dispatcher.store().clone();
         assert!(store.threads_running());
         // A write accepted just before the stop is committed, not lost.
-        let (job, created) = running
-            .dispatcher
+        let (job, created) = dispatcher
             .submit(es_proto::v1::Job {
                 id: "last-before-stop".into(),
                 role: es_proto::Role::Shells as i32,

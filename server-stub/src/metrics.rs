@@ -28,6 +28,7 @@ pub struct ServerMetrics {
     pub auth_failures: Family<Labels, Counter>,
     /// Watch streams being served now (each ends when its client goes away).
     pub watch_streams: Gauge,
+    leader: Gauge,
     /// Scrapes rebuild the gauge families; two at once must not interleave.
     scrape: std::sync::Mutex<()>,
 }
@@ -48,6 +49,7 @@ impl Default for ServerMetrics {
             agents: Family::default(),
             auth_failures: Family::default(),
             watch_streams: Gauge::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
             scrape: Default::default(),
         };
@@ -106,6 +108,11 @@ impl Default for ServerMetrics {
             "Watch streams open now",
             m.watch_streams.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this server leads (dispatches); 0 while it stands by",
+            m.leader.clone(),
+        );
         ServerMetrics { registry, ..m }
     }
 }
@@ -133,9 +140,15 @@ impl ServerMetrics {
         self.writes_refused.inc();
     }
 
+    /// The exposition text of a standby: counters so far, no jobs or agents, `leader 0`.
+    pub fn render_standby(&self) -> String {
+        self.render(&Snapshot::default())
+    }
+
     /// The exposition text, with the gauges set from `now` (taken by the caller).
     pub fn render(&self, now: &Snapshot) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.leader.set(now.leading as i64);
         self.jobs.clear();
         for ((state, role), n) in &now.active {
             self.jobs
@@ -183,4 +196,6 @@ pub struct Snapshot {
     /// Unfinished jobs by (state, role) name.
     pub active: std::collections::HashMap<(&'static str, &'static str), usize>,
     pub agents: Vec<AgentStatus>,
+    /// Whether this server leads (false: a standby, whose other gauges are empty).
+    pub leading: bool,
 }

@@ -4,6 +4,7 @@
 
 pub mod ec2proxy;
 pub mod machine;
+pub mod pg;
 pub mod pki;
 pub mod sshd;
 pub mod tcpproxy;
@@ -107,6 +108,20 @@ impl Proc {
             }
         }
         self.exited
+    }
+
+    /// Waits until the log holds `text` (panics with the log after `timeout`).
+    pub fn wait_log(&self, text: &str, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < until,
+                "{} did not log {text:?} within {timeout:?}: {}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -338,9 +353,72 @@ pub const FAST: &[&str] = &[
     "250ms",
 ];
 
+/// With `ES_TEST_STORE=postgres`, [`start_server`] keeps each test's jobs in PostgreSQL
+/// instead of SQLite: one cluster per test directory, one database per SQLite file name, so a
+/// test that restarts its server on the same file finds its jobs again.
+fn store_arg(dir: &Path, db: &Path) -> String {
+    if std::env::var("ES_TEST_STORE").as_deref() != Ok("postgres") {
+        return db.display().to_string();
+    }
+    static CLUSTERS: std::sync::Mutex<Vec<(PathBuf, pg::Cluster)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut clusters = CLUSTERS.lock().unwrap_or_else(|p| p.into_inner());
+    // Clusters of tests that have ended (their directory is gone) are stopped.
+    clusters.retain(|(d, _)| d.exists());
+    let name: String = db
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("es")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if let Some((_, c)) = clusters.iter().find(|(d, _)| d == dir) {
+        let url = c.url(&name);
+        if c.psql(
+            "postgres",
+            &format!("SELECT 1 FROM pg_database WHERE datname = '{name}'"),
+        )
+        .is_empty()
+        {
+            c.create_db(&name);
+        }
+        return url;
+    }
+    let c = pg::Cluster::start();
+    let url = c.create_db(&name);
+    clusters.push((dir.to_owned(), c));
+    url
+}
+
 /// Starts `es-server serve` on `listen` (e.g. `127.0.0.1:0`) with the store at `db`; plaintext
 /// (`--insecure`) unless `args` configure TLS.
 pub fn start_server(bins: &Bins, dir: &Path, db: &Path, listen: &str, args: &[&str]) -> Server {
+    let store = store_arg(dir, db);
+    let server = start_server_on(bins, dir, &store, db, listen, args);
+    if store.starts_with("postgres://") {
+        // Alone on its database it leads at once; the tests expect a serving server.
+        server
+            .proc
+            .wait_log("leading the job store", Duration::from_secs(30));
+    }
+    server
+}
+
+/// [`start_server`] with `--db` given as it is (a file or a postgres:// URL).
+pub fn start_server_on(
+    bins: &Bins,
+    dir: &Path,
+    store: &str,
+    db: &Path,
+    listen: &str,
+    args: &[&str],
+) -> Server {
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
     let log = dir.join(format!("server-{n}.log"));
     let mut child = Command::new(&bins.server)
@@ -348,7 +426,7 @@ pub fn start_server(bins: &Bins, dir: &Path, db: &Path, listen: &str, args: &[&s
         .arg("--listen")
         .arg(listen)
         .arg("--db")
-        .arg(db)
+        .arg(store)
         .args((!args.contains(&"--tls-cert")).then_some("--insecure"))
         .args(args)
         .env("RUST_LOG", "info")

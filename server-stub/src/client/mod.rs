@@ -60,6 +60,9 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// A leader that another replica deposed exits with this (EX_TEMPFAIL).
+pub const EXIT_DEPOSED: u8 = 75;
+
 async fn serve(config: crate::ServerConfig) -> ExitCode {
     if let Err(e) = config.validate() {
         eprintln!("es-server: invalid configuration: {e}");
@@ -100,6 +103,11 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
     );
     match running.task.await {
         Ok(Ok(())) => ExitCode::SUCCESS,
+        // EX_TEMPFAIL: systemd restarts it (Restart=always), and it stands by.
+        Ok(Err(e @ crate::ServerError::Deposed(_))) => {
+            eprintln!("es-server: {e}");
+            ExitCode::from(EXIT_DEPOSED)
+        }
         Ok(Err(e)) => {
             eprintln!("es-server: {e}");
             ExitCode::FAILURE

@@ -280,6 +280,16 @@ impl Dispatcher {
     /// Builds the core and reloads every queued or running job from the store. Running jobs get
     /// a fresh lease TTL so their agents can reconnect and renew.
     pub async fn recover(store: Store, settings: Settings) -> Res<Arc<Dispatcher>> {
+        Dispatcher::recover_with(store, settings, Arc::default()).await
+    }
+
+    /// [`Dispatcher::recover`], counting into `metrics` (made before the dispatcher, for the
+    /// counters of a server that stood by first).
+    pub async fn recover_with(
+        store: Store,
+        settings: Settings,
+        metrics: Arc<crate::metrics::ServerMetrics>,
+    ) -> Res<Arc<Dispatcher>> {
         let active = store.load_active().await?;
         let now = Instant::now();
         let wall = now_us();
@@ -292,7 +302,7 @@ impl Dispatcher {
             picks: 0,
             busy_sandboxes: HashMap::new(),
             counters: HashMap::new(),
-            metrics: Arc::default(),
+            metrics,
             unfinished_by: HashMap::new(),
             alive: HashMap::new(),
         };

@@ -1,5 +1,6 @@
 //! The durable job store, as dispatch and the API need it: one trait ([`JobStore`]) and, behind
-//! it, the SQLite store ([`sqlite`]). A PostgreSQL store comes next to it (issue 13).
+//! it, the SQLite store ([`sqlite`], one server) and the PostgreSQL store ([`postgres`],
+//! replicas with one fenced leader).
 //!
 //! Every implementation keeps the same promises: a write is acknowledged only after it is
 //! committed (so a `kill -9` of the server loses nothing acknowledged); writes queued by
@@ -10,6 +11,8 @@
 //! transaction as that write.
 
 pub mod audit;
+mod ops;
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -17,7 +20,8 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use es_proto::v1::{AuditEntry, Job, JobEvent, JobState, Role};
+use es_proto::v1::{AuditEntry, Job, JobEvent, JobResult, JobSpec, JobState, Role};
+use prost::Message;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,6 +33,10 @@ pub enum StoreError {
     },
     #[error("job store {path}: group commit failed: {message}")]
     Commit { path: PathBuf, message: String },
+    #[error("job store {db}: {detail}")]
+    Config { db: String, detail: String },
+    #[error("job store {db}: {message}")]
+    Postgres { db: String, message: String },
     #[error("job store writer has stopped")]
     WriterGone,
     #[error("job store: corrupt row for job {job_id}: {detail}")]
@@ -110,6 +118,40 @@ pub trait JobStore: Send + std::marker::Sync + 'static {
     fn threads_running(&self) -> bool;
 }
 
+/// A job row as read, its protobuf columns not yet decoded.
+pub(crate) struct RawJob {
+    pub job: Job,
+    pub spec: Vec<u8>,
+    pub result: Option<Vec<u8>>,
+}
+
+impl RawJob {
+    pub fn decode(self) -> Result<Job> {
+        let mut job = self.job;
+        let corrupt = |e: prost::DecodeError| StoreError::Corrupt {
+            job_id: job.id.clone(),
+            detail: e.to_string(),
+        };
+        let spec = JobSpec::decode(self.spec.as_slice()).map_err(corrupt)?;
+        let result = self
+            .result
+            .map(|b| JobResult::decode(b.as_slice()))
+            .transpose()
+            .map_err(corrupt)?;
+        job.spec = Some(spec);
+        job.result = result;
+        Ok(job)
+    }
+}
+
+/// One stored event.
+pub(crate) fn decode_event(job_id: &str, body: &[u8]) -> Result<JobEvent> {
+    JobEvent::decode(body).map_err(|e| StoreError::Corrupt {
+        job_id: job_id.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
 /// One job of [`JobStore::sandbox_history`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxJob {
@@ -118,6 +160,31 @@ pub struct SandboxJob {
     /// A CleanupSandbox job.
     pub cleanup: bool,
     pub state: i32,
+}
+
+impl SandboxJob {
+    fn decode(
+        sandbox_id: String,
+        created_at_us: i64,
+        spec: &[u8],
+        state: i32,
+        job_id: String,
+    ) -> Result<SandboxJob> {
+        let spec = JobSpec::decode(spec).map_err(|e| StoreError::Corrupt {
+            job_id,
+            detail: e.to_string(),
+        })?;
+        let cleanup = matches!(
+            spec.kind,
+            Some(es_proto::v1::job_spec::Kind::CleanupSandbox(_))
+        );
+        Ok(SandboxJob {
+            sandbox_id,
+            created_at_us,
+            cleanup,
+            state,
+        })
+    }
 }
 
 /// Filters of [`JobStore::list`].

@@ -11,15 +11,16 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use es_proto::v1::{AuditEntry, Job, JobEvent, JobResult, JobSpec, JobState};
-use prost::Message;
+use es_proto::v1::{AuditEntry, Job, JobEvent, JobState};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
-use writer::{checkpointer, writer_loop, Op};
+use super::ops::Op;
+use writer::{checkpointer, writer_loop};
 
 use super::{
-    unscoped_key, JobStore, ListFilter, Result, SandboxJob, Store, StoreError, StoreFuture, Sync,
+    decode_event, unscoped_key, JobStore, ListFilter, RawJob, Result, SandboxJob, Store,
+    StoreError, StoreFuture, Sync,
 };
 
 /// The store's threads, joined by [`JobStore::shutdown`].
@@ -422,21 +423,7 @@ impl JobStore for SqliteStore {
             let rows = read_rows.await?;
             rows.into_iter()
                 .map(|(sandbox_id, created_at_us, spec, state, id)| {
-                    let spec =
-                        JobSpec::decode(spec.as_slice()).map_err(|e| StoreError::Corrupt {
-                            job_id: id,
-                            detail: e.to_string(),
-                        })?;
-                    let cleanup = matches!(
-                        spec.kind,
-                        Some(es_proto::v1::job_spec::Kind::CleanupSandbox(_))
-                    );
-                    Ok(SandboxJob {
-                        sandbox_id,
-                        created_at_us,
-                        cleanup,
-                        state,
-                    })
+                    SandboxJob::decode(sandbox_id, created_at_us, &spec, state, id)
                 })
                 .collect()
         })
@@ -456,12 +443,7 @@ impl JobStore for SqliteStore {
         Box::pin(async move {
             let rows = read_rows.await?;
             rows.into_iter()
-                .map(|b| {
-                    JobEvent::decode(b.as_slice()).map_err(|e| StoreError::Corrupt {
-                        job_id: job_id.clone(),
-                        detail: e.to_string(),
-                    })
-                })
+                .map(|b| decode_event(&job_id, &b))
                 .collect()
         })
     }
@@ -470,12 +452,6 @@ impl JobStore for SqliteStore {
 const JOB_COLUMNS: &str = "id, idempotency_key, role, selector, sandbox_id, spec, state, attempt, \
     max_attempts, epoch, agent, timeout_ms, cancel_requested, result, created_at_us, started_at_us, \
     finished_at_us, submitted_by";
-
-struct RawJob {
-    job: Job,
-    spec: Vec<u8>,
-    result: Option<Vec<u8>>,
-}
 
 fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
     let key: Option<String> = r.get(1)?;
@@ -505,25 +481,6 @@ fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
         spec: r.get(5)?,
         result: r.get(13)?,
     })
-}
-
-impl RawJob {
-    fn decode(self) -> Result<Job> {
-        let mut job = self.job;
-        let corrupt = |e: prost::DecodeError| StoreError::Corrupt {
-            job_id: job.id.clone(),
-            detail: e.to_string(),
-        };
-        let spec = JobSpec::decode(self.spec.as_slice()).map_err(corrupt)?;
-        let result = self
-            .result
-            .map(|b| JobResult::decode(b.as_slice()))
-            .transpose()
-            .map_err(corrupt)?;
-        job.spec = Some(spec);
-        job.result = result;
-        Ok(job)
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The SQLite store against a real file: idempotency, reopen, events.
 
 use super::*;
-use es_proto::v1::{job_spec, EchoJob, Role};
+use es_proto::v1::{job_spec, EchoJob, JobResult, JobSpec, Role};
 
 fn job(id: &str, key: &str) -> Job {
     Job {

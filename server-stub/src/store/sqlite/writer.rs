@@ -1,38 +1,15 @@
 //! The SQLite store's writer thread (group commit) and checkpoint thread.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use es_proto::v1::{AuditEntry, Job, JobEvent};
+use es_proto::v1::{AuditEntry, JobEvent};
 use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::oneshot;
 
 use super::{row_to_raw, JOB_COLUMNS};
-use crate::store::{audit, scoped_key, Result, StoreError};
-
-/// Most operations committed in one transaction.
-const MAX_BATCH: usize = 4096;
-
-pub(super) enum Op {
-    /// Insert unless the idempotency key exists; answers the stored job and whether it is new.
-    Insert(
-        Box<Job>,
-        Vec<JobEvent>,
-        oneshot::Sender<Result<(Job, bool)>>,
-    ),
-    /// Overwrite the mutable columns of a job and append events.
-    Update(Box<Job>, Vec<JobEvent>, oneshot::Sender<Result<()>>),
-    /// Append events only.
-    Events(Vec<JobEvent>, oneshot::Sender<Result<()>>),
-    /// Delete finished jobs (and their events) finished before the given time, and older
-    /// audit entries.
-    Purge(i64, oneshot::Sender<Result<u64>>),
-    /// Append audit entries that no job write implies (cancel, drain).
-    Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
-    /// Commit what came before, then end the writer thread (see [`Store::shutdown`]).
-    Stop,
-}
+use crate::store::ops::{answer_all, Op, OpAnswer, MAX_BATCH};
+use crate::store::{audit, scoped_key, StoreError};
 
 /// Copies the WAL back into the database every 200 ms without blocking the writer (PASSIVE),
 /// and truncates the WAL file once it has grown past 64 MiB and is fully copied. Ends when the
@@ -78,7 +55,7 @@ pub(super) fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op
                 Err(_) => break,
             }
         }
-        let outcome = apply_batch(&mut conn, &mut batch);
+        let outcome = apply_batch(&mut conn, &mut batch).map_err(|e| e.to_string());
         if let Err(e) = &outcome {
             log::error!(
                 "job store {}: group commit of {} writes failed: {e}",
@@ -86,64 +63,17 @@ pub(super) fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op
                 batch.len()
             );
         }
-        for (op, res) in batch.drain(..).zip(outcome_per_op(outcome, &path)) {
-            answer(op, res);
-        }
+        answer_all(&mut batch, outcome, |message| StoreError::Commit {
+            path: path.clone(),
+            message: message.to_owned(),
+        });
         if stop {
             return;
         }
     }
 }
 
-/// Per-op outcome of a batch: `Ok(answers)` or the shared failure for every op.
-type BatchOutcome = rusqlite::Result<Vec<OpAnswer>>;
-
-enum OpAnswer {
-    Inserted(Box<Job>, bool),
-    Done,
-    Purged(u64),
-}
-
-fn outcome_per_op(
-    outcome: BatchOutcome,
-    path: &Path,
-) -> Box<dyn Iterator<Item = Result<OpAnswer>> + '_> {
-    match outcome {
-        Ok(answers) => Box::new(answers.into_iter().map(Ok)),
-        Err(e) => {
-            let msg = e.to_string();
-            Box::new(std::iter::repeat_with(move || {
-                Err(StoreError::Commit {
-                    path: path.to_owned(),
-                    message: msg.clone(),
-                })
-            }))
-        }
-    }
-}
-
-fn answer(op: Op, res: Result<OpAnswer>) {
-    match op {
-        Op::Insert(_, _, tx) => {
-            let _ = tx.send(res.map(|a| match a {
-                OpAnswer::Inserted(job, created) => (*job, created),
-                _ => unreachable!("insert answered with another kind"),
-            }));
-        }
-        Op::Update(_, _, tx) | Op::Events(_, tx) | Op::Audit(_, tx) => {
-            let _ = tx.send(res.map(|_| ()));
-        }
-        Op::Stop => {}
-        Op::Purge(_, tx) => {
-            let _ = tx.send(res.map(|a| match a {
-                OpAnswer::Purged(n) => n,
-                _ => 0,
-            }));
-        }
-    }
-}
-
-fn apply_batch(conn: &mut Connection, batch: &mut [Op]) -> BatchOutcome {
+fn apply_batch(conn: &mut Connection, batch: &mut [Op]) -> rusqlite::Result<Vec<OpAnswer>> {
     let tx = conn.transaction()?;
     let mut answers = Vec::with_capacity(batch.len());
     for op in batch.iter() {
