@@ -52,7 +52,8 @@ pub struct AgentConfig {
     pub name: String,
     /// `shells` or `commands`.
     pub role: String,
-    /// Server URL, e.g. `http://10.0.0.10:7700`.
+    /// Server URL, e.g. `https://10.0.0.10:7700`; several replicas comma-separated
+    /// (`https://es-1:7700,https://es-2:7700`), tried in turn until one of them leads.
     pub server: String,
     /// Jobs run at once (1..=1024).
     #[serde(default = "default_slots")]
@@ -300,16 +301,30 @@ impl AgentConfig {
                 format!("is {}; must be between 1 and 1024", self.slots),
             ));
         }
-        if !(self.server.starts_with("http://") || self.server.starts_with("https://")) {
+        let servers = self.servers();
+        if servers.is_empty() {
             return Err(bad(
                 "server",
-                format!("{:?} must be a URL like http://10.0.0.10:7700", self.server),
+                "is empty: give a URL like https://10.0.0.10:7700 (several comma-separated)",
             ));
         }
-        if tonic::transport::Endpoint::from_shared(self.server.clone()).is_err() {
+        for url in &servers {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(
+                    "server",
+                    format!("{url:?} must be a URL like http://10.0.0.10:7700"),
+                ));
+            }
+            if tonic::transport::Endpoint::from_shared(url.clone()).is_err() {
+                return Err(bad("server", format!("{url:?} is not a valid URL")));
+            }
+        }
+        if servers.iter().any(|u| u.starts_with("http://"))
+            && servers.iter().any(|u| u.starts_with("https://"))
+        {
             return Err(bad(
                 "server",
-                format!("{:?} is not a valid URL", self.server),
+                "mixes http:// and https:// addresses: the replicas of one server speak the same",
             ));
         }
         self.validate_tls()?;
@@ -456,7 +471,7 @@ impl AgentConfig {
             "name = {:?}\nrole = {:?}\nserver = {:?}\nslots = {}\nselector = {:?}\nfallback = {}\nhealth_addr = {:?}\nadvertise_health_addr = {:?}\ntransport = {:?}\ndrain_grace = {:?}\ncancel_grace = {:?}\nbackoff_base = {:?}\nbackoff_cap = {:?}\naws_region = {:?}\naws_endpoint_url = {:?}\naws_max_attempts = {}\naws_call_timeout = {:?}\naws_concurrency = {}\naws_rate_limit = {}\nssh_known_hosts = {:?}\nssh_require_known_host_key = {}\ntls_ca = {:?}\ntls_cert = {:?}\ntls_key = {:?}\ninsecure = {}\nmetrics_addr = {:?}\nassume_roles = [{}]\nsweep_min_age = {:?}\nkey_parameter_prefix = {:?}\nkey_parameter_kms_key = {:?}\nuser_data_http_allowed = {}\n",
             self.name,
             self.role().name(),
-            mask_url(&self.server),
+            self.servers().iter().map(|u| mask_url(u)).collect::<Vec<_>>().join(","),
             self.slots,
             self.selector,
             self.fallback,
@@ -502,6 +517,17 @@ impl AgentConfig {
 }
 
 /// `scheme://user:secret@host` -> `scheme://user:***@host`.
+impl AgentConfig {
+    /// The server addresses, in the order they are tried.
+    pub fn servers(&self) -> Vec<String> {
+        self.server
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
 fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();

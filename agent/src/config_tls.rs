@@ -11,7 +11,7 @@ impl AgentConfig {
             ("tls_cert", &self.tls_cert),
             ("tls_key", &self.tls_key),
         ];
-        if self.server.starts_with("http://") {
+        if self.server.trim_start().starts_with("http://") {
             if !self.insecure {
                 return Err(bad(
                     "server",
@@ -77,7 +77,7 @@ impl AgentConfig {
 
     /// The TLS settings of the connection to the server, or `None` for plaintext.
     pub fn client_tls(&self) -> Result<Option<tonic::transport::ClientTlsConfig>, ConfigError> {
-        if !self.server.starts_with("https://") {
+        if !self.server.trim_start().starts_with("https://") {
             return Ok(None);
         }
         let read = |k: &str, p: &str| std::fs::read(p).map_err(|e| bad(k, format!("{p:?}: {e}")));

@@ -12,7 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use es_proto::v1::agent_service_client::AgentServiceClient;
 use es_proto::v1::HeartbeatRequest;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
@@ -25,7 +24,7 @@ const RECONNECT_AFTER_FAILURES: u32 = 3;
 
 pub(crate) fn spawn(
     shared: Arc<Shared>,
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
     stop: CancellationToken,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -37,17 +36,17 @@ pub(crate) fn spawn(
                 .expect("heartbeat runtime");
             rt.block_on(async move {
                 let watch = tokio::spawn(silence_watch(shared.clone(), stop.clone()));
-                beat_loop(shared, endpoint, stop).await;
+                beat_loop(shared, endpoints, stop).await;
                 let _ = watch.await;
             });
         })
         .expect("spawn heartbeat thread")
 }
 
-async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationToken) {
-    let mut client = AgentServiceClient::new(endpoint.connect_lazy())
-        .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
-        .max_encoding_message_size(es_proto::limits::MAX_MESSAGE);
+async fn beat_loop(shared: Arc<Shared>, endpoints: Vec<Endpoint>, stop: CancellationToken) {
+    // Own connections, on this thread's runtime; the beat goes to the server the session
+    // registered with (the session loop moves to the next address when one does not lead).
+    let mut clients = crate::rpc::clients(&endpoints);
     let mut failures = 0u32;
     loop {
         let interval = shared
@@ -74,6 +73,7 @@ async fn beat_loop(shared: Arc<Shared>, endpoint: Endpoint, stop: CancellationTo
         let mut r = tonic::Request::new(req);
         r.set_timeout(interval.max(Duration::from_millis(500)));
         let sent = Instant::now();
+        let client = &mut clients[shared.server_index()];
         match client.heartbeat(r).await {
             Ok(resp) => {
                 failures = 0;

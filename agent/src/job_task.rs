@@ -5,11 +5,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_proto::v1::agent_service_client::AgentServiceClient;
 use es_proto::v1::*;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::backoff::Backoff;
@@ -20,7 +18,6 @@ use crate::session::{RunningJob, Shared};
 /// Acquire, run, report and complete one job.
 pub(crate) async fn job_task(
     shared: Arc<Shared>,
-    mut client: AgentServiceClient<Channel>,
     executor: Arc<executor::Executor>,
     job_id: String,
     permit: OwnedSemaphorePermit,
@@ -35,7 +32,7 @@ pub(crate) async fn job_task(
             session_id: session.id.clone(),
             job_id: job_id.clone(),
         };
-        match client.acquire(call(req)).await {
+        match shared.client().acquire(call(req)).await {
             Ok(r) => match r.into_inner().lease {
                 Some(l) => break l,
                 None => return,
@@ -106,7 +103,7 @@ pub(crate) async fn job_task(
             },
             Some(ev) = ev_rx.recv() => {
                 reporter.push(ev);
-                if let Err(s) = reporter.flush(&shared, &mut client, &job_id, epoch).await {
+                if let Err(s) = reporter.flush(&shared, &job_id, epoch).await {
                     if s.code() == Code::FailedPrecondition {
                         shared.fence(&job_id, epoch, s.message());
                     }
@@ -121,7 +118,7 @@ pub(crate) async fn job_task(
         reporter.push(ev);
     }
     for _ in 0..3 {
-        match reporter.flush(&shared, &mut client, &job_id, epoch).await {
+        match reporter.flush(&shared, &job_id, epoch).await {
             Ok(()) => break,
             Err(s) if s.code() == Code::FailedPrecondition => {
                 shared.fence(&job_id, epoch, s.message());
@@ -163,7 +160,7 @@ pub(crate) async fn job_task(
             epoch,
             result: Some(result.clone()),
         };
-        match client.complete(call(req)).await {
+        match shared.client().complete(call(req)).await {
             Ok(_) => {
                 log::info!(job_id = job_id.as_str(), sandbox_id = job.sandbox_id.as_str(), agent = agent.as_str();
                     "job {job_id} {}", state.name());
@@ -221,7 +218,6 @@ impl Reporter {
     async fn flush(
         &mut self,
         shared: &Shared,
-        client: &mut AgentServiceClient<Channel>,
         job_id: &str,
         epoch: u64,
     ) -> Result<(), tonic::Status> {
@@ -237,7 +233,12 @@ impl Reporter {
             epoch,
             events: self.unacked.clone(),
         };
-        let acked = client.report(call(req)).await?.into_inner().acked_seq;
+        let acked = shared
+            .client()
+            .report(call(req))
+            .await?
+            .into_inner()
+            .acked_seq;
         self.unacked.retain(|e| e.seq > acked);
         Ok(())
     }

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use es_proto::error_chain;
-use tonic::transport::Endpoint;
+use es_proto::v1::agent_service_client::AgentServiceClient;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::config::AgentConfig;
 use crate::error::AgentError;
@@ -19,10 +20,27 @@ pub(crate) fn call<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
-/// The endpoint the agent dials, with HTTP/2 keepalives so an idle connection survives load
-/// balancers (AWS NLB idle cut: 350 s) and a dead peer is noticed.
-pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, AgentError> {
-    let server = &cfg.server;
+/// The endpoints the agent dials (one per server address, in the order tried), with HTTP/2
+/// keepalives so an idle connection survives load balancers (AWS NLB idle cut: 350 s) and a
+/// dead peer is noticed.
+pub fn endpoints(cfg: &AgentConfig) -> Result<Vec<Endpoint>, AgentError> {
+    cfg.servers().iter().map(|s| endpoint(cfg, s)).collect()
+}
+
+/// One server's clients, one per address of `endpoints` (lazy: connected at first use, on the
+/// runtime that makes them).
+pub(crate) fn clients(endpoints: &[Endpoint]) -> Vec<AgentServiceClient<Channel>> {
+    endpoints
+        .iter()
+        .map(|e| {
+            AgentServiceClient::new(e.connect_lazy())
+                .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
+                .max_encoding_message_size(es_proto::limits::MAX_MESSAGE)
+        })
+        .collect()
+}
+
+fn endpoint(cfg: &AgentConfig, server: &str) -> Result<Endpoint, AgentError> {
     let mut ep = Endpoint::from_shared(server.to_owned())
         .map_err(|e| AgentError::Server(server.to_owned(), e.to_string()))?
         .connect_timeout(Duration::from_secs(5))

@@ -17,28 +17,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use es_proto::v1::agent_service_client::AgentServiceClient;
 use es_proto::v1::*;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, Transport};
 pub use crate::error::AgentError;
 use crate::executor::{self};
-use crate::rpc::{call, endpoint, status_text, CALL_TIMEOUT};
+use crate::rpc::{call, endpoints, status_text, CALL_TIMEOUT};
 pub use crate::session::Signals;
 use crate::session::{notify, Session, Shared};
 
 /// Runs the agent until it has drained (after `signals.drain`) and said goodbye.
 pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
-    let endpoint = endpoint(&cfg)?;
-    // Explicit limits on both sides: the server never sends more than MAX_MESSAGE.
-    let mut client = AgentServiceClient::new(endpoint.connect_lazy())
-        .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
-        .max_encoding_message_size(es_proto::limits::MAX_MESSAGE);
+    let endpoints = endpoints(&cfg)?;
     let health = crate::health::start(&cfg).await?;
     let metrics = Arc::new(crate::metrics::AgentMetrics::default());
     if let Some(addr) = &cfg.metrics_addr {
@@ -76,6 +70,10 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         cfg: cfg.clone(),
         metrics,
         aws: Mutex::new((String::new(), "AWS credentials not checked yet".into())),
+        servers: cfg.servers(),
+        // Explicit limits on both sides: the server never sends more than MAX_MESSAGE.
+        clients: crate::rpc::clients(&endpoints),
+        current: std::sync::atomic::AtomicUsize::new(0),
     });
     let slots = Arc::new(Semaphore::new(cfg.slots as usize));
     let executor = Arc::new(executor::Executor::with_ssh(
@@ -83,7 +81,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         cfg.ssh_settings(),
     ));
     let hb_stop = CancellationToken::new();
-    let hb = crate::heartbeat::spawn(shared.clone(), endpoint.clone(), hb_stop.clone());
+    let hb = crate::heartbeat::spawn(shared.clone(), endpoints, hb_stop.clone());
     let aws_watch = tokio::spawn(watch_aws(
         shared.clone(),
         health.as_ref().map(|h| h.reporter.clone()),
@@ -96,6 +94,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         if drain.is_cancelled() {
             break;
         }
+        let mut client = shared.client();
         let req = RegisterRequest {
             identity: Some(identity.clone()),
             held: shared.held(),
@@ -113,11 +112,16 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
             Err(s) => {
                 let delay = backoff.next_delay();
                 let why = with_expired_cert(&cfg.tls_cert, status_text(&s));
-                log::warn!(agent = cfg.name.as_str(); "cannot register with {}: {} ({}); retrying in {} ms",
-                    cfg.server, why, s.code(), delay.as_millis());
+                let failed = shared.server().to_owned();
+                // Another replica may lead: the next address is tried after the delay.
+                let then = if shared.next_server() {
+                    format!("trying {} in {} ms", shared.server(), delay.as_millis())
+                } else {
+                    format!("retrying in {} ms", delay.as_millis())
+                };
+                log::warn!(agent = cfg.name.as_str(); "cannot register with {failed}: {why} ({}); {then}", s.code());
                 notify(&[sd_notify::NotifyState::Status(&format!(
-                    "cannot register with {}: {why}",
-                    cfg.server
+                    "cannot register with {failed}: {why}"
                 ))]);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => continue,
@@ -144,13 +148,14 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
             h.set_serving(true).await;
         }
         log::info!(agent = cfg.name.as_str(), role = cfg.role().name(); "registered with {} as {} (session {}, {} slots, {} transport)",
-            cfg.server, cfg.name, session.id, cfg.slots, format!("{:?}", cfg.transport).to_lowercase());
+            shared.server(), cfg.name, session.id, cfg.slots, format!("{:?}", cfg.transport).to_lowercase());
         // systemd: started once registered (READY is idempotent on re-registration).
         notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&format!(
                 "registered with {} as {}",
-                cfg.server, cfg.name
+                shared.server(),
+                cfg.name
             )),
         ]);
 
@@ -177,7 +182,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
                         _ = drain.cancelled() => break 'session,
                         _ = shared.reregister.notified() => continue 'session,
                         m = stream.message() => match m {
-                            Ok(Some(m)) => handle(&shared, &client, &slots, &executor, m),
+                            Ok(Some(m)) => handle(&shared, &slots, &executor, m),
                             Ok(None) | Err(_) => {
                                 let delay = backoff.next_delay();
                                 log::warn!(agent = cfg.name.as_str(); "stream from the server ended; reconnecting in {} ms", delay.as_millis());
@@ -205,7 +210,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
                         resp = client.poll(r) => match resp {
                             Ok(resp) => {
                                 for m in resp.into_inner().messages {
-                                    handle(&shared, &client, &slots, &executor, m);
+                                    handle(&shared, &slots, &executor, m);
                                 }
                             }
                             Err(s) => {
@@ -223,7 +228,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         }
     }
 
-    drain_and_leave(&shared, &mut client, health.as_ref()).await;
+    drain_and_leave(&shared, health.as_ref()).await;
     hb_stop.cancel();
     let _ = tokio::task::spawn_blocking(move || hb.join()).await;
     let _ = aws_watch.await;
@@ -233,7 +238,6 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
 
 fn handle(
     shared: &Arc<Shared>,
-    client: &AgentServiceClient<Channel>,
     slots: &Arc<Semaphore>,
     executor: &Arc<executor::Executor>,
     m: ServerMessage,
@@ -247,9 +251,9 @@ fn handle(
                 log::debug!(job_id = o.job_id.as_str(); "offer of job {} declined: no free slot", o.job_id);
                 return;
             };
-            let (shared, client, executor) = (shared.clone(), client.clone(), executor.clone());
+            let (shared, executor) = (shared.clone(), executor.clone());
             tokio::spawn(crate::job_task::job_task(
-                shared, client, executor, o.job_id, permit,
+                shared, executor, o.job_id, permit,
             ));
         }
         Some(server_message::Msg::Cancel(c)) => {
@@ -264,12 +268,9 @@ fn handle(
     }
 }
 
-async fn drain_and_leave(
-    shared: &Arc<Shared>,
-    client: &mut AgentServiceClient<Channel>,
-    health: Option<&crate::health::Health>,
-) {
+async fn drain_and_leave(shared: &Arc<Shared>, health: Option<&crate::health::Health>) {
     let cfg = &shared.cfg;
+    let mut client = shared.client();
     shared.draining.store(true, Ordering::SeqCst);
     notify(&[
         sd_notify::NotifyState::Stopping,

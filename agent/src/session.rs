@@ -3,14 +3,16 @@
 //! flags. Its own module so that the runtime and the heartbeat thread need not import each other.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use es_proto::v1::agent_service_client::AgentServiceClient;
 use es_proto::v1::HeldLease;
 use tokio::sync::{watch, Notify};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 
@@ -54,9 +56,39 @@ pub(crate) struct Shared {
     /// Who the agent acts as in AWS, and why it cannot use AWS now ("" = it can): told to the
     /// server at each heartbeat (aws_identity, aws_problem).
     pub aws: Mutex<(String, String)>,
+    /// The server's addresses (`server`, comma-separated) and a client for each, on the main
+    /// runtime; `current` is the one the session is (or is becoming) registered with.
+    pub servers: Vec<String>,
+    pub clients: Vec<AgentServiceClient<Channel>>,
+    pub current: AtomicUsize,
 }
 
 impl Shared {
+    /// A client of the server the session uses now: job tasks take it at each call, so their
+    /// calls follow the session to another replica.
+    pub(crate) fn client(&self) -> AgentServiceClient<Channel> {
+        self.clients[self.server_index()].clone()
+    }
+
+    pub(crate) fn server_index(&self) -> usize {
+        self.current.load(Ordering::SeqCst) % self.clients.len()
+    }
+
+    /// The address the session uses now.
+    pub(crate) fn server(&self) -> &str {
+        &self.servers[self.server_index()]
+    }
+
+    /// Moves on to the next address (in turn, wrapping), when this one does not answer or does
+    /// not lead. Answers whether there is another to move to.
+    pub(crate) fn next_server(&self) -> bool {
+        if self.clients.len() < 2 {
+            return false;
+        }
+        self.current.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
     pub(crate) fn aws(&self) -> (String, String) {
         self.aws.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

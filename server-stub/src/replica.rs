@@ -114,6 +114,7 @@ fn me() -> String {
 pub async fn stand_by<IO>(
     db: &Database,
     conns: Conns<IO>,
+    switch: &Switch,
     reporter: &HealthReporter,
     advertise: String,
     quit: CancellationToken,
@@ -139,12 +140,20 @@ where
             reporter.clone(),
         )))
         .serve_with_incoming_shutdown(conns, promoted.clone().cancelled_owned());
-    let server = tokio::spawn(server);
+    let server = tokio::spawn(async move {
+        if let Err(e) = server.await {
+            log::error!("standby: serving failed: {e}");
+        }
+    });
     log::info!("standby: waiting to lead the job store {}", db.shown());
     let won = tokio::select! {
         won = leader::campaign(db.clone(), me(), advertise, seen_tx, release) => won,
         _ = quit.cancelled() => None,
     };
+    if won.is_some() {
+        // New connections wait for the leader's server from now on, not for this one.
+        switch.lead();
+    }
     promoted.cancel();
     // Closing waits for calls in flight; a health Watch would hold it open, so not for long.
     let mut server = server;

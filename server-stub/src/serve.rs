@@ -248,6 +248,7 @@ where
                 let won = replica::stand_by(
                     db,
                     standby,
+                    &switch,
                     &leading.health_reporter,
                     advertise,
                     quit.clone(),

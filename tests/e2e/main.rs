@@ -14,6 +14,7 @@ mod keys;
 mod leases;
 mod ops;
 mod packaging;
+mod replicas;
 mod security;
 mod shells;
 mod systemd;

@@ -59,18 +59,29 @@ pub fn usage(message: String) -> CliError {
     }
 }
 
-/// Connects to the first of the comma-separated `--server` addresses (ES_SERVER) that answers:
-/// a server and its replicas, tried in turn.
+/// Connects to the first of the comma-separated `--server` addresses (ES_SERVER) that answers
+/// and leads: a server and its replicas, tried in turn. With several addresses, one that
+/// reports NOT_SERVING on grpc.health.v1 (a standby) is passed over.
 pub async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
     let mut unreachable = None;
-    for server in opts
+    let servers: Vec<&str> = opts
         .server
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-    {
+        .collect();
+    for server in &servers {
         match connect_one(opts, server).await {
-            Ok(c) => return Ok(c),
+            Ok((c, _)) if servers.len() == 1 => return Ok(c),
+            Ok((c, channel)) => match leads(channel).await {
+                Ok(()) => return Ok(c),
+                Err(why) => {
+                    unreachable = Some(CliError {
+                        code: EXIT_UNAVAILABLE,
+                        message: format!("{server} {why}"),
+                    })
+                }
+            },
             Err(e) if e.code == EXIT_UNAVAILABLE => unreachable = Some(e),
             Err(e) => return Err(e),
         }
@@ -78,7 +89,21 @@ pub async fn connect(opts: &ClientOpts) -> Result<Client, CliError> {
     Err(unreachable.unwrap_or_else(|| usage("--server (ES_SERVER) names no address".into())))
 }
 
-async fn connect_one(opts: &ClientOpts, server: &str) -> Result<Client, CliError> {
+/// Whether the server behind `channel` serves jobs (a standby reports NOT_SERVING).
+async fn leads(channel: Channel) -> Result<(), String> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: "es.v1.JobService".into(),
+    });
+    req.set_timeout(Duration::from_secs(5));
+    match HealthClient::new(channel).check(req).await {
+        Ok(r) if r.get_ref().status() == tonic_health::ServingStatus::Serving.into() => Ok(()),
+        Ok(_) => Err("is a standby (NOT_SERVING)".into()),
+        Err(s) => Err(format!("does not answer its health check: {}", s.message())),
+    }
+}
+
+async fn connect_one(opts: &ClientOpts, server: &str) -> Result<(Client, Channel), CliError> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_owned())
         .map_err(|e| usage(format!("--server {server:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5));
@@ -126,9 +151,10 @@ async fn connect_one(opts: &ClientOpts, server: &str) -> Result<Client, CliError
         code: EXIT_UNAVAILABLE,
         message: format!("cannot reach {server}: {}", es_proto::error_chain(&e)),
     })?;
-    Ok(
-        JobServiceClient::with_interceptor(channel, Credentials(token))
+    Ok((
+        JobServiceClient::with_interceptor(channel.clone(), Credentials(token))
             .max_decoding_message_size(es_proto::limits::MAX_MESSAGE)
             .max_encoding_message_size(es_proto::limits::MAX_MESSAGE),
-    )
+        channel,
+    ))
 }

@@ -84,6 +84,7 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
             eprintln!("es-server: {e}");
             return match e {
                 crate::ServerError::Config(_)
+                | crate::ServerError::Store(crate::store::StoreError::Config { .. })
                 | crate::ServerError::File { .. }
                 | crate::ServerError::Auth(_) => ExitCode::from(EXIT_USAGE),
                 _ => ExitCode::FAILURE,

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use es_proto::v1::{AuditEntry, JobEvent};
 use prost::Message;
@@ -39,13 +40,18 @@ const AUDIT_SANDBOX: &str =
 async fn prepare(c: &Client) -> Result<Prepared, tokio_postgres::Error> {
     Ok(Prepared {
         fence: c.prepare("SELECT epoch FROM leader FOR SHARE").await?,
+        // The job and its submit audit entry, or nothing when the id or the submitter's key is
+        // already there (a replayed group, or an earlier job with that key).
         insert_job: c
             .prepare(
-                "INSERT INTO jobs (id, idempotency_key, role, selector, sandbox_id, spec, state,
-                   attempt, max_attempts, epoch, agent, timeout_ms, cancel_requested, result,
-                   created_at_us, started_at_us, finished_at_us, submitted_by)
-                 VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,NULL,$14,$15,$16,$17)
-                 ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                "WITH ins AS (
+                   INSERT INTO jobs (id, idempotency_key, role, selector, sandbox_id, spec, state,
+                     attempt, max_attempts, epoch, agent, timeout_ms, cancel_requested, result,
+                     created_at_us, started_at_us, finished_at_us, submitted_by)
+                   VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,NULL,$14,$15,$16,$17)
+                   ON CONFLICT DO NOTHING RETURNING id)
+                 INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
+                 SELECT $18, $19, id, $20, $21, $22 FROM ins RETURNING job_id",
             )
             .await?,
         update_job: c
@@ -78,8 +84,7 @@ async fn prepare(c: &Client) -> Result<Prepared, tokio_postgres::Error> {
         audit: c
             .prepare(&format!(
                 "INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
-                 SELECT $1, {AUDIT_SANDBOX}, $3, $4, $5, $6
-                 WHERE $7 = '' OR EXISTS (SELECT 1 FROM jobs WHERE id = $7)"
+                 VALUES ($1, {AUDIT_SANDBOX}, $3, $4, $5, $6)"
             ))
             .await?,
         purge_jobs: c
@@ -108,7 +113,7 @@ fn step(stmt: fn(&Prepared) -> &Statement, params: Vec<Param>) -> Step {
     Step { stmt, params }
 }
 
-fn audit_step(e: &AuditEntry, only_if_job: &str) -> Step {
+fn audit_step(e: &AuditEntry) -> Step {
     step(
         |p| &p.audit,
         vec![
@@ -118,7 +123,6 @@ fn audit_step(e: &AuditEntry, only_if_job: &str) -> Step {
             Box::new(e.actor.clone()),
             Box::new(e.action.clone()),
             Box::new(e.detail_json.clone()),
-            Box::new(only_if_job.to_owned()),
         ],
     )
 }
@@ -154,6 +158,7 @@ fn steps_of(op: &Op, out: &mut Vec<Step>) -> usize {
                 .as_ref()
                 .map(|s| s.encode_to_vec())
                 .unwrap_or_default();
+            let a = audit::of_submit(job);
             out.push(step(
                 |p| &p.insert_job,
                 vec![
@@ -174,10 +179,13 @@ fn steps_of(op: &Op, out: &mut Vec<Step>) -> usize {
                     Box::new(job.started_at_us),
                     Box::new(job.finished_at_us),
                     Box::new(job.submitted_by.clone()),
+                    Box::new(a.at_us),
+                    Box::new(a.sandbox_id),
+                    Box::new(a.actor),
+                    Box::new(a.action),
+                    Box::new(a.detail_json),
                 ],
             ));
-            // Written only if the job row is ours (not an earlier job's idempotency key).
-            out.push(audit_step(&audit::of_submit(job), &job.id));
             event_steps(events, out);
         }
         Op::Update(job, events, _) => {
@@ -200,7 +208,7 @@ fn steps_of(op: &Op, out: &mut Vec<Step>) -> usize {
         Op::Events(events, _) => event_steps(events, out),
         Op::Audit(entries, _) => {
             for e in entries {
-                out.push(audit_step(e, ""));
+                out.push(audit_step(e));
             }
         }
         Op::Purge(before, _) => {
@@ -216,8 +224,32 @@ fn steps_of(op: &Op, out: &mut Vec<Step>) -> usize {
 enum Failed {
     /// Another server leads now: nothing of this group was committed, nor will be.
     Deposed(String),
+    /// The database cannot be reached (down, restarting, cut off): the group is tried again.
+    Unreachable(String),
+    /// The database refused the group.
     Db(String),
 }
+
+impl Failed {
+    fn of(e: &tokio_postgres::Error) -> Failed {
+        // No server-side error: the connection failed. Classes 08 (connection), 57 (operator
+        // intervention: shutdown, restart) and 53 (out of resources) pass too.
+        let transient = match e.as_db_error() {
+            None => true,
+            Some(db) => matches!(&db.code().code()[..2], "08" | "57" | "53"),
+        };
+        if transient {
+            Failed::Unreachable(describe(e))
+        } else {
+            Failed::Db(describe(e))
+        }
+    }
+}
+
+/// How long a group is tried again while the database cannot be reached. Past it, this server
+/// stops leading (and restarts as a standby): what it holds in memory may no longer match what
+/// it could store.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 
 pub(super) async fn writer_loop(
     db: Database,
@@ -242,17 +274,19 @@ pub(super) async fn writer_loop(
                 Err(_) => break,
             }
         }
-        let outcome = match leadership.deposed_reason() {
-            Some(why) => Err(Failed::Deposed(why)),
-            None => commit(&db, &mut conn, &batch, leadership.epoch()).await,
-        };
+        let outcome = commit_retrying(&db, &mut conn, &batch, &leadership).await;
         let outcome = match outcome {
             Ok(answers) => Ok(answers),
             Err(Failed::Deposed(why)) => {
+                log::warn!(
+                    "job store {}: {} writes refused: {why}",
+                    db.shown(),
+                    batch.len()
+                );
                 leadership.depose(why.clone());
                 Err(why)
             }
-            Err(Failed::Db(message)) => {
+            Err(Failed::Db(message) | Failed::Unreachable(message)) => {
                 log::error!(
                     "job store {}: group commit of {} writes failed: {message}",
                     db.shown(),
@@ -271,6 +305,50 @@ pub(super) async fn writer_loop(
     }
 }
 
+/// Commits one group, trying it again while the database cannot be reached: every statement of
+/// a group can be replayed (a commit whose answer was lost is not applied twice).
+async fn commit_retrying(
+    db: &Database,
+    conn: &mut Option<(Client, Prepared)>,
+    batch: &[Op],
+    leadership: &Leadership,
+) -> Result<Vec<OpAnswer>, Failed> {
+    let since = std::time::Instant::now();
+    let mut warned = false;
+    loop {
+        if let Some(why) = leadership.deposed_reason() {
+            return Err(Failed::Deposed(why));
+        }
+        match commit(db, conn, batch, leadership.epoch()).await {
+            Err(Failed::Unreachable(why)) if since.elapsed() < UNREACHABLE_FOR => {
+                if !warned {
+                    log::warn!(
+                        "job store {}: cannot commit {} writes: {why}; trying again for up to {}s",
+                        db.shown(),
+                        batch.len(),
+                        UNREACHABLE_FOR.as_secs()
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(Failed::Unreachable(why)) => {
+                leadership.depose(format!(
+                    "the job store was unreachable for {}s ({why})",
+                    UNREACHABLE_FOR.as_secs()
+                ));
+                return Err(Failed::Unreachable(why));
+            }
+            other => {
+                if warned && other.is_ok() {
+                    log::info!("job store {}: committing again", db.shown());
+                }
+                return other;
+            }
+        }
+    }
+}
+
 /// Commits one group on the writer's connection (opened again if it broke).
 async fn commit(
     db: &Database,
@@ -280,15 +358,16 @@ async fn commit(
 ) -> Result<Vec<OpAnswer>, Failed> {
     if conn.as_ref().is_none_or(|(c, _)| c.is_closed()) {
         *conn = None;
-        let client = db.connect().await.map_err(|e| Failed::Db(e.to_string()))?;
-        let prepared = prepare(&client)
+        let client = db
+            .connect()
             .await
-            .map_err(|e| Failed::Db(describe(&e)))?;
+            .map_err(|e| Failed::Unreachable(e.to_string()))?;
+        let prepared = prepare(&client).await.map_err(|e| Failed::of(&e))?;
         *conn = Some((client, prepared));
     }
     let (client, prepared) = conn.as_mut().expect("connected above");
     let res = apply(client, prepared, batch, epoch).await;
-    if let Err(Failed::Db(_)) = &res {
+    if let Err(Failed::Db(_) | Failed::Unreachable(_)) = &res {
         if client.is_closed() {
             *conn = None;
         }
@@ -302,7 +381,7 @@ async fn apply(
     batch: &[Op],
     epoch: i64,
 ) -> Result<Vec<OpAnswer>, Failed> {
-    let db = |e: tokio_postgres::Error| Failed::Db(describe(&e));
+    let db = |e: tokio_postgres::Error| Failed::of(&e);
     let mut steps = Vec::new();
     let answer_at: Vec<usize> = batch.iter().map(|op| steps_of(op, &mut steps)).collect();
     let tx = client.transaction().await.map_err(db)?;
@@ -338,11 +417,15 @@ async fn apply(
     for (op, at) in batch.iter().zip(answer_at) {
         answers.push(match op {
             Op::Insert(job, _, _) if rows[at].is_empty() => {
-                // The submitter's key answers its earlier job.
+                // Not inserted: the submitter's key answers its earlier job, or this group is
+                // a replay and the job is ours already.
                 let row = tx
                     .query_one(
-                        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1"),
-                        &[&scoped_key(job)],
+                        &format!(
+                            "SELECT {JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1 OR id = $2
+                             ORDER BY (id = $2) DESC LIMIT 1"
+                        ),
+                        &[&scoped_key(job), &job.id],
                     )
                     .await
                     .map_err(db)?;
@@ -350,7 +433,8 @@ async fn apply(
                     .map_err(db)?
                     .decode()
                     .map_err(|e| Failed::Db(e.to_string()))?;
-                OpAnswer::Inserted(Box::new(existing), false)
+                let ours = existing.id == job.id;
+                OpAnswer::Inserted(Box::new(existing), ours)
             }
             Op::Insert(job, _, _) => OpAnswer::Inserted(job.clone(), true),
             Op::Purge(..) => OpAnswer::Purged(rows[at][0].get::<_, i64>(0) as u64),

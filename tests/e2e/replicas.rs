@@ -1,0 +1,296 @@
+//! es-server replicas on one PostgreSQL database (real clusters, tests/src/pg.rs): one leads,
+//! the others stand by; a kill -9, a pause cut off by the database, and a database restart.
+
+use std::time::{Duration, Instant};
+
+use es_proto::v1::*;
+use es_tests::*;
+
+use crate::leases::SleepJobSpec;
+use crate::{bins, LONG};
+
+/// Timings of the failover tests: an agent keeps running its jobs while no server answers for
+/// up to `lease-ttl - heartbeat/2`; the takeover (a few hundred ms) fits well within that.
+const REPLICA: &[&str] = &[
+    "--heartbeat-interval",
+    "250ms",
+    "--lease-ttl",
+    "5s",
+    "--heartbeat-timeout",
+    "1s",
+    "--offer-timeout",
+    "1s",
+    "--cancel-grace",
+    "1s",
+];
+
+/// Starts a replica on `url` and waits until it leads or stands by, as told.
+fn replica(dir: &std::path::Path, url: &str, name: &str, leads: bool) -> Server {
+    let s = start_server_on(&bins(), dir, url, &dir.join(name), "127.0.0.1:0", REPLICA);
+    let wait = if leads {
+        "leading the job store"
+    } else {
+        "standby: the leader is"
+    };
+    s.proc.wait_log(wait, LONG);
+    s
+}
+
+async fn health(addr: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+/// How many times the agent's log says job `id` finished.
+fn finished_in_log(log: &str, id: &str) -> usize {
+    log.matches(&format!("job {id} succeeded")).count()
+}
+
+/// Two replicas: the standby answers NOT_SERVING and UNAVAILABLE naming the leader. The leader
+/// is killed with -9 while jobs run: the standby leads within 5 s, the agent (given both
+/// addresses) re-registers with the leases it holds and keeps running them, every acknowledged
+/// job finishes once (attempt 1, one result in the agent's log), and a CLI watch given both
+/// addresses carries on to the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_leads_after_kill_9_of_the_leader_and_nothing_runs_twice() {
+    let _turn = crate::shared_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = pg::Cluster::start();
+    let url = pg.create_db("es");
+    let mut a = replica(dir.path(), &url, "a", true);
+    let b = replica(dir.path(), &url, "b", false);
+
+    assert_eq!(
+        health(&b.addr.to_string()).await,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing
+    );
+    let refused = b
+        .client()
+        .await
+        .list(ListRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(
+        refused.message().contains("standby") && refused.message().contains(&a.addr.to_string()),
+        "{}",
+        refused.message()
+    );
+
+    let servers = format!("{},{}", a.url(), b.url());
+    let agent = start_agent(
+        &bins(),
+        dir.path(),
+        &servers,
+        &AgentSpec::new("es-commands-r", "commands").slots(8),
+    );
+    let mut ca = a.client().await;
+    wait_healthy(&mut ca, &["es-commands-r"]).await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        let job = submit(
+            &mut ca,
+            submission("commands", SleepJobSpec::steps(3000, 3)),
+        )
+        .await;
+        ids.push(job.id);
+    }
+    wait_state(&mut ca, &ids[0], JobState::Running, LONG).await;
+    let watcher = std::process::Command::new(bins().server)
+        .args(["watch", &ids[0]])
+        .env("ES_SERVER", &servers)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let killed = Instant::now();
+    a.proc.kill9();
+    b.proc
+        .wait_log("leading the job store", Duration::from_secs(10));
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the standby took {took:?} to lead"
+    );
+    assert_eq!(
+        health(&b.addr.to_string()).await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    let mut cb = b.client().await;
+    for id in &ids {
+        let job = wait_done(&mut cb, id, LONG).await;
+        assert_eq!(job.state, JobState::Succeeded as i32, "{job:?}");
+        assert_eq!(job.attempt, 1, "job {id} was leased again: {job:?}");
+    }
+    let log = agent.log();
+    for id in &ids {
+        assert_eq!(
+            finished_in_log(&log, id),
+            1,
+            "job {id} in the agent's log:\n{log}"
+        );
+    }
+    assert!(!log.contains("fenced"), "{log}");
+    let out = tokio::task::spawn_blocking(move || watcher.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("succeeded"), "{stdout}\n{stderr}");
+}
+
+/// The leader is paused (SIGSTOP) and the database ends its session, as a partition would: the
+/// standby leads. When the old leader wakes, its writes are refused (the epoch moved on) and
+/// it steps down: exit 75, so systemd restarts it as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_cut_off_by_the_database_steps_down_when_it_wakes() {
+    let _turn = crate::shared_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = pg::Cluster::start();
+    let url = pg.create_db("es");
+    let mut a = replica(dir.path(), &url, "a", true);
+    let b = replica(dir.path(), &url, "b", false);
+    let servers = format!("{},{}", a.url(), b.url());
+    let _agent = start_agent(
+        &bins(),
+        dir.path(),
+        &servers,
+        &AgentSpec::new("es-commands-p", "commands").slots(4),
+    );
+    let mut ca = a.client().await;
+    wait_healthy(&mut ca, &["es-commands-p"]).await;
+    let job = submit(
+        &mut ca,
+        submission("commands", SleepJobSpec::steps(8000, 8)),
+    )
+    .await;
+    wait_state(&mut ca, &job.id, JobState::Running, LONG).await;
+
+    a.proc.sigstop();
+    let ended = pg.psql(
+        "es",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+          WHERE locktype = 'advisory' AND granted AND pid <> pg_backend_pid()",
+    );
+    assert_eq!(ended, "1", "the leader's lock session");
+    b.proc
+        .wait_log("leading the job store", Duration::from_secs(5));
+    // Paused past its lease TTL: at wake its reaper has leases to expire, and writes them.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    a.proc.sigcont();
+    let status = a.proc.wait_exit(LONG).expect("the old leader exits");
+    assert_eq!(status.code(), Some(75), "{}", a.proc.log());
+    let log = a.proc.log();
+    assert!(log.contains("deposed:"), "{log}");
+    assert!(log.contains("writes refused"), "{log}");
+
+    let mut cb = b.client().await;
+    let done = wait_done(&mut cb, &job.id, LONG).await;
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    let leader = pg.psql("es", "SELECT epoch FROM leader");
+    assert_eq!(leader, "2", "two takeovers in all");
+}
+
+/// PostgreSQL restarts under load: nothing is acknowledged while it is down, nothing
+/// acknowledged is lost, and work resumes with the same leader (its epoch unchanged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_under_load_loses_nothing_acknowledged() {
+    let _turn = crate::shared_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = pg::Cluster::start();
+    let url = pg.create_db("es");
+    let a = replica(dir.path(), &url, "a", true);
+    let _agent = start_agent(
+        &bins(),
+        dir.path(),
+        &a.url(),
+        &AgentSpec::new("es-commands-d", "commands").slots(8),
+    );
+    let mut c = a.client().await;
+    wait_healthy(&mut c, &["es-commands-d"]).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let submitter = {
+        let (mut c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut refused) = (Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut req = submission("commands", SleepJobSpec::steps(200, 1));
+                req.idempotency_key = uuid::Uuid::new_v4().to_string();
+                let mut r = tonic::Request::new(req);
+                r.set_timeout(Duration::from_secs(5));
+                match c.submit(r).await {
+                    Ok(r) => acked.push((Instant::now(), r.into_inner().job.unwrap().id)),
+                    Err(_) => refused += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (acked, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (down, stopped, restarting) = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        let stopped = Instant::now();
+        std::thread::sleep(Duration::from_secs(3));
+        let restarting = Instant::now();
+        pg.restart();
+        pg.wait_ready();
+        (pg, stopped, restarting)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acked, refused) = submitter.await.unwrap();
+    // Nothing acknowledged while the database was down (a submission waits, or times out).
+    let while_down: Vec<_> = acked
+        .iter()
+        .filter(|(at, _)| *at > stopped && *at < restarting)
+        .collect();
+    assert!(
+        while_down.is_empty(),
+        "acknowledged while down: {while_down:?}"
+    );
+    assert!(
+        acked.len() > 20,
+        "{} acknowledged, {refused} refused",
+        acked.len()
+    );
+    for (_, id) in &acked {
+        let job = wait_done(&mut c, id, LONG).await;
+        assert_eq!(job.state, JobState::Succeeded as i32, "{job:?}");
+    }
+    let stored: usize = down
+        .psql("es", "SELECT count(*) FROM jobs")
+        .parse()
+        .unwrap();
+    // A commit whose answer the database's stop cut off may be stored unacknowledged; never
+    // the other way round.
+    assert!(
+        stored >= acked.len(),
+        "{stored} stored, {} acknowledged",
+        acked.len()
+    );
+    assert_eq!(down.psql("es", "SELECT epoch FROM leader"), "1");
+    a.proc.wait_log("holding the lock again", LONG);
+}
