@@ -294,3 +294,67 @@ async fn a_database_restart_under_load_loses_nothing_acknowledged() {
     assert_eq!(down.psql("es", "SELECT epoch FROM leader"), "1");
     a.proc.wait_log("holding the lock again", LONG);
 }
+
+/// `sslmode=require`: the database's certificate is verified (refused without its CA, with
+/// the fix named), the connections are encrypted, and the password never reaches the log. A
+/// database whose schema is newer than the server knows is refused, naming both versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_is_verified_and_a_newer_schema_is_refused() {
+    let _turn = crate::shared_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path(), "db");
+    let cert = pki.server();
+    let pg = pg::Cluster::start_tls(&cert.cert, &cert.key);
+    let url = format!("{}?sslmode=require", pg.create_db("es"));
+    let serve = |ca: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new(bins().server);
+        c.args(["serve", "--listen", "127.0.0.1:0", "--insecure"])
+            .env("ES_SERVER_DB", &url)
+            .env("RUST_LOG", "info");
+        if let Some(ca) = ca {
+            c.arg("--db-ca").arg(ca);
+        }
+        c
+    };
+
+    // Without the database's CA: refused, saying which setting fixes it.
+    let out = serve(None).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--db-ca"), "{stderr}");
+    assert!(!stderr.contains(pg::PASSWORD), "{stderr}");
+
+    // With it: leads, over TLS.
+    let log = dir.path().join("tls-server.log");
+    let child = serve(Some(&pki.ca_file))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut server = Proc::adopt("es-server".into(), child, log);
+    server.wait_log("leading the job store", LONG);
+    let encrypted: u32 = pg
+        .psql(
+            "es",
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+              WHERE application_name = 'es-server' AND ssl",
+        )
+        .parse()
+        .unwrap();
+    assert!(encrypted >= 2, "{encrypted} encrypted es-server sessions");
+    let text = server.log();
+    assert!(text.contains("postgres://es:***@127.0.0.1"), "{text}");
+    assert!(!text.contains(pg::PASSWORD), "{text}");
+    server.sigterm();
+    assert!(server.wait_exit(LONG).is_some_and(|s| s.success()));
+
+    // A newer schema (another replica was upgraded first): refused with both versions, exit 64.
+    pg.psql("es", "UPDATE es_schema SET version = 99");
+    let out = serve(Some(&pki.ca_file)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("schema is version 99") && stderr.contains("knows (1)"),
+        "{stderr}"
+    );
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// The superuser the tests connect as, and its password.
 pub const USER: &str = "es";
-const PASSWORD: &str = "es-test-secret";
+pub const PASSWORD: &str = "es-test-secret";
 
 /// One running cluster.
 pub struct Cluster {
@@ -60,8 +60,17 @@ impl Cluster {
         Cluster::start_with(&[])
     }
 
+    /// Like [`Cluster::start`], serving TLS with this certificate and key (PEM files).
+    pub fn start_tls(cert: &Path, key: &Path) -> Cluster {
+        Cluster::start_inner(&["ssl = on"], Some((cert, key)))
+    }
+
     /// Like [`Cluster::start`], with extra `postgresql.conf` lines.
     pub fn start_with(conf: &[&str]) -> Cluster {
+        Cluster::start_inner(conf, None)
+    }
+
+    fn start_inner(conf: &[&str], tls: Option<(&Path, &Path)>) -> Cluster {
         let bin = server_bin();
         let dir = tempfile::Builder::new()
             .prefix("es-pg-")
@@ -104,6 +113,25 @@ impl Cluster {
             "shared_buffers = 64MB".into(),
         ];
         lines.extend(conf.iter().map(|l| l.to_string()));
+        if let Some((cert, key)) = tls {
+            // PostgreSQL wants its key owned by it and private.
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let dest = data.join(to);
+                std::fs::copy(from, &dest).expect("copy TLS file");
+                run(
+                    {
+                        let mut c = Command::new("chown");
+                        c.arg("postgres").arg(&dest);
+                        c
+                    },
+                    "chown TLS file",
+                );
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            lines.push("ssl_cert_file = 'server.crt'".into());
+            lines.push("ssl_key_file = 'server.key'".into());
+        }
         let conf_file = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_file).unwrap();
         text.push_str(&format!("\n{}\n", lines.join("\n")));

@@ -132,11 +132,17 @@ impl Database {
     /// Opens one connection; its driver runs as a task that ends when the client is dropped
     /// or the connection breaks (then the client's calls fail).
     pub async fn connect(&self) -> Result<Client> {
-        let (client, connection) = self
-            .config
-            .connect(self.tls.clone())
-            .await
-            .map_err(|e| self.error(e))?;
+        let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(|e| {
+            let mut err = self.error(e);
+            if let StoreError::Postgres { message, .. } = &mut err {
+                if message.contains("certificate") {
+                    message.push_str(
+                        ": set --db-ca (ES_SERVER_DB_CA) to the CA that issued the database's certificate",
+                    );
+                }
+            }
+            err
+        })?;
         let shown = self.shown.clone();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
