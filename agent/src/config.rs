@@ -594,6 +594,17 @@ mod tests {
             ("ES_AGENT_ROLE", "shell", "`role`"),
             ("ES_AGENT_NAME", "", "`name`"),
             ("ES_AGENT_SERVER", "127.0.0.1:7700", "`server`"),
+            ("ES_AGENT_SERVER", " , ", "several comma-separated"),
+            (
+                "ES_AGENT_SERVER",
+                "http://127.0.0.1:1,https://127.0.0.1:2",
+                "mixes http:// and https://",
+            ),
+            (
+                "ES_AGENT_SERVER",
+                "http://127.0.0.1:1,es-2:7700",
+                "\"es-2:7700\" must be a URL",
+            ),
             ("ES_AGENT_HEALTH_ADDR", "nope", "`health_addr`"),
             ("ES_AGENT_DRAIN_GRACE", "soon", "drain_grace"),
             ("ES_AGENT_COLOUR", "blue", "colour"),
@@ -616,6 +627,15 @@ mod tests {
         }
         let err = AgentConfig::load(Some(Path::new("/nonexistent.toml")), vec![]).unwrap_err();
         assert!(err.to_string().contains("does not exist"));
+        // Replicas: every address, in the order given.
+        let mut e = env(&base);
+        e.retain(|(key, _)| key != "ES_AGENT_SERVER");
+        e.push((
+            "ES_AGENT_SERVER".into(),
+            "http://127.0.0.1:1, http://127.0.0.1:2".into(),
+        ));
+        let cfg = AgentConfig::load(None, e).unwrap();
+        assert_eq!(cfg.servers(), ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
     }
 
     #[test]

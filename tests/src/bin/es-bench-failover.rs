@@ -8,6 +8,11 @@
 //!
 //! The time is from the fault (taken just before the signal) to the fallback's lease
 //! (`started_at_us` of the job, set by the server when the fallback acquires it).
+//!
+//! Then the leader-kill trials: two es-server replicas on one PostgreSQL database (a throwaway
+//! local cluster, or `--db postgres://…`), an agent given both addresses; the leader is killed
+//! with -9 and timed until the standby serves and until a new job runs on it (the agent has
+//! moved over); the killed replica comes back as the standby for the next trial.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -31,6 +36,118 @@ struct Args {
     /// Extra `es-server serve` arguments (e.g. "--lease-ttl 3s"); default: the server's defaults.
     #[arg(long, allow_hyphen_values = true, num_args = 0..)]
     server_args: Vec<String>,
+    /// Leader-kill trials (replicas on PostgreSQL); 0 skips them.
+    #[arg(long, default_value_t = 20)]
+    leader_trials: usize,
+    /// PostgreSQL of the leader-kill trials (an empty database); unset: a throwaway cluster.
+    #[arg(long)]
+    db: Option<String>,
+}
+
+async fn serving(addr: std::net::SocketAddr) -> bool {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_millis(200))
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| {
+            r.into_inner().status()
+                == tonic_health::pb::health_check_response::ServingStatus::Serving
+        })
+}
+
+/// Kills the leading replica, times the takeover; answers (ms until the standby serves, ms
+/// until a new job runs on it) per trial.
+async fn leader_kills(args: &Args, bins: &Bins, extra: &[&str]) -> Vec<(f64, f64)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut _cluster = None;
+    let url = match &args.db {
+        Some(u) => u.clone(),
+        None => {
+            let c = pg::Cluster::start();
+            let u = c.create_db("es");
+            _cluster = Some(c);
+            u
+        }
+    };
+    let start = |name: &str, leads: bool| {
+        let s = start_server_on(
+            bins,
+            dir.path(),
+            &url,
+            &dir.path().join(name),
+            "127.0.0.1:0",
+            extra,
+        );
+        s.proc.wait_log(
+            if leads {
+                "leading the job store"
+            } else {
+                "standby: the leader is"
+            },
+            Duration::from_secs(30),
+        );
+        s
+    };
+    let mut replicas = [start("a", true), start("b", false)];
+    // The agent is given both addresses for the whole run: each killed replica comes back on
+    // its own address.
+    let (addr_a, addr_b) = (replicas[0].addr, replicas[1].addr);
+    let servers = format!("{},{}", replicas[0].url(), replicas[1].url());
+    let _agent = start_agent(
+        bins,
+        dir.path(),
+        &servers,
+        &AgentSpec::new("es-commands-l", "commands"),
+    );
+    let mut leader = 0;
+    let mut out = Vec::new();
+    for trial in 0..args.leader_trials {
+        let mut c = replicas[leader].client().await;
+        wait_healthy(&mut c, &["es-commands-l"]).await;
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..1000))).await;
+        let t0 = Instant::now();
+        replicas[leader].proc.kill9();
+        let next = 1 - leader;
+        let until = Instant::now() + Duration::from_secs(60);
+        while !serving(replicas[next].addr).await {
+            assert!(Instant::now() < until, "no replica led within 60 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let serves = t0.elapsed().as_secs_f64() * 1000.0;
+        let mut c = replicas[next].client().await;
+        let job = submit(&mut c, submission("commands", echo("after the failover"))).await;
+        let done = wait_done(&mut c, &job.id, Duration::from_secs(60)).await;
+        assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+        let runs = t0.elapsed().as_secs_f64() * 1000.0;
+        println!("leader kill trial {:>2}: serving after {serves:>6.0} ms, a new job done after {runs:>6.0} ms", trial + 1);
+        out.push((serves, runs));
+        // The killed one comes back, on its address, as the standby.
+        let addr = if leader == 0 { addr_a } else { addr_b };
+        let name = if leader == 0 { "a" } else { "b" };
+        let back = start_server_on(
+            bins,
+            dir.path(),
+            &url,
+            &dir.path().join(name),
+            &addr.to_string(),
+            extra,
+        );
+        back.proc
+            .wait_log("standby: the leader is", Duration::from_secs(30));
+        replicas[leader] = back;
+        leader = next;
+    }
+    out
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -86,7 +203,12 @@ async fn main() {
         }
     );
 
-    for fault in [Fault::Kill, Fault::Hang] {
+    let faults: &[Fault] = if args.trials == 0 {
+        &[]
+    } else {
+        &[Fault::Kill, Fault::Hang]
+    };
+    for &fault in faults {
         let mut times = Vec::new();
         for trial in 0..args.trials {
             let mut primary = start_agent(
@@ -163,6 +285,22 @@ async fn main() {
             percentile(&times, 50.0),
             percentile(&times, 95.0),
             times.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    drop(server);
+    if args.leader_trials > 0 {
+        let trials = leader_kills(&args, &bins, &extra).await;
+        let (mut serves, mut runs): (Vec<f64>, Vec<f64>) = trials.into_iter().unzip();
+        serves.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        runs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!(
+            "Leader kill: {} trials, standby serving p50 {:.0} ms, p95 {:.0} ms; a new job done p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms",
+            serves.len(),
+            percentile(&serves, 50.0),
+            percentile(&serves, 95.0),
+            percentile(&runs, 50.0),
+            percentile(&runs, 95.0),
+            runs.last().copied().unwrap_or(f64::NAN)
         );
     }
 }

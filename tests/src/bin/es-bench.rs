@@ -6,7 +6,11 @@
 //!   cargo build --release --workspace --bins && target/release/es-bench
 //!
 //! Timestamps come from the server's store (`created_at_us`, `started_at_us`,
-//! `finished_at_us`, all taken by the server), read from the SQLite file after the run.
+//! `finished_at_us`, all taken by the server), read from the SQLite file (or, with `--db`, the
+//! PostgreSQL database, through psql) after the run.
+//!
+//! On PostgreSQL: `--db postgres://USER:PASSWORD@HOST:PORT/DB` (an empty database), or
+//! `--db postgres` for a throwaway cluster on this machine (Debian's postgresql; as root).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,9 +43,61 @@ struct Args {
     /// Slots per agent.
     #[arg(long, default_value_t = 64)]
     slots: u32,
-    /// Commit mode of the store (normal or full).
+    /// Commit mode of the SQLite store (normal or full).
     #[arg(long, default_value = "normal")]
     db_sync: String,
+    /// The job store: unset for SQLite, a postgres:// URL, or `postgres` for a throwaway
+    /// local cluster.
+    #[arg(long)]
+    db: Option<String>,
+}
+
+/// Where the server keeps the jobs, as the benchmark reads them back.
+enum Db {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Db {
+    /// Rows of `sql` (`$1` = since_us), each as its columns' text.
+    fn query(&self, sql: &str, since_us: i64) -> Vec<Vec<String>> {
+        match self {
+            Db::Sqlite(path) => {
+                let c = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .expect("open store read-only");
+                let mut st = c.prepare(&sql.replace("$1", "?1")).unwrap();
+                let n = st.column_count();
+                st.query_map([since_us], |r| {
+                    (0..n)
+                        .map(|i| r.get::<_, i64>(i).map(|v| v.to_string()))
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect()
+            }
+            Db::Postgres(url) => {
+                let out = std::process::Command::new("psql")
+                    .args(["-X", "-q", "-A", "-t", "-F", "|", "-d", url, "-c"])
+                    .arg(sql.replace("$1", &since_us.to_string()))
+                    .output()
+                    .expect("psql");
+                assert!(
+                    out.status.success(),
+                    "psql: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.split('|').map(str::to_owned).collect())
+                    .collect()
+            }
+        }
+    }
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64, f64) {
@@ -60,36 +116,30 @@ struct Row {
     finished: i64,
 }
 
-fn rows(db: &std::path::Path, since_us: i64) -> Vec<Row> {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open store read-only");
-    let mut st = c
-        .prepare("SELECT created_at_us, started_at_us, finished_at_us FROM jobs WHERE state = 3 AND created_at_us >= ?1")
-        .unwrap();
-    st.query_map([since_us], |r| {
-        Ok(Row {
-            created: r.get(0)?,
-            started: r.get(1)?,
-            finished: r.get(2)?,
-        })
+fn rows(db: &Db, since_us: i64) -> Vec<Row> {
+    db.query(
+        "SELECT created_at_us, started_at_us, finished_at_us FROM jobs WHERE state = 3 AND created_at_us >= $1",
+        since_us,
+    )
+    .into_iter()
+    .map(|r| Row {
+        created: r[0].parse().unwrap(),
+        started: r[1].parse().unwrap(),
+        finished: r[2].parse().unwrap(),
     })
-    .unwrap()
-    .map(|r| r.unwrap())
     .collect()
 }
 
 /// Fails loudly unless every one of the `n` jobs created since `since_us` succeeded: a figure
 /// over the span of succeeded jobs means nothing if some failed.
-fn require_all_succeeded(db: &std::path::Path, since_us: i64, n: usize) {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open store read-only");
-    let mut st = c
-        .prepare("SELECT state, COUNT(*) FROM jobs WHERE created_at_us >= ?1 GROUP BY state")
-        .unwrap();
-    let by: Vec<(i32, i64)> = st
-        .query_map([since_us], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(|r| r.unwrap())
+fn require_all_succeeded(db: &Db, since_us: i64, n: usize) {
+    let by: Vec<(i32, i64)> = db
+        .query(
+            "SELECT state, COUNT(*) FROM jobs WHERE created_at_us >= $1 GROUP BY state",
+            since_us,
+        )
+        .into_iter()
+        .map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap()))
         .collect();
     let succeeded = by.iter().find(|(s, _)| *s == 3).map_or(0, |(_, n)| *n) as usize;
     assert!(
@@ -106,15 +156,14 @@ fn require_all_succeeded(db: &std::path::Path, since_us: i64, n: usize) {
     );
 }
 
-fn count_done(db: &std::path::Path, since_us: i64) -> usize {
-    let c = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .expect("open store read-only");
-    c.query_row(
-        "SELECT COUNT(*) FROM jobs WHERE finished_at_us > 0 AND created_at_us >= ?1",
-        [since_us],
-        |r| r.get::<_, i64>(0),
+fn count_done(db: &Db, since_us: i64) -> usize {
+    db.query(
+        "SELECT COUNT(*) FROM jobs WHERE finished_at_us > 0 AND created_at_us >= $1",
+        since_us,
     )
-    .unwrap_or(0) as usize
+    .first()
+    .and_then(|r| r[0].parse().ok())
+    .unwrap_or(0)
 }
 
 /// CPU seconds (user + system) a process has used so far.
@@ -135,7 +184,7 @@ fn now_us() -> i64 {
         .as_micros() as i64
 }
 
-async fn wait_all(db: &std::path::Path, since: i64, n: usize, limit: Duration) {
+async fn wait_all(db: &Db, since: i64, n: usize, limit: Duration) {
     let until = Instant::now() + limit;
     let mut last_print = Instant::now();
     loop {
@@ -165,14 +214,35 @@ async fn main() {
     let args = Args::parse();
     let bins = Bins::beside_current_exe(args.server_bin.clone(), args.agent_bin.clone());
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("bench.db");
-    let server = start_server(
+    let file = dir.path().join("bench.db");
+    let mut _cluster = None;
+    let db = match args.db.as_deref() {
+        None => Db::Sqlite(file.clone()),
+        Some("postgres") => {
+            let c = pg::Cluster::start();
+            let url = c.create_db("bench");
+            _cluster = Some(c);
+            Db::Postgres(url)
+        }
+        Some(url) => Db::Postgres(url.to_owned()),
+    };
+    let store = match &db {
+        Db::Sqlite(p) => p.display().to_string(),
+        Db::Postgres(url) => url.clone(),
+    };
+    let server = start_server_on(
         &bins,
         dir.path(),
-        &db,
+        &store,
+        &file,
         "127.0.0.1:0",
         &["--db-sync", &args.db_sync],
     );
+    if matches!(db, Db::Postgres(_)) {
+        server
+            .proc
+            .wait_log("leading the job store", Duration::from_secs(30));
+    }
     let mut agents_p = Vec::new();
     for name in ["es-commands-1", "es-commands-2"] {
         agents_p.push(start_agent(
@@ -188,8 +258,12 @@ async fn main() {
     let idle_rss: Vec<u64> = agents_p.iter().map(|p| p.rss_kib().unwrap_or(0)).collect();
 
     println!(
-        "es-bench: 1 es-server + 2 es-agent x {} slots, loopback, store synchronous={}",
-        args.slots, args.db_sync
+        "es-bench: 1 es-server + 2 es-agent x {} slots, loopback, store {}",
+        args.slots,
+        match &db {
+            Db::Sqlite(_) => format!("SQLite synchronous={}", args.db_sync),
+            Db::Postgres(_) => "PostgreSQL (loopback)".to_owned(),
+        }
     );
     println!(
         "machine: {} cores",

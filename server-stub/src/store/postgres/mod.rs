@@ -4,6 +4,7 @@
 //! versioned and migrated at start (schema.rs).
 
 pub mod conn;
+mod group;
 pub mod leader;
 pub mod schema;
 mod writer;

@@ -1,92 +1,45 @@
 //! The PostgreSQL store's writer: one task, one connection, group commit. Each group is one
 //! transaction that first reads the leader epoch `FOR SHARE` and commits only if it is still
-//! this server's: a deposed leader never commits. The statements of a group are pipelined
-//! (sent together, answered in order), so a group costs three round trips whatever its size.
+//! this server's: a deposed leader never commits. A group is a handful of statements over
+//! arrays (group.rs), pipelined (sent together, answered in order): three round trips and at
+//! most seven statements whatever its size.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use es_proto::v1::{AuditEntry, JobEvent};
-use prost::Message;
+use std::collections::HashSet;
+
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::conn::{describe, Database};
+use super::group::{self, Group, Params};
 use super::leader::Leadership;
 use super::{raw_job, JOB_COLUMNS};
 use crate::store::ops::{answer_all, Op, OpAnswer, MAX_BATCH};
-use crate::store::{audit, scoped_key, StoreError};
-
-type Param = Box<dyn ToSql + Sync + Send>;
+use crate::store::{scoped_key, StoreError};
 
 /// The statements a group uses, prepared once per connection.
 struct Prepared {
     fence: Statement,
-    insert_job: Statement,
-    update_job: Statement,
-    event: Statement,
-    event_audited: Statement,
-    audit: Statement,
+    insert_jobs: Statement,
+    update_jobs: Statement,
+    insert_events: Statement,
+    insert_audit: Statement,
     purge_jobs: Statement,
     purge_audit: Statement,
 }
 
-const AUDIT_SANDBOX: &str =
-    "COALESCE(NULLIF($2, ''), (SELECT sandbox_id FROM jobs WHERE id = $3), '')";
-
 async fn prepare(c: &Client) -> Result<Prepared, tokio_postgres::Error> {
     Ok(Prepared {
         fence: c.prepare("SELECT epoch FROM leader FOR SHARE").await?,
-        // The job and its submit audit entry, or nothing when the id or the submitter's key is
-        // already there (a replayed group, or an earlier job with that key).
-        insert_job: c
-            .prepare(
-                "WITH ins AS (
-                   INSERT INTO jobs (id, idempotency_key, role, selector, sandbox_id, spec, state,
-                     attempt, max_attempts, epoch, agent, timeout_ms, cancel_requested, result,
-                     created_at_us, started_at_us, finished_at_us, submitted_by)
-                   VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,NULL,$14,$15,$16,$17)
-                   ON CONFLICT DO NOTHING RETURNING id)
-                 INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
-                 SELECT $18, $19, id, $20, $21, $22 FROM ins RETURNING job_id",
-            )
-            .await?,
-        update_job: c
-            .prepare(
-                "UPDATE jobs SET state=$2, attempt=$3, epoch=$4, agent=$5, cancel_requested=$6,
-                   result=$7, started_at_us=$8, finished_at_us=$9 WHERE id=$1",
-            )
-            .await?,
-        // Events of a job that is not there (an insert answered by an earlier job with the
-        // same key, or a purged job) are dropped; a seq already kept is kept once.
-        event: c
-            .prepare(
-                "INSERT INTO events (job_id, seq, at_us, body)
-                 SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1)
-                 ON CONFLICT DO NOTHING",
-            )
-            .await?,
-        // The same, plus the audit entry the event implies, only if the event is new.
-        event_audited: c
-            .prepare(
-                "WITH e AS (
-                   INSERT INTO events (job_id, seq, at_us, body)
-                   SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1)
-                   ON CONFLICT DO NOTHING RETURNING job_id)
-                 INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
-                 SELECT $5, COALESCE((SELECT sandbox_id FROM jobs WHERE id = $1), ''), $1, $6, $7, $8
-                 FROM e",
-            )
-            .await?,
-        audit: c
-            .prepare(&format!(
-                "INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
-                 VALUES ($1, {AUDIT_SANDBOX}, $3, $4, $5, $6)"
-            ))
-            .await?,
+        insert_jobs: c.prepare(group::INSERT_JOBS).await?,
+        update_jobs: c.prepare(group::UPDATE_JOBS).await?,
+        insert_events: c.prepare(group::INSERT_EVENTS).await?,
+        insert_audit: c.prepare(group::INSERT_AUDIT).await?,
         purge_jobs: c
             .prepare(
                 "WITH d AS (DELETE FROM jobs WHERE finished_at_us > 0 AND finished_at_us < $1
@@ -101,123 +54,6 @@ async fn prepare(c: &Client) -> Result<Prepared, tokio_postgres::Error> {
             )
             .await?,
     })
-}
-
-/// One statement of a group, with its parameters.
-struct Step {
-    stmt: fn(&Prepared) -> &Statement,
-    params: Vec<Param>,
-}
-
-fn step(stmt: fn(&Prepared) -> &Statement, params: Vec<Param>) -> Step {
-    Step { stmt, params }
-}
-
-fn audit_step(e: &AuditEntry) -> Step {
-    step(
-        |p| &p.audit,
-        vec![
-            Box::new(e.at_us),
-            Box::new(e.sandbox_id.clone()),
-            Box::new(e.job_id.clone()),
-            Box::new(e.actor.clone()),
-            Box::new(e.action.clone()),
-            Box::new(e.detail_json.clone()),
-        ],
-    )
-}
-
-fn event_steps(events: &[JobEvent], out: &mut Vec<Step>) {
-    for ev in events {
-        let mut params: Vec<Param> = vec![
-            Box::new(ev.job_id.clone()),
-            Box::new(ev.seq as i64),
-            Box::new(ev.at_us),
-            Box::new(ev.encode_to_vec()),
-        ];
-        match audit::of_event(ev) {
-            Some(a) => {
-                params.push(Box::new(a.at_us));
-                params.push(Box::new(a.actor));
-                params.push(Box::new(a.action));
-                params.push(Box::new(a.detail_json));
-                out.push(step(|p| &p.event_audited, params));
-            }
-            None => out.push(step(|p| &p.event, params)),
-        }
-    }
-}
-
-/// The steps of one op, appended to `out`; answers the index of the step whose rows answer it.
-fn steps_of(op: &Op, out: &mut Vec<Step>) -> usize {
-    let first = out.len();
-    match op {
-        Op::Insert(job, events, _) => {
-            let spec = job
-                .spec
-                .as_ref()
-                .map(|s| s.encode_to_vec())
-                .unwrap_or_default();
-            let a = audit::of_submit(job);
-            out.push(step(
-                |p| &p.insert_job,
-                vec![
-                    Box::new(job.id.clone()),
-                    Box::new(scoped_key(job)),
-                    Box::new(job.role),
-                    Box::new(job.selector.clone()),
-                    Box::new(job.sandbox_id.clone()),
-                    Box::new(spec),
-                    Box::new(job.state),
-                    Box::new(job.attempt as i64),
-                    Box::new(job.max_attempts as i64),
-                    Box::new(job.epoch as i64),
-                    Box::new(job.agent.clone()),
-                    Box::new(job.timeout_ms as i64),
-                    Box::new(job.cancel_requested),
-                    Box::new(job.created_at_us),
-                    Box::new(job.started_at_us),
-                    Box::new(job.finished_at_us),
-                    Box::new(job.submitted_by.clone()),
-                    Box::new(a.at_us),
-                    Box::new(a.sandbox_id),
-                    Box::new(a.actor),
-                    Box::new(a.action),
-                    Box::new(a.detail_json),
-                ],
-            ));
-            event_steps(events, out);
-        }
-        Op::Update(job, events, _) => {
-            out.push(step(
-                |p| &p.update_job,
-                vec![
-                    Box::new(job.id.clone()),
-                    Box::new(job.state),
-                    Box::new(job.attempt as i64),
-                    Box::new(job.epoch as i64),
-                    Box::new(job.agent.clone()),
-                    Box::new(job.cancel_requested),
-                    Box::new(job.result.as_ref().map(|r| r.encode_to_vec())),
-                    Box::new(job.started_at_us),
-                    Box::new(job.finished_at_us),
-                ],
-            ));
-            event_steps(events, out);
-        }
-        Op::Events(events, _) => event_steps(events, out),
-        Op::Audit(entries, _) => {
-            for e in entries {
-                out.push(audit_step(e));
-            }
-        }
-        Op::Purge(before, _) => {
-            out.push(step(|p| &p.purge_jobs, vec![Box::new(*before)]));
-            out.push(step(|p| &p.purge_audit, vec![Box::new(*before)]));
-        }
-        Op::Stop => {}
-    }
-    first
 }
 
 /// Why a group failed.
@@ -382,15 +218,28 @@ async fn apply(
     epoch: i64,
 ) -> Result<Vec<OpAnswer>, Failed> {
     let db = |e: tokio_postgres::Error| Failed::of(&e);
-    let mut steps = Vec::new();
-    let answer_at: Vec<usize> = batch.iter().map(|op| steps_of(op, &mut steps)).collect();
+    let group = Group::of(batch);
+    let purge_before: Option<Params> = group
+        .purge
+        .map(|before| -> Params { vec![Box::new(before)] });
+    // In this order: jobs before their updates and events, audit entries last.
+    let statements: Vec<(&Statement, &Params)> = [
+        (&p.insert_jobs, &group.inserts),
+        (&p.update_jobs, &group.updates),
+        (&p.insert_events, &group.events),
+        (&p.insert_audit, &group.audit),
+        (&p.purge_jobs, &purge_before),
+        (&p.purge_audit, &purge_before),
+    ]
+    .into_iter()
+    .filter_map(|(st, params)| params.as_ref().map(|ps| (st, ps)))
+    .collect();
     let tx = client.transaction().await.map_err(db)?;
     let rows = {
-        let params: Vec<Vec<&(dyn ToSql + Sync)>> = steps
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = statements
             .iter()
-            .map(|s| {
-                s.params
-                    .iter()
+            .map(|(_, ps)| {
+                ps.iter()
                     .map(|b| b.as_ref() as &(dyn ToSql + Sync))
                     .collect()
             })
@@ -398,10 +247,10 @@ async fn apply(
         let fence = tx.query_one(&p.fence, &[]);
         type Query<'a> =
             Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
-        let queries: Vec<Query<'_>> = steps
+        let queries: Vec<Query<'_>> = statements
             .iter()
             .zip(&params)
-            .map(|(s, ps)| Box::pin(tx.query((s.stmt)(p), ps)) as Query<'_>)
+            .map(|((st, _), ps)| Box::pin(tx.query(*st, ps)) as Query<'_>)
             .collect();
         // Pipelined: the fence and every statement are sent before the first answer is read.
         let (fence, rows) = futures::join!(fence, futures::future::try_join_all(queries));
@@ -413,10 +262,21 @@ async fn apply(
         }
         rows.map_err(db)?
     };
+    let inserted: HashSet<String> = match group.inserts {
+        Some(_) => rows[0].iter().map(|r| r.get::<_, String>(0)).collect(),
+        None => HashSet::new(),
+    };
+    let purged = match group.purge {
+        Some(_) => rows[rows.len() - 2][0].get::<_, i64>(0) as u64,
+        None => 0,
+    };
     let mut answers = Vec::with_capacity(batch.len());
-    for (op, at) in batch.iter().zip(answer_at) {
+    for op in batch {
         answers.push(match op {
-            Op::Insert(job, _, _) if rows[at].is_empty() => {
+            Op::Insert(job, _, _) if inserted.contains(&job.id) => {
+                OpAnswer::Inserted(job.clone(), true)
+            }
+            Op::Insert(job, _, _) => {
                 // Not inserted: the submitter's key answers its earlier job, or this group is
                 // a replay and the job is ours already.
                 let row = tx
@@ -436,8 +296,7 @@ async fn apply(
                 let ours = existing.id == job.id;
                 OpAnswer::Inserted(Box::new(existing), ours)
             }
-            Op::Insert(job, _, _) => OpAnswer::Inserted(job.clone(), true),
-            Op::Purge(..) => OpAnswer::Purged(rows[at][0].get::<_, i64>(0) as u64),
+            Op::Purge(..) => OpAnswer::Purged(purged),
             _ => OpAnswer::Done,
         });
     }
