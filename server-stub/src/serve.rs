@@ -378,12 +378,14 @@ where
         );
     let reporter = l.health_reporter.clone();
     let (quit, deposed) = (quit.clone(), deposed.clone());
+    let streams = dispatcher.clone();
     let shutdown = async move {
         tokio::select! {
             _ = quit.cancelled() => {}
             _ = deposed.cancelled() => {}
         }
         replica::set_all(&reporter, tonic_health::ServingStatus::NotServing).await;
+        streams.close_streams();
     };
     router.serve_with_incoming_shutdown(conns, shutdown).await?;
     Ok(())

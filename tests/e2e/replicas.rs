@@ -333,15 +333,29 @@ async fn tls_to_postgres_is_verified_and_a_newer_schema_is_refused() {
         .unwrap();
     let mut server = Proc::adopt("es-server".into(), child, log);
     server.wait_log("leading the job store", LONG);
-    let encrypted: u32 = pg
-        .psql(
+    // The lock session and the reads' pool at least (the writer connects at its first write);
+    // every one of them encrypted.
+    let sessions = |filter: &str| -> u32 {
+        pg.psql(
             "es",
-            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
-              WHERE application_name = 'es-server' AND ssl",
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+                  WHERE application_name = 'es-server' AND {filter}"
+            ),
         )
         .parse()
-        .unwrap();
-    assert!(encrypted >= 2, "{encrypted} encrypted es-server sessions");
+        .unwrap()
+    };
+    let until = Instant::now() + LONG;
+    while sessions("ssl") < 2 {
+        assert!(
+            Instant::now() < until,
+            "{} encrypted sessions",
+            sessions("ssl")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sessions("NOT ssl"), 0, "a plaintext es-server session");
     let text = server.log();
     assert!(text.contains("postgres://es:***@127.0.0.1"), "{text}");
     assert!(!text.contains(pg::PASSWORD), "{text}");

@@ -186,6 +186,17 @@ impl Dispatcher {
         Ok((name, generation, rx))
     }
 
+    /// Ends every agent's Listen stream (at shutdown, or when another replica took the lead):
+    /// the graceful stop does not wait on them, and the agents reconnect — to another replica
+    /// when this one no longer serves.
+    pub fn close_streams(&self) {
+        let mut core = self.lock();
+        for entry in core.agents.values_mut() {
+            // Dropping the stream's only sender ends it; its guard withdraws the offers.
+            entry.outbox = mpsc::unbounded_channel().0;
+        }
+    }
+
     /// The Listen stream of generation `generation` ended: withdraw its offers.
     pub fn listen_closed(&self, name: &str, generation: u64) {
         let mut core = self.lock();
