@@ -23,6 +23,27 @@ use tonic_health::ServingStatus;
 
 use crate::store::postgres::{leader, Database, Leadership};
 
+/// What tonic serves: a plaintext or TLS connection it can read the peer of.
+pub trait Conn:
+    tokio::io::AsyncRead
+    + tokio::io::AsyncWrite
+    + tonic::transport::server::Connected
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<T> Conn for T where
+    T: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static
+{
+}
+
 /// Connections waiting for a server to take them.
 pub type Conns<IO> = futures::stream::Map<ReceiverStream<IO>, fn(IO) -> std::io::Result<IO>>;
 
@@ -121,12 +142,7 @@ pub async fn stand_by<IO>(
     release: CancellationToken,
 ) -> Option<(Arc<Leadership>, tokio::task::JoinHandle<()>)>
 where
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: Conn,
 {
     set_all(reporter, ServingStatus::NotServing).await;
     let (seen_tx, seen_rx) = watch::channel(String::new());

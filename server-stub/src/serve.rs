@@ -218,12 +218,7 @@ async fn drive<IO>(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError>
 where
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: replica::Conn,
 {
     // The outside `shutdown` as a token both phases watch; joined below.
     let quit = CancellationToken::new();
@@ -322,12 +317,7 @@ async fn lead<IO>(
     deposed: &CancellationToken,
 ) -> Result<(), ServerError>
 where
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
+    IO: replica::Conn,
 {
     let _ = l.cell.set(dispatcher.clone());
     spawn_background(
