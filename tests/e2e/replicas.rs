@@ -368,7 +368,166 @@ async fn tls_to_postgres_is_verified_and_a_newer_schema_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
-        stderr.contains("schema is version 99") && stderr.contains("knows (1)"),
+        stderr.contains("schema is version 99") && stderr.contains("knows (2)"),
         "{stderr}"
     );
+}
+
+/// A database left by an es-server of schema version 1 (rows written as that version wrote
+/// them): a new es-server migrates it to the current version at start, runs the job that was
+/// queued, and its retention deletes an old finished job with its events and audit entries
+/// (since version 2 the purge deletes events itself: no foreign key cascades any more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_is_migrated_and_its_jobs_carry_on() {
+    use prost::Message;
+    let _turn = crate::shared_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = pg::Cluster::start();
+    let url = pg.create_db("es");
+    pg.psql("es", es_server::store::postgres::schema::MIGRATIONS[0]);
+    pg.psql(
+        "es",
+        "CREATE TABLE es_schema (version INTEGER NOT NULL); INSERT INTO es_schema VALUES (1)",
+    );
+    let now = dispatch_now_us();
+    let day = 86_400_000_000i64;
+    let job = |id: &str, state: JobState, created: i64, finished: i64, message: &str| {
+        format!(
+            "INSERT INTO jobs VALUES ('{id}', NULL, {role}, '', '', decode('{spec}', 'hex'), {state},
+               0, 3, 0, '', 60000, false, NULL, {created}, 0, {finished}, 'tester')",
+            role = role("shells"),
+            spec = hex(&echo(message).encode_to_vec()),
+            state = state as i32,
+        )
+    };
+    let event = |id: &str, seq: u64, at: i64, state: JobState| {
+        let body = JobEvent {
+            job_id: id.into(),
+            seq,
+            at_us: at,
+            event: Some(job_event::Event::State(state as i32)),
+            ..Default::default()
+        };
+        format!(
+            "INSERT INTO events VALUES ('{id}', {seq}, {at}, decode('{}', 'hex'))",
+            hex(&body.encode_to_vec())
+        )
+    };
+    let old = "0190a000-0000-7000-8000-000000000001";
+    let queued = "0190a000-0000-7000-8000-000000000002";
+    for sql in [
+        job(
+            old,
+            JobState::Succeeded,
+            now - 3 * day,
+            now - 2 * day,
+            "old",
+        ),
+        event(old, 1, now - 3 * day, JobState::Queued),
+        event(old, 2, now - 2 * day, JobState::Succeeded),
+        format!(
+            "INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
+             VALUES ({}, '', '{old}', 'tester', 'submit', '{{}}')",
+            now - 3 * day
+        ),
+        job(
+            queued,
+            JobState::Queued,
+            now - 1000,
+            0,
+            "queued before the upgrade",
+        ),
+        event(queued, 1, now - 1000, JobState::Queued),
+    ] {
+        pg.psql("es", &sql);
+    }
+
+    // A retention of one day: the job that finished two days ago goes at the first purge.
+    let args: Vec<&str> = REPLICA
+        .iter()
+        .copied()
+        .chain(["--retention", "24h"])
+        .collect();
+    let server = start_server_on(
+        &bins(),
+        dir.path(),
+        &url,
+        &dir.path().join("up"),
+        "127.0.0.1:0",
+        &args,
+    );
+    server.proc.wait_log("leading the job store", LONG);
+    assert!(
+        server
+            .proc
+            .log()
+            .contains("migrating the schema to version 2"),
+        "{}",
+        server.proc.log()
+    );
+    assert_eq!(pg.psql("es", "SELECT version FROM es_schema"), "2");
+    let _agent = start_agent(
+        &bins(),
+        dir.path(),
+        &server.url(),
+        &AgentSpec::new("es-shells-upgraded", "shells"),
+    );
+    let mut c = server.client().await;
+    let done = wait_done(&mut c, queued, LONG).await;
+    assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.attempt, 1);
+    let events = c
+        .watch(WatchRequest {
+            job_id: queued.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seqs: Vec<u64> = tokio_stream::StreamExt::collect::<Vec<_>>(events)
+        .await
+        .into_iter()
+        .map(|e| e.unwrap().seq)
+        .collect();
+    assert_eq!(
+        seqs[0], 1,
+        "the event written by version 1 is read back: {seqs:?}"
+    );
+    assert!(seqs.len() >= 3, "{seqs:?}");
+
+    let count = |table: &str, column: &str| -> i64 {
+        pg.psql(
+            "es",
+            &format!("SELECT count(*) FROM {table} WHERE {column} = '{old}'"),
+        )
+        .parse()
+        .unwrap()
+    };
+    let until = Instant::now() + LONG;
+    while count("jobs", "id") > 0 {
+        assert!(Instant::now() < until, "the old job was never purged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        count("events", "job_id"),
+        0,
+        "the purged job's events are left"
+    );
+    assert_eq!(
+        count("audit", "job_id"),
+        0,
+        "the purged job's audit entries are left"
+    );
+    assert_eq!(get(&mut c, queued).await.state, JobState::Succeeded as i32);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn dispatch_now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
 }

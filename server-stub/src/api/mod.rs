@@ -38,7 +38,7 @@ impl From<DispatchError> for Status {
             }
             DispatchError::Invalid { .. } => Status::invalid_argument(msg),
             DispatchError::TooManyQueued { .. } => Status::resource_exhausted(msg),
-            DispatchError::Store(_) => Status::unavailable(msg),
+            DispatchError::Store(_) | DispatchError::Stopping => Status::unavailable(msg),
         }
     }
 }

@@ -166,6 +166,9 @@ impl Dispatcher {
         session: &str,
     ) -> Res<(String, u64, mpsc::UnboundedReceiver<ServerMessage>)> {
         let mut core = self.lock();
+        if core.streams_closed {
+            return Err(DispatchError::Stopping);
+        }
         let name = core.session_agent(session)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let key;
@@ -191,6 +194,7 @@ impl Dispatcher {
     /// when this one no longer serves.
     pub fn close_streams(&self) {
         let mut core = self.lock();
+        core.streams_closed = true;
         for entry in core.agents.values_mut() {
             // Dropping the stream's only sender ends it; its guard withdraws the offers.
             entry.outbox = mpsc::unbounded_channel().0;
@@ -220,6 +224,9 @@ impl Dispatcher {
     pub async fn poll(&self, session: &str, wait: Duration) -> Res<Vec<ServerMessage>> {
         let rx = {
             let mut core = self.lock();
+            if core.streams_closed {
+                return Err(DispatchError::Stopping);
+            }
             let name = core.session_agent(session)?;
             let now = Instant::now();
             let entry = core.agents.get_mut(&name).expect("session maps to agent");

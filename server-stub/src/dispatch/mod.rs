@@ -67,6 +67,8 @@ pub enum DispatchError {
     Invalid { field: &'static str, reason: String },
     #[error("{submitter} has {limit} unfinished jobs, the most one submitter may have: wait for some to finish, or cancel them")]
     TooManyQueued { submitter: String, limit: usize },
+    #[error("this es-server is stopping or no longer leads: connect to another")]
+    Stopping,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -230,6 +232,10 @@ struct Core {
     /// is not a CleanupSandbox. A successful cleanup created after that forgets it. A sweep
     /// never touches these (they are added to its live list when it is leased).
     alive: HashMap<String, i64>,
+    /// Set by `close_streams`: this server is stopping or no longer leads, so no new Listen
+    /// stream is opened (one opened after the others were closed would hold the graceful stop
+    /// until the agent ended it).
+    streams_closed: bool,
 }
 
 fn kind_of(job: &Job) -> Option<&es_proto::v1::job_spec::Kind> {
@@ -305,6 +311,7 @@ impl Dispatcher {
             metrics,
             unfinished_by: HashMap::new(),
             alive: HashMap::new(),
+            streams_closed: false,
         };
         for h in store.sandbox_history().await? {
             note_sandbox(

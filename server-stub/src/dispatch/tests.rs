@@ -185,3 +185,27 @@ async fn shells_jobs_of_one_sandbox_run_one_at_a_time() {
     let l2 = d.acquire(&a, "second").await.unwrap();
     assert_eq!(l2.attempt, 1);
 }
+
+/// At shutdown or deposition the streams are closed; a Listen or poll that comes after (a
+/// registration that raced the stop) is refused instead of opening a stream that would hold
+/// the graceful stop until the agent ended it.
+#[tokio::test]
+async fn no_stream_opens_after_the_streams_are_closed() {
+    let (_dir, d) = setup().await;
+    let id = AgentIdentity {
+        name: "late".into(),
+        role: Role::Shells as i32,
+        selector: "r".into(),
+        slots: 1,
+        ..Default::default()
+    };
+    let (session, _) = d.register(id, vec![]).await.unwrap();
+    let mut open = d.listen(&session).unwrap().2;
+    d.close_streams();
+    assert!(open.recv().await.is_none(), "the open stream ends");
+    assert!(matches!(d.listen(&session), Err(DispatchError::Stopping)));
+    assert!(matches!(
+        d.poll(&session, Duration::ZERO).await,
+        Err(DispatchError::Stopping)
+    ));
+}

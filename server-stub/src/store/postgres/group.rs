@@ -49,21 +49,24 @@ FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[], $5::text[], $6::b
 WHERE j.id = u.id";
 
 /// Events (kept once per job and seq; those of a job that is not there are dropped), and the
-/// audit entry each new one implies.
+/// audit entry each new one implies. Every lookup is a scalar subquery by key, never a join
+/// the planner could turn into a scan of the table (plans are generic, see writer.rs). Both
+/// inserts see the database as it was before the statement, so "not stored yet" is the same
+/// test for the event and its entry (the group holds each job and seq once).
 pub const INSERT_EVENTS: &str = "
 WITH v AS (
-  SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[],
-    $6::text[], $7::text[]) WITH ORDINALITY AS v(job_id, seq, at_us, body, actor, action,
-    detail, n)),
+  SELECT v.*, (SELECT sandbox_id FROM jobs WHERE id = v.job_id) AS sandbox_id,
+    (SELECT true FROM events e WHERE e.job_id = v.job_id AND e.seq = v.seq) AS stored
+  FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[],
+    $7::text[]) WITH ORDINALITY AS v(job_id, seq, at_us, body, actor, action, detail, n)),
 e AS (
   INSERT INTO events (job_id, seq, at_us, body)
-  SELECT job_id, seq, at_us, body FROM v
-  WHERE EXISTS (SELECT 1 FROM jobs WHERE id = v.job_id) ORDER BY n
-  ON CONFLICT DO NOTHING RETURNING job_id, seq)
+  SELECT job_id, seq, at_us, body FROM v WHERE sandbox_id IS NOT NULL AND stored IS NULL
+  ORDER BY n
+  ON CONFLICT DO NOTHING)
 INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
-SELECT v.at_us, COALESCE((SELECT sandbox_id FROM jobs WHERE id = v.job_id), ''), v.job_id,
-  v.actor, v.action, v.detail
-FROM v JOIN e USING (job_id, seq) WHERE v.action IS NOT NULL ORDER BY v.n";
+SELECT at_us, sandbox_id, job_id, actor, action, detail FROM v
+WHERE sandbox_id IS NOT NULL AND stored IS NULL AND action IS NOT NULL ORDER BY n";
 
 /// Audit entries no job write implies (cancel, drain); an empty sandbox id is taken from the
 /// job's row.

@@ -278,12 +278,13 @@ impl JobStore for PgStore {
         let rows = self.query(
             format!(
                 "SELECT {JOB_COLUMNS}, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id)
-                 FROM jobs WHERE state = ANY($1) ORDER BY created_at_us, id"
-            ),
-            vec![Box::new(vec![
+                 FROM jobs WHERE state IN ({}, {}) ORDER BY created_at_us, id",
+                // Literals, as in the predicate of the jobs_live index (schema.rs), so that
+                // PostgreSQL uses it.
                 JobState::Queued as i32,
                 JobState::Running as i32,
-            ])],
+            ),
+            vec![],
         );
         let db = self.db.clone();
         Box::pin(async move {
