@@ -1,8 +1,9 @@
-//! One commit group as a handful of statements, whatever its size: the group's job inserts,
-//! job updates, events and audit entries each go to PostgreSQL as arrays (`unnest`), one
-//! statement per kind, in the order jobs -> updates -> events -> audit entries. Per statement
-//! PostgreSQL parses, plans and checks once; per row it only inserts. Every statement can be
-//! replayed (a group whose commit answer was lost is sent again, see writer.rs).
+//! One commit group as a handful of statements, whatever its size: the group's job inserts
+//! (with their first events), events, audit entries and job updates each go to PostgreSQL as
+//! arrays (`unnest`), one statement per kind, in that order (writer.rs). Per statement
+//! PostgreSQL parses and plans once per connection; per row it only looks up by key and
+//! inserts. Every statement can be replayed (a group whose commit answer was lost is sent
+//! again, see writer.rs).
 
 use std::collections::{HashMap, HashSet};
 
@@ -13,8 +14,10 @@ use tokio_postgres::types::ToSql;
 use crate::store::ops::Op;
 use crate::store::{audit, scoped_key};
 
-/// New jobs, each with its submit audit entry (written only with the job row: not for an
-/// earlier job's key, nor twice on a replay). Answers the ids inserted.
+/// New jobs, each with its submit audit entry and its own first events (those that imply no
+/// audit entry: the "queued" one), all written only with the job row: not for an earlier
+/// job's key, nor twice on a replay. One statement, so that a submission's group is BEGIN,
+/// fence, this and COMMIT. Answers the ids inserted.
 pub const INSERT_JOBS: &str = "
 WITH v AS (
   SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::text[], $5::text[], $6::bytea[],
@@ -35,7 +38,14 @@ ins AS (
 aud AS (
   INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
   SELECT v.created_at_us, v.sandbox_id, v.id, v.submitted_by, 'submit', v.audit_detail
-  FROM v JOIN ins USING (id) ORDER BY v.n)
+  FROM v JOIN ins USING (id) ORDER BY v.n),
+ev AS (
+  INSERT INTO events (job_id, seq, at_us, body)
+  SELECT e.job_id, e.seq, e.at_us, e.body
+  FROM unnest($19::text[], $20::bigint[], $21::bigint[], $22::bytea[])
+    WITH ORDINALITY AS e(job_id, seq, at_us, body, n)
+  JOIN ins ON ins.id = e.job_id ORDER BY e.n
+  ON CONFLICT DO NOTHING)
 SELECT id FROM ins";
 
 /// The mutable columns of jobs (the last state of each job in the group).
@@ -112,6 +122,11 @@ struct Inserts {
     finished: Vec<i64>,
     by: Vec<String>,
     detail: Vec<String>,
+    /// The jobs' own events that imply no audit entry (written with the job, INSERT_JOBS).
+    ev_job: Vec<String>,
+    ev_seq: Vec<i64>,
+    ev_at: Vec<i64>,
+    ev_body: Vec<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -189,7 +204,16 @@ impl Group {
                     ins.finished.push(job.finished_at_us);
                     ins.by.push(job.submitted_by.clone());
                     ins.detail.push(audit::of_submit(job).detail_json);
-                    evs.iter().for_each(|e| events.push(e));
+                    for ev in evs {
+                        if audit::of_event(ev).is_some() {
+                            events.push(ev);
+                        } else if events.seen.insert((ev.job_id.clone(), ev.seq)) {
+                            ins.ev_job.push(ev.job_id.clone());
+                            ins.ev_seq.push(ev.seq as i64);
+                            ins.ev_at.push(ev.at_us);
+                            ins.ev_body.push(ev.encode_to_vec());
+                        }
+                    }
                 }
                 Op::Update(job, evs, _) => {
                     update(job);
@@ -222,6 +246,10 @@ impl Group {
                     Box::new(ins.finished),
                     Box::new(ins.by),
                     Box::new(ins.detail),
+                    Box::new(ins.ev_job),
+                    Box::new(ins.ev_seq),
+                    Box::new(ins.ev_at),
+                    Box::new(ins.ev_body),
                 ]
             }),
             updates: some_if(updates.len(), || -> Params {
@@ -274,5 +302,90 @@ impl Group {
             }),
             purge,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use es_proto::v1::{job_event, JobState};
+    use tokio::sync::oneshot;
+
+    fn job(id: &str) -> Box<Job> {
+        Box::new(Job {
+            id: id.into(),
+            ..Default::default()
+        })
+    }
+
+    fn state(id: &str, seq: u64, s: JobState, attempt: u32) -> JobEvent {
+        JobEvent {
+            job_id: id.into(),
+            seq,
+            attempt,
+            event: Some(job_event::Event::State(s as i32)),
+            ..Default::default()
+        }
+    }
+
+    /// The rows of column `i` of `params`, as Debug shows them.
+    fn column(params: &Option<Params>, i: usize) -> String {
+        format!("{:?}", params.as_ref().expect("statement present")[i])
+    }
+
+    #[test]
+    fn a_group_sorts_each_write_to_its_statement() {
+        let batch = vec![
+            // A submission: its "queued" event goes with the job row (no audit entry).
+            Op::Insert(
+                job("a"),
+                vec![state("a", 1, JobState::Queued, 0)],
+                oneshot::channel().0,
+            ),
+            // Its lease in the same group: an update, and an event with an audit entry.
+            Op::Update(
+                Box::new(Job {
+                    state: JobState::Running as i32,
+                    ..*job("a")
+                }),
+                vec![state("a", 2, JobState::Running, 1)],
+                oneshot::channel().0,
+            ),
+            // The same event sent again: kept once.
+            Op::Events(
+                vec![state("a", 2, JobState::Running, 1)],
+                oneshot::channel().0,
+            ),
+            // The result: the last update of a job wins.
+            Op::Update(
+                Box::new(Job {
+                    state: JobState::Succeeded as i32,
+                    ..*job("a")
+                }),
+                vec![state("a", 3, JobState::Succeeded, 1)],
+                oneshot::channel().0,
+            ),
+        ];
+        let g = Group::of(&batch);
+        assert_eq!(column(&g.inserts, 0), r#"["a"]"#);
+        assert_eq!(column(&g.inserts, 18), r#"["a"]"#, "the queued event's job");
+        assert_eq!(column(&g.inserts, 19), "[1]", "the queued event's seq");
+        assert_eq!(column(&g.updates, 0), r#"["a"]"#, "one update per job");
+        assert_eq!(
+            column(&g.updates, 1),
+            format!("[{}]", JobState::Succeeded as i32),
+            "the last one"
+        );
+        assert_eq!(
+            column(&g.events, 1),
+            "[2, 3]",
+            "each seq once, the queued one not here"
+        );
+        assert_eq!(
+            column(&g.events, 5),
+            r#"[Some("lease"), Some("state")]"#,
+            "each with its audit entry"
+        );
+        assert!(g.audit.is_none() && g.purge.is_none());
     }
 }

@@ -2,7 +2,8 @@
 //! transaction that first checks the leader epoch (`es_fence`, schema.rs) and commits only if
 //! it is still this server's: a deposed leader never commits. A group is a handful of
 //! statements over arrays (group.rs), pipelined with its BEGIN and COMMIT: one round trip and
-//! at most nine statements whatever its size.
+//! at most ten statements whatever its size (a submission's group is four: BEGIN, the fence,
+//! INSERT_JOBS and COMMIT).
 
 use std::future::Future;
 use std::pin::Pin;
