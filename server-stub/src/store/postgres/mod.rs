@@ -278,9 +278,10 @@ impl JobStore for PgStore {
         let rows = self.query(
             format!(
                 "SELECT {JOB_COLUMNS}, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.job_id = jobs.id)
-                 FROM jobs WHERE state IN ({}, {}) ORDER BY created_at_us, id",
-                // Literals, as in the predicate of the jobs_live index (schema.rs), so that
-                // PostgreSQL uses it.
+                 FROM jobs WHERE finished_at_us = 0 AND state IN ({}, {})
+                 ORDER BY created_at_us, id",
+                // `finished_at_us = 0` (set only with a final state) as in the predicate of
+                // the jobs_live index (schema.rs), so that PostgreSQL uses it.
                 JobState::Queued as i32,
                 JobState::Running as i32,
             ),

@@ -77,10 +77,21 @@ INSERT INTO leader (epoch, holder, address) VALUES (0, '', '');
 -- Events are deleted with their job by the purge itself (writer.rs): the per-row foreign key
 -- check cost as much as the insert.
 ALTER TABLE events DROP CONSTRAINT events_job_id_fkey;
--- Only queued and running jobs are looked up by state (recovery at takeover), so only they
--- are indexed: a job's final update adds no entry.
+-- Ids and keys compare byte by byte: under the database's collation every comparison of an
+-- index insert went through the locale (strcoll).
+ALTER TABLE jobs ALTER COLUMN id TYPE TEXT COLLATE \"C\",
+  ALTER COLUMN idempotency_key TYPE TEXT COLLATE \"C\",
+  ALTER COLUMN sandbox_id TYPE TEXT COLLATE \"C\";
+ALTER TABLE events ALTER COLUMN job_id TYPE TEXT COLLATE \"C\";
+ALTER TABLE audit ALTER COLUMN job_id TYPE TEXT COLLATE \"C\",
+  ALTER COLUMN sandbox_id TYPE TEXT COLLATE \"C\";
+-- Only unfinished (queued and running) jobs are looked up as such (recovery at takeover), so
+-- only they are indexed, by a column the lease leaves alone: with room on the page
+-- (fillfactor) the lease's update is a HOT update, adding no index entry at all, and the final
+-- one adds none here.
 DROP INDEX jobs_state;
-CREATE INDEX jobs_live ON jobs (created_at_us, id) WHERE state IN (1, 2);
+CREATE INDEX jobs_live ON jobs (created_at_us, id) WHERE finished_at_us = 0;
+ALTER TABLE jobs SET (fillfactor = 50);
 -- The purge finds finished jobs through jobs_list (a job finished before a time was created
 -- before it).
 DROP INDEX jobs_finished;
