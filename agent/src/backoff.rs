@@ -49,6 +49,54 @@ impl Backoff {
     }
 }
 
+/// Backoff over a list of server addresses tried in turn: an address that fails is followed
+/// by the next one at once, and the delay grows only when every address of the list has
+/// failed in a row. Growing it at each address made an agent moving from a killed leader to
+/// the new one wait for the second and third steps (up to 400 and 800 ms more) while it went
+/// past the dead address and the standby not yet leading.
+#[derive(Debug, Clone)]
+pub struct Rounds {
+    backoff: Backoff,
+    servers: usize,
+    failed: usize,
+}
+
+impl Rounds {
+    pub fn new(backoff: Backoff, servers: usize) -> Rounds {
+        Rounds {
+            backoff,
+            servers: servers.max(1),
+            failed: 0,
+        }
+    }
+
+    /// The delay before the next attempt, after one more failure, drawn with `rng`.
+    pub fn failed_with(&mut self, rng: &mut impl Rng) -> Duration {
+        self.failed += 1;
+        if self.failed.is_multiple_of(self.servers) {
+            self.backoff.next_with(rng)
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    pub fn failed(&mut self) -> Duration {
+        self.failed_with(&mut rand::rng())
+    }
+
+    /// The delay after a failure that is not an address's (a stream ended, a poll failed):
+    /// the same server is asked again first.
+    pub fn next_delay(&mut self) -> Duration {
+        self.backoff.next_delay()
+    }
+
+    /// A server answered: the next failure starts a round, with the shortest delay.
+    pub fn reset(&mut self) {
+        self.failed = 0;
+        self.backoff.reset();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,5 +124,37 @@ mod tests {
             .map(|_| b.next_with(&mut rng).as_millis() as u64)
             .collect();
         assert!(draws.len() > 15);
+    }
+
+    #[test]
+    fn the_delay_grows_once_per_round_of_the_address_list() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let base = Duration::from_millis(100);
+        // (servers, for each failure in a row: whether a delay is drawn, and its ceiling)
+        let table: &[(usize, &[Option<u64>])] = &[
+            (1, &[Some(100), Some(200), Some(400), Some(800)]),
+            (2, &[None, Some(100), None, Some(200), None, Some(400)]),
+            (3, &[None, None, Some(100), None, None, Some(200)]),
+        ];
+        for (servers, steps) in table {
+            let mut r = Rounds::new(Backoff::new(base, Duration::from_secs(60)), *servers);
+            for (i, step) in steps.iter().enumerate() {
+                let ceiling = r.backoff.ceiling();
+                let d = r.failed_with(&mut rng);
+                match step {
+                    None => assert_eq!(d, Duration::ZERO, "{servers} servers, failure {i}"),
+                    Some(ms) => {
+                        assert_eq!(
+                            ceiling,
+                            Duration::from_millis(*ms),
+                            "{servers} servers, failure {i}"
+                        );
+                        assert!(d <= ceiling);
+                    }
+                }
+            }
+            r.reset();
+            assert_eq!(r.failed_with(&mut rng) == Duration::ZERO, *servers > 1);
+        }
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Rounds};
 use crate::config::{AgentConfig, Transport};
 pub use crate::error::AgentError;
 use crate::executor::{self};
@@ -87,7 +87,10 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
         health.as_ref().map(|h| h.reporter.clone()),
         hb_stop.clone(),
     ));
-    let mut backoff = Backoff::new(cfg.backoff_base, cfg.backoff_cap);
+    let mut backoff = Rounds::new(
+        Backoff::new(cfg.backoff_base, cfg.backoff_cap),
+        shared.servers.len(),
+    );
     let drain = signals.drain.clone();
 
     'session: loop {
@@ -110,7 +113,7 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
                 return Err(AgentError::Refused(s.message().to_owned()));
             }
             Err(s) => {
-                let delay = backoff.next_delay();
+                let delay = backoff.failed();
                 let why = with_expired_cert(&cfg.tls_cert, status_text(&s));
                 let failed = shared.server().to_owned();
                 // Another replica may lead: the next address is tried after the delay.
