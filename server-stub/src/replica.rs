@@ -146,6 +146,20 @@ where
 {
     set_all(reporter, ServingStatus::NotServing).await;
     let (seen_tx, seen_rx) = watch::channel(String::new());
+    status(&format!(
+        "standby on {advertise}: waiting to lead the job store"
+    ));
+    // systemd's status line names the leader as this standby sees it; ends with the campaign.
+    let mut seen = seen_rx.clone();
+    let here = advertise.clone();
+    let said = tokio::spawn(async move {
+        while seen.changed().await.is_ok() {
+            let leader = seen.borrow_and_update().clone();
+            if !leader.is_empty() {
+                status(&format!("standby on {here}: the leader is {leader}"));
+            }
+        }
+    });
     let promoted = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .layer(tower::layer::layer_fn(move |inner| Gate {
@@ -166,6 +180,7 @@ where
         won = leader::campaign(db.clone(), me(), advertise, seen_tx, release) => won,
         _ = quit.cancelled() => None,
     };
+    let _ = said.await;
     if won.is_some() {
         // New connections wait for the leader's server from now on, not for this one.
         switch.lead();
@@ -181,6 +196,12 @@ where
         let _ = server.await;
     }
     won
+}
+
+/// systemd's status line of this server (`systemctl status es-server`); nothing when not
+/// under systemd (no NOTIFY_SOCKET).
+pub fn status(text: &str) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(text)]);
 }
 
 /// Sets every service this server reports ("" = the whole server) to `status`.

@@ -240,6 +240,7 @@ where
         let (dispatcher, leadership) = match &backend {
             Backend::Sqlite(d) => (d.clone(), None),
             Backend::Postgres(db) => {
+                let here = advertise.clone();
                 let won = replica::stand_by(
                     db,
                     standby,
@@ -253,6 +254,11 @@ where
                 let Some((l, keeper)) = won else {
                     return Ok(());
                 };
+                replica::status(&format!(
+                    "leading the job store {} (epoch {}), serving on {here}",
+                    db.shown(),
+                    l.epoch()
+                ));
                 keeper_task = Some(keeper);
                 let store: store::Store = Arc::new(postgres::PgStore::open(db, l.clone())?);
                 let recovered = Dispatcher::recover_with(

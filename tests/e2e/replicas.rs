@@ -531,3 +531,71 @@ fn dispatch_now_us() -> i64 {
         .unwrap()
         .as_micros() as i64
 }
+
+/// What `systemctl status` shows of each replica (sd_notify STATUS, read here from the
+/// NOTIFY_SOCKET systemd would give it): a standby names the leader; after the leader's kill
+/// -9 the standby says it leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_status_names_the_leader_and_then_the_new_leader() {
+    use std::os::unix::net::UnixDatagram;
+    let _turn = crate::shared_turn();
+    let dir = tempfile::tempdir().unwrap();
+    let pg = pg::Cluster::start();
+    let url = pg.create_db("es");
+    let start = |name: &str| {
+        let path = dir.path().join(format!("{name}.notify"));
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let server = start_server_env(
+            &bins(),
+            dir.path(),
+            &url,
+            &dir.path().join(name),
+            "127.0.0.1:0",
+            REPLICA,
+            &[("NOTIFY_SOCKET", path.as_os_str())],
+        );
+        (server, socket)
+    };
+    // Waits for a STATUS line containing `want`, answering it.
+    let status = |socket: &UnixDatagram, want: &str| -> String {
+        let until = Instant::now() + LONG;
+        let mut seen = Vec::new();
+        loop {
+            assert!(Instant::now() < until, "no STATUS with {want:?}: {seen:?}");
+            let mut buf = [0u8; 4096];
+            let Ok(n) = socket.recv(&mut buf) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            if let Some(line) = text.lines().find_map(|l| l.strip_prefix("STATUS=")) {
+                if line.contains(want) {
+                    return line.to_owned();
+                }
+            }
+            seen.push(text);
+        }
+    };
+    let (mut a, a_notify) = start("a");
+    a.proc.wait_log("leading the job store", LONG);
+    let leads = status(&a_notify, "leading the job store");
+    assert!(leads.contains(&format!("serving on {}", a.addr)), "{leads}");
+    assert!(!leads.contains(pg::PASSWORD), "{leads}");
+
+    let (b, b_notify) = start("b");
+    let standby = status(&b_notify, "the leader is");
+    assert!(
+        standby.starts_with(&format!("standby on {}", b.addr)),
+        "{standby}"
+    );
+    assert!(
+        standby.contains(&a.addr.to_string()),
+        "names the leader's address: {standby}"
+    );
+
+    a.proc.kill9();
+    let now = status(&b_notify, "leading the job store");
+    assert!(now.contains("(epoch 2)"), "{now}");
+}

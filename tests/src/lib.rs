@@ -419,6 +419,19 @@ pub fn start_server_on(
     listen: &str,
     args: &[&str],
 ) -> Server {
+    start_server_env(bins, dir, store, db, listen, args, &[])
+}
+
+/// Like [`start_server_on`], with extra environment variables.
+pub fn start_server_env(
+    bins: &Bins,
+    dir: &Path,
+    store: &str,
+    db: &Path,
+    listen: &str,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Server {
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
     let log = dir.join(format!("server-{n}.log"));
     let mut child = Command::new(&bins.server)
@@ -431,6 +444,7 @@ pub fn start_server_on(
         .args(args)
         .env("RUST_LOG", "info")
         .env_remove("JOURNAL_STREAM")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("server log"))
         .spawn()

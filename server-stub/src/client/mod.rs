@@ -78,6 +78,8 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
         log::info!("shutting down");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
+    // A replica on PostgreSQL says itself whether it stands by or leads (replica::status).
+    let replica = matches!(config.db, crate::Db::Postgres(_));
     let running = match crate::start(config, shutdown).await {
         Ok(r) => r,
         Err(e) => {
@@ -95,13 +97,17 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
     println!("es-server listening on {}", running.addr);
     // systemd (Type=notify): started once the store is open and the port bound. Without
     // NOTIFY_SOCKET (not under systemd) this does nothing.
-    let _ = sd_notify::notify(
-        false,
-        &[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&format!("serving on {}", running.addr)),
-        ],
-    );
+    let serving = format!("serving on {}", running.addr);
+    let _ = match replica {
+        true => sd_notify::notify(false, &[sd_notify::NotifyState::Ready]),
+        false => sd_notify::notify(
+            false,
+            &[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&serving),
+            ],
+        ),
+    };
     match running.task.await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         // EX_TEMPFAIL: systemd restarts it (Restart=always), and it stands by.
