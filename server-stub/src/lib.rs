@@ -205,6 +205,15 @@ impl ServerConfig {
                 self.listen
             ));
         }
+        match (&self.db, self.db_sync, &self.db_ca) {
+            (Db::Postgres(_), store::Sync::Full, _) => {
+                return Err("--db-sync full applies to a SQLite --db: on PostgreSQL a commit is as durable as the database's synchronous_commit (and its standbys) make it; set it there and drop --db-sync".into());
+            }
+            (Db::Sqlite(_), _, Some(_)) => {
+                return Err("--db-ca applies to a postgres:// --db (the CA of the database's TLS certificate); drop it, or give --db a postgres:// URL".into());
+            }
+            _ => {}
+        }
         self.tls()?;
         Ok(())
     }
@@ -320,6 +329,35 @@ pub struct Running {
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
+
+    /// Store settings that do not apply to the store given are refused, naming the setting.
+    #[test]
+    fn store_settings_must_apply_to_the_store() {
+        let pg = Db::Postgres("postgres://es@db:5432/es".into());
+        let sqlite = Db::Sqlite("/var/lib/es-server/es.db".into());
+        let table: &[(&Db, store::Sync, Option<&str>, Option<&str>)] = &[
+            (&sqlite, store::Sync::Full, None, None),
+            (
+                &sqlite,
+                store::Sync::Normal,
+                Some("/ca.pem"),
+                Some("--db-ca"),
+            ),
+            (&pg, store::Sync::Normal, Some("/ca.pem"), None),
+            (&pg, store::Sync::Full, None, Some("--db-sync full")),
+        ];
+        for (db, sync, ca, refused) in table {
+            let mut c = ServerConfig::new("127.0.0.1:0".parse().unwrap(), "/x.db".into());
+            c.db = (*db).clone();
+            c.db_sync = *sync;
+            c.db_ca = ca.map(PathBuf::from);
+            match (c.validate(), refused) {
+                (Ok(()), None) => {}
+                (Err(e), Some(field)) => assert!(e.starts_with(field), "{e}"),
+                (got, want) => panic!("{db:?} {sync:?} {ca:?}: {got:?}, expected {want:?}"),
+            }
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn run_returns_only_after_everything_it_started_stopped() {
