@@ -13,6 +13,33 @@ use crate::error::AgentError;
 /// Time limit of a unary call to the server.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a registration waits for its answer when another server address could be tried:
+/// a replica that is paused or cut off behind a connection that still accepts (a partition, a
+/// frozen host) never answers, and the agent must reach the new leader before the leases it
+/// holds expire there (default TTL 4 s), or those jobs run again. Registration answers in
+/// milliseconds otherwise.
+pub(crate) const REGISTER_AMONG_SEVERAL: Duration = Duration::from_secs(2);
+
+/// The deadline of a registration with `servers` addresses to choose from.
+pub(crate) fn register_timeout(servers: usize) -> Duration {
+    if servers > 1 {
+        REGISTER_AMONG_SEVERAL
+    } else {
+        CALL_TIMEOUT
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn registration_waits_less_when_another_server_can_be_tried() {
+    assert_eq!(register_timeout(1), CALL_TIMEOUT);
+    assert_eq!(register_timeout(2), REGISTER_AMONG_SEVERAL);
+    assert!(
+        REGISTER_AMONG_SEVERAL < Duration::from_secs(4),
+        "below the default lease TTL"
+    );
+}
+
 /// A unary request with a deadline.
 pub(crate) fn call<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);

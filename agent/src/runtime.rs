@@ -102,8 +102,10 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
             identity: Some(identity.clone()),
             held: shared.held(),
         };
+        let mut req = call(req);
+        req.set_timeout(crate::rpc::register_timeout(shared.servers.len()));
         let reg = tokio::select! {
-            r = client.register(call(req)) => r,
+            r = client.register(req) => r,
             _ = drain.cancelled() => break,
         };
         let reg = match reg {

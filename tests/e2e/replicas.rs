@@ -159,7 +159,8 @@ async fn a_standby_leads_after_kill_9_of_the_leader_and_nothing_runs_twice() {
 }
 
 /// The leader is paused (SIGSTOP) and the database ends its session, as a partition would: the
-/// standby leads. When the old leader wakes, its writes are refused (the epoch moved on) and
+/// standby leads, and the agent (given both addresses) moves to it with the lease it holds: the
+/// job runs once. When the old leader wakes, its writes are refused (the epoch moved on) and
 /// it steps down: exit 75, so systemd restarts it as a standby.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_cut_off_by_the_database_steps_down_when_it_wakes() {
@@ -206,6 +207,10 @@ async fn a_paused_leader_cut_off_by_the_database_steps_down_when_it_wakes() {
     let mut cb = b.client().await;
     let done = wait_done(&mut cb, &job.id, LONG).await;
     assert_eq!(done.state, JobState::Succeeded as i32, "{done:?}");
+    // The agent reached the new leader before its lease expired there (registration gives
+    // up on the paused one after 2 s): the job was not run again. With the 10 s call timeout
+    // the lease expired first and the job ran a second time (attempt 2).
+    assert_eq!(done.attempt, 1, "the job ran again: {done:?}");
     let leader = pg.psql("es", "SELECT epoch FROM leader");
     assert_eq!(leader, "2", "two takeovers in all");
 }
