@@ -118,7 +118,8 @@ pub async fn run(cfg: AgentConfig, signals: Signals) -> Result<(), AgentError> {
                 let delay = backoff.failed();
                 let why = with_expired_cert(&cfg.tls_cert, status_text(&s));
                 let failed = shared.server().to_owned();
-                // Another replica may lead: the next address is tried after the delay.
+                // Another replica may lead: the next address is tried, at once unless every
+                // address has now failed in a row (then after the backoff, see `Rounds`).
                 let then = if shared.next_server() {
                     format!("trying {} in {} ms", shared.server(), delay.as_millis())
                 } else {

@@ -98,16 +98,11 @@ async fn serve(config: crate::ServerConfig) -> ExitCode {
     // systemd (Type=notify): started once the store is open and the port bound. Without
     // NOTIFY_SOCKET (not under systemd) this does nothing.
     let serving = format!("serving on {}", running.addr);
-    let _ = match replica {
-        true => sd_notify::notify(false, &[sd_notify::NotifyState::Ready]),
-        false => sd_notify::notify(
-            false,
-            &[
-                sd_notify::NotifyState::Ready,
-                sd_notify::NotifyState::Status(&serving),
-            ],
-        ),
-    };
+    let mut states = vec![sd_notify::NotifyState::Ready];
+    if !replica {
+        states.push(sd_notify::NotifyState::Status(&serving));
+    }
+    let _ = sd_notify::notify(false, &states);
     match running.task.await {
         Ok(Ok(())) => ExitCode::SUCCESS,
         // EX_TEMPFAIL: systemd restarts it (Restart=always), and it stands by.
