@@ -17,6 +17,7 @@ pub mod dispatch;
 pub use es_proto::logging;
 pub mod metrics;
 mod replica;
+pub mod retention;
 mod serve;
 pub mod store;
 mod tls;
@@ -372,13 +373,13 @@ mod tests {
         })
         .await
         .unwrap();
-        // Reaper (with pings and retention), probes, metrics, SIGHUP, the connection
-        // forwarder: all counted while alive (the first two start as the server leads).
+        // Reaper (with pings), retention, probes, metrics, SIGHUP, the connection forwarder:
+        // all counted while alive (the first three start as the server leads).
         let until = std::time::Instant::now() + Duration::from_secs(10);
-        while running.background.load(Ordering::SeqCst) < 5 && std::time::Instant::now() < until {
+        while running.background.load(Ordering::SeqCst) < 6 && std::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(running.background.load(Ordering::SeqCst), 5);
+        assert_eq!(running.background.load(Ordering::SeqCst), 6);
         let dispatcher = running.dispatcher.get().unwrap().clone();
         let store = dispatcher.store().clone();
         assert!(store.threads_running());

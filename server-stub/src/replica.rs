@@ -57,16 +57,20 @@ pub struct Phase<IO> {
 
 impl<IO: Send + 'static> Phase<IO> {
     /// Forwards what `incoming` accepts (failed accepts are dropped: the accept loops log
-    /// them) until `stop`.
+    /// them) until `stop`. `leads` is true for a server that leads from the start (SQLite):
+    /// set before the first accept, so no connection ever waits for a standby's server that
+    /// such a server never runs (a client connecting as soon as the server logged that it
+    /// listens hung there when the accept ran before the server's first step).
     pub fn split<E: Send + 'static>(
         incoming: impl Stream<Item = Result<IO, E>> + Send + 'static,
+        leads: bool,
         tasks: &mut tokio::task::JoinSet<()>,
         live: impl Send + 'static,
         stop: CancellationToken,
     ) -> Phase<IO> {
         let (standby_tx, standby_rx) = mpsc::channel::<IO>(1024);
         let (leader_tx, leader_rx) = mpsc::channel::<IO>(1024);
-        let leading = Arc::new(AtomicBool::new(false));
+        let leading = Arc::new(AtomicBool::new(leads));
         let now_leading = leading.clone();
         tasks.spawn(async move {
             let _live = live;
@@ -260,6 +264,42 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Which server each connection goes to: a server that leads from the start never hands
+    /// one to the standby's server (it runs none), a replica does until it leads.
+    #[tokio::test]
+    async fn connections_go_to_the_standby_until_the_replica_leads() {
+        for (leads_from_start, lead_after_first, want) in [
+            (true, false, ["leader", "leader"]),
+            (false, false, ["standby", "standby"]),
+            (false, true, ["standby", "leader"]),
+        ] {
+            let (tx, rx) = mpsc::channel::<Result<u32, ()>>(1);
+            let mut tasks = tokio::task::JoinSet::new();
+            let stop = CancellationToken::new();
+            let mut phase = Phase::split(
+                ReceiverStream::new(rx),
+                leads_from_start,
+                &mut tasks,
+                (),
+                stop.clone(),
+            );
+            let mut got = Vec::new();
+            for n in 0..2u32 {
+                if n == 1 && lead_after_first {
+                    phase.switch.lead();
+                }
+                tx.send(Ok(n)).await.unwrap();
+                got.push(tokio::select! {
+                    Some(Ok(c)) = phase.standby.next() => { assert_eq!(c, n); "standby" }
+                    Some(Ok(c)) = phase.leader.next() => { assert_eq!(c, n); "leader" }
+                });
+            }
+            assert_eq!(got, want, "leads from start {leads_from_start}");
+            stop.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
 
     #[test]
     fn a_standby_names_the_leader_when_it_knows_it() {

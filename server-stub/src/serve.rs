@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::replica::{self, Phase};
 use crate::store::postgres::{self, Database};
 use crate::{
-    api, dispatch, metrics, read_file, store, tls, Db, Dispatcher, Running, ServerConfig,
+    api, metrics, read_file, retention, store, tls, Db, Dispatcher, Running, ServerConfig,
     ServerError,
 };
 
@@ -157,6 +157,8 @@ pub async fn start(
         cell: cell.clone(),
         background: background.clone(),
     };
+    // On SQLite this server leads from its first accepted connection (see Phase::split).
+    let leads_now = matches!(backend, Backend::Sqlite(_));
     // Our own listener (port 0 support), so socket options are set here: without TCP_NODELAY,
     // small stream messages (offers) wait for delayed ACKs (~40 ms). With TLS, our own
     // handshakes (tls.rs). Connections go to the standby's server or the leader's (replica.rs).
@@ -166,6 +168,7 @@ pub async fn start(
                 tonic::transport::server::TcpIncoming::from(listener)
                     .with_nodelay(Some(true))
                     .with_keepalive(Some(Duration::from_secs(60))),
+                leads_now,
                 &mut tasks,
                 Live::new(&background),
                 stop.clone(),
@@ -182,7 +185,13 @@ pub async fn start(
                 let _live = live;
                 accept_loop.await
             });
-            let phase = Phase::split(stream, &mut tasks, Live::new(&background), stop.clone());
+            let phase = Phase::split(
+                stream,
+                leads_now,
+                &mut tasks,
+                Live::new(&background),
+                stop.clone(),
+            );
             tokio::spawn(drive(
                 backend, leading, phase, advertise, tasks, stop, shutdown,
             ))
@@ -422,27 +431,22 @@ fn spawn_background(
             let mut every = tokio::time::interval(tick);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut pings = tokio::time::interval(ping);
-            let mut purge = tokio::time::interval(
-                (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
-            );
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = every.tick() => d.tick().await,
                     _ = pings.tick() => d.ping_streams(),
-                    _ = purge.tick() => {
-                        let before = dispatch::now_us() - retention.as_micros() as i64;
-                        match d.store().purge(before).await {
-                            Ok(0) => {}
-                            Ok(n) => log::info!("retention: deleted {n} finished jobs"),
-                            Err(e) => log::error!("retention: {e}"),
-                        }
-                    }
                 }
             }
         }
     };
     tasks.spawn(reaper);
+    // Its own task: lease expiry (the reaper's tick) never waits for a purge.
+    let (store, live, stop_purging) = (d.store().clone(), Live::new(background), stop.clone());
+    tasks.spawn(async move {
+        let _live = live;
+        retention::run(store, retention, stop_purging).await;
+    });
     let live = Live::new(background);
     tasks.spawn(async move {
         let _live = live;

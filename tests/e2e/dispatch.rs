@@ -401,34 +401,6 @@ async fn cli_submits_lists_watches_and_cancels_with_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn finished_jobs_are_deleted_after_the_retention() {
-    let env = Env::start(&["--retention", "2s"]);
-    let _a = env.agent(&AgentSpec::new("es-shells-r", "shells"));
-    let mut c = env.server.client().await;
-    let old = submit(&mut c, submission("shells", echo("old"))).await;
-    wait_done(&mut c, &old.id, LONG).await;
-    let queued = submit(
-        &mut c,
-        SubmitRequest {
-            selector: "nobody-serves-this".into(),
-            ..submission("shells", echo("waiting"))
-        },
-    )
-    .await;
-    let cc = c.clone();
-    let id = old.id.clone();
-    wait_until("the finished job to be purged", LONG, move || {
-        let (mut c, id) = (cc.clone(), id.clone());
-        async move {
-            matches!(c.get(GetRequest { job_id: id }).await, Err(s) if s.code() == tonic::Code::NotFound)
-        }
-    })
-    .await;
-    // Unfinished jobs are never purged.
-    assert_eq!(get(&mut c, &queued.id).await.state, JobState::Queued as i32);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_pings_keep_an_idle_stream_through_a_proxy_that_cuts_idle_connections() {
     // A proxy that closes connections idle for 1.5 s stands in for a load balancer's 350 s
     // idle cut; the server pings idle streams every 300 ms (in production: 30 s < 350 s).

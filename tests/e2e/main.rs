@@ -15,6 +15,7 @@ mod leases;
 mod ops;
 mod packaging;
 mod replicas;
+mod retention;
 mod security;
 mod shells;
 mod systemd;

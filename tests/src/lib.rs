@@ -396,6 +396,19 @@ fn store_arg(dir: &Path, db: &Path) -> String {
     url
 }
 
+/// A job store opened in this process, of the kind `ES_TEST_STORE` names: SQLite in `dir`, or
+/// PostgreSQL on a cluster of its own (returned: the store lives while it does).
+pub async fn open_store(dir: &Path) -> (es_server::store::Store, Option<pg::Cluster>) {
+    if std::env::var("ES_TEST_STORE").as_deref() != Ok("postgres") {
+        let path = dir.join("es.db");
+        let store = es_server::store::sqlite::open(&path, es_server::store::Sync::Normal);
+        return (store.unwrap(), None);
+    }
+    let cluster = pg::Cluster::start();
+    let url = cluster.create_db("es");
+    (pg::open_store(&url).await, Some(cluster))
+}
+
 /// Starts `es-server serve` on `listen` (e.g. `127.0.0.1:0`) with the store at `db`; plaintext
 /// (`--insecure`) unless `args` configure TLS.
 pub fn start_server(bins: &Bins, dir: &Path, db: &Path, listen: &str, args: &[&str]) -> Server {

@@ -279,3 +279,22 @@ impl Drop for Cluster {
         let _ = c.status();
     }
 }
+
+/// The PostgreSQL job store on `url` (migrated), opened in this process as a leading server
+/// opens it: for tests and benchmarks of the store itself.
+pub async fn open_store(url: &str) -> es_server::store::Store {
+    use es_server::store::postgres;
+    let db = postgres::Database::parse(url, None).unwrap();
+    postgres::prepare(&db).await.unwrap();
+    let (seen, _) = tokio::sync::watch::channel(String::new());
+    let (leadership, _keeper) = postgres::leader::campaign(
+        db.clone(),
+        "es-tests".into(),
+        String::new(),
+        seen,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("alone on its database, it leads");
+    std::sync::Arc::new(postgres::PgStore::open(&db, leadership).unwrap())
+}

@@ -55,6 +55,15 @@ pub enum Sync {
     Full,
 }
 
+/// What one batch of [`JobStore::purge`] deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Purged {
+    pub jobs: u64,
+    pub audit: u64,
+    /// The batch was full (of jobs, or of audit entries of no job): more may be left.
+    pub more: bool,
+}
+
 /// A store write or read in flight; resolves once committed (writes) or read.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'static>>;
 
@@ -80,9 +89,12 @@ pub trait JobStore: Send + std::marker::Sync + 'static {
     /// Appends audit entries no job write implies (cancel, drain); the store assigns ids.
     fn audit(&self, entries: Vec<AuditEntry>) -> StoreFuture<()>;
 
-    /// Deletes jobs (with their events) finished before `before_us`, and audit entries older
-    /// than that whose job is gone; answers how many jobs.
-    fn purge(&self, before_us: i64) -> StoreFuture<u64>;
+    /// Deletes at most `batch` jobs finished before `before_us`, oldest first, with their
+    /// events and their audit entries older than that; once fewer than `batch` such jobs are
+    /// left, also at most `batch` older audit entries of no job or of a job gone. One batch is
+    /// one write among the others: the caller repeats while [`Purged::more`], so a large purge
+    /// never holds the writer (and every submission behind it) for long.
+    fn purge(&self, before_us: i64, batch: u32) -> StoreFuture<Purged>;
 
     fn get(&self, id: &str) -> StoreFuture<Option<Job>>;
 

@@ -5,7 +5,7 @@
 use es_proto::v1::{AuditEntry, Job, JobEvent};
 use tokio::sync::oneshot;
 
-use super::{Result, StoreError};
+use super::{Purged, Result, StoreError};
 
 /// Most operations committed in one transaction.
 pub(super) const MAX_BATCH: usize = 4096;
@@ -21,9 +21,13 @@ pub(super) enum Op {
     Update(Box<Job>, Vec<JobEvent>, oneshot::Sender<Result<()>>),
     /// Append events only.
     Events(Vec<JobEvent>, oneshot::Sender<Result<()>>),
-    /// Delete finished jobs (and their events) finished before the given time, and older
-    /// audit entries.
-    Purge(i64, oneshot::Sender<Result<u64>>),
+    /// Delete at most `batch` jobs (and their events) finished before `before`, and at most
+    /// `batch` older audit entries whose job is gone.
+    Purge {
+        before: i64,
+        batch: u32,
+        tx: oneshot::Sender<Result<Purged>>,
+    },
     /// Append audit entries that no job write implies (cancel, drain).
     Audit(Vec<AuditEntry>, oneshot::Sender<Result<()>>),
     /// Commit what came before, then end the writer (see `JobStore::shutdown`).
@@ -34,7 +38,7 @@ pub(super) enum Op {
 pub(super) enum OpAnswer {
     Inserted(Box<Job>, bool),
     Done,
-    Purged(u64),
+    Purged(Purged),
 }
 
 /// Answers every op of a group: with its own answer once committed, or with the group's
@@ -70,10 +74,10 @@ fn answer(op: Op, res: Result<OpAnswer>) {
             let _ = tx.send(res.map(|_| ()));
         }
         Op::Stop => {}
-        Op::Purge(_, tx) => {
+        Op::Purge { tx, .. } => {
             let _ = tx.send(res.map(|a| match a {
-                OpAnswer::Purged(n) => n,
-                _ => 0,
+                OpAnswer::Purged(p) => p,
+                _ => Purged::default(),
             }));
         }
     }

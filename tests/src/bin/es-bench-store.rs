@@ -11,13 +11,16 @@
 //! result (row update, result event, audit entry), each acknowledged (committed) before the
 //! next, as the server does. `--flows` jobs are in flight at once, like a server with that
 //! many submissions and agent slots busy; the store commits them in groups.
+//!
+//! Then the retention purge of those jobs: the first half in one write (what every other write
+//! would wait behind), the rest in the batches the server uses (`es_server::retention`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use es_proto::v1::{job_event, EchoJob, Job, JobEvent, JobResult, JobSpec, JobState, Role};
-use es_server::store::{self, postgres, Store};
+use es_server::store::{self, Store};
 use es_tests::pg;
 
 #[derive(Parser, Debug)]
@@ -116,21 +119,7 @@ async fn main() {
             } else {
                 url.to_owned()
             };
-            let db = postgres::Database::parse(&url, None).unwrap();
-            postgres::prepare(&db).await.unwrap();
-            let (seen, _) = tokio::sync::watch::channel(String::new());
-            let stop = tokio_util::sync::CancellationToken::new();
-            let (leadership, _keeper) = postgres::leader::campaign(
-                db.clone(),
-                "es-bench-store".into(),
-                String::new(),
-                seen,
-                stop,
-            )
-            .await
-            .expect("leads");
-            let s: Store = Arc::new(postgres::PgStore::open(&db, leadership).unwrap());
-            (s, "PostgreSQL (loopback)".into())
+            (pg::open_store(&url).await, "PostgreSQL (loopback)".into())
         }
     };
     println!(
@@ -148,16 +137,21 @@ async fn main() {
     }
 
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // When the job in the middle started: jobs finished before it are about half of them.
+    let middle = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let t = Instant::now();
     let mut flows = Vec::new();
     for _ in 0..args.flows {
-        let (store, next, total) = (store.clone(), next.clone(), args.jobs);
+        let (store, next, total, middle) = (store.clone(), next.clone(), args.jobs, middle.clone());
         flows.push(tokio::spawn(async move {
             let mut submits = Vec::new();
             loop {
                 let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if n >= total {
                     return submits;
+                }
+                if n == total / 2 {
+                    middle.store(now_us(), std::sync::atomic::Ordering::Relaxed);
                 }
                 submits.push(one_job(&store, n).await);
             }
@@ -194,6 +188,43 @@ async fn main() {
         ms(lone[lone.len() / 2]),
         ms(lone[lone.len() * 99 / 100])
     );
+
+    // Retention: what a write waits behind a purge.
+    let t = Instant::now();
+    let whole = store
+        .purge(middle.load(std::sync::atomic::Ordering::Relaxed), u32::MAX)
+        .await
+        .unwrap();
+    println!(
+        "  purge in one write: {} jobs and {} audit entries, {:.0} ms",
+        whole.jobs,
+        whole.audit,
+        ms(t.elapsed())
+    );
+    let batch = es_server::retention::BATCH;
+    let (mut batches, mut jobs) = (Vec::new(), 0);
+    loop {
+        let t = Instant::now();
+        let p = store.purge(now_us(), batch).await.unwrap();
+        batches.push(t.elapsed());
+        jobs += p.jobs;
+        if !p.more {
+            break;
+        }
+    }
+    let n = batches.len();
+    batches.sort();
+    println!(
+        "  purge in batches of {batch}: {jobs} jobs in {n} batches, ms per batch: p50 {:.1}  max {:.1}",
+        ms(batches[n / 2]),
+        ms(batches[n - 1])
+    );
+    // Every job finished: the purges left nothing.
+    let left = store::ListFilter {
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(store.list(left).await.unwrap().is_empty());
     tokio::task::spawn_blocking(move || store.shutdown())
         .await
         .unwrap();

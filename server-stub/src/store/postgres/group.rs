@@ -98,8 +98,8 @@ pub struct Group {
     pub updates: Option<Params>,
     pub events: Option<Params>,
     pub audit: Option<Params>,
-    /// The purge cutoff of the group's last Purge op, if any.
-    pub purge: Option<i64>,
+    /// The cutoff and batch size of the group's last Purge op, if any.
+    pub purge: Option<(i64, u32)>,
 }
 
 #[derive(Default)]
@@ -221,7 +221,7 @@ impl Group {
                 }
                 Op::Events(evs, _) => evs.iter().for_each(|e| events.push(e)),
                 Op::Audit(es, _) => entries.extend(es.iter().cloned()),
-                Op::Purge(before, _) => purge = Some(*before),
+                Op::Purge { before, batch, .. } => purge = Some((*before, *batch)),
                 Op::Stop => {}
             }
         }

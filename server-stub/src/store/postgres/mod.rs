@@ -21,8 +21,8 @@ pub use leader::Leadership;
 
 use super::ops::Op;
 use super::{
-    decode_event, unscoped_key, JobStore, ListFilter, RawJob, Result, SandboxJob, StoreError,
-    StoreFuture,
+    decode_event, unscoped_key, JobStore, ListFilter, Purged, RawJob, Result, SandboxJob,
+    StoreError, StoreFuture,
 };
 
 const JOB_COLUMNS: &str = "id, idempotency_key, role, selector, sandbox_id, spec, state, attempt, \
@@ -181,8 +181,12 @@ impl JobStore for PgStore {
         self.write(|tx| Op::Audit(entries, tx))
     }
 
-    fn purge(&self, before_us: i64) -> StoreFuture<u64> {
-        self.write(|tx| Op::Purge(before_us, tx))
+    fn purge(&self, before_us: i64, batch: u32) -> StoreFuture<Purged> {
+        self.write(|tx| Op::Purge {
+            before: before_us,
+            batch,
+            tx,
+        })
     }
 
     fn get(&self, id: &str) -> StoreFuture<Option<Job>> {

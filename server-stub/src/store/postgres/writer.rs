@@ -22,7 +22,7 @@ use super::leader::Leadership;
 use super::schema;
 use super::{raw_job, JOB_COLUMNS};
 use crate::store::ops::{answer_all, Op, OpAnswer, MAX_BATCH};
-use crate::store::{scoped_key, StoreError};
+use crate::store::{scoped_key, Purged, StoreError};
 
 /// The statements a group uses, prepared once per connection.
 struct Prepared {
@@ -33,8 +33,7 @@ struct Prepared {
     update_jobs: Statement,
     insert_events: Statement,
     insert_audit: Statement,
-    purge_jobs: Statement,
-    purge_audit: Statement,
+    purge: Statement,
     commit: Statement,
     existing: Statement,
 }
@@ -62,21 +61,25 @@ async fn prepare(c: &Client) -> Result<Prepared, tokio_postgres::Error> {
         update_jobs: c.prepare(group::UPDATE_JOBS).await?,
         insert_events: c.prepare(group::INSERT_EVENTS).await?,
         insert_audit: c.prepare(group::INSERT_AUDIT).await?,
-        // Events go with their job. A job finished before the cutoff was created before it:
-        // jobs_list finds them.
-        purge_jobs: c
+        // At most $2 jobs, oldest first (a job finished before the cutoff was created before
+        // it: jobs_list finds them in order), with their events and audit entries found by
+        // job. Only once fewer than $2 jobs were left, the entries of no job (or of a job gone
+        // otherwise): at most $2. Entries of jobs kept (queued, running, or finished recently)
+        // stay with them. Found by job, not by a scan of old entries: each batch's scan would
+        // pass again over the rows the batches before it deleted (dead until a vacuum).
+        purge: c
             .prepare(
-                "WITH d AS (DELETE FROM jobs WHERE created_at_us < $1 AND finished_at_us > 0
-                   AND finished_at_us < $1 RETURNING id),
-                 e AS (DELETE FROM events WHERE job_id IN (SELECT id FROM d))
-                 SELECT count(*) FROM d",
-            )
-            .await?,
-        // Entries of jobs still kept (queued, running, or finished recently) stay with them.
-        purge_audit: c
-            .prepare(
-                "DELETE FROM audit WHERE at_us < $1
-                   AND (job_id = '' OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = audit.job_id))",
+                "WITH d AS (DELETE FROM jobs WHERE id IN (SELECT id FROM jobs
+                     WHERE created_at_us < $1 AND finished_at_us > 0 AND finished_at_us < $1
+                     ORDER BY created_at_us LIMIT $2) RETURNING id),
+                 e AS (DELETE FROM events WHERE job_id IN (SELECT id FROM d)),
+                 a AS (DELETE FROM audit WHERE job_id IN (SELECT id FROM d) AND at_us < $1
+                     RETURNING 1),
+                 o AS (DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at_us < $1
+                     AND (SELECT count(*) FROM d) < $2
+                     AND (job_id = '' OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = audit.job_id))
+                     LIMIT $2) RETURNING 1)
+                 SELECT (SELECT count(*) FROM d), (SELECT count(*) FROM a), (SELECT count(*) FROM o)",
             )
             .await?,
         commit: c.prepare("COMMIT").await?,
@@ -254,7 +257,7 @@ async fn apply(
     let group = Group::of(batch);
     let purge_before: Option<Params> = group
         .purge
-        .map(|before| -> Params { vec![Box::new(before)] });
+        .map(|(before, batch)| -> Params { vec![Box::new(before), Box::new(i64::from(batch))] });
     let no_params: Option<Params> =
         (group.updates.is_some() || purge_before.is_some()).then(Vec::new);
     // In this order: jobs before their events, updates and audit entries; the planner
@@ -265,8 +268,7 @@ async fn apply(
         (&p.insert_audit, &group.audit),
         (&p.nested_loops, &no_params),
         (&p.update_jobs, &group.updates),
-        (&p.purge_jobs, &purge_before),
-        (&p.purge_audit, &purge_before),
+        (&p.purge, &purge_before),
     ]
     .into_iter()
     .filter_map(|(st, params)| params.as_ref().map(|ps| (st, ps)))
@@ -312,8 +314,20 @@ async fn apply(
         None => HashSet::new(),
     };
     let purged = match group.purge {
-        Some(_) => rows[rows.len() - 2][0].get::<_, i64>(0) as u64,
-        None => 0,
+        Some((_, batch)) => {
+            let counts = &rows[rows.len() - 1][0];
+            let (jobs, of_jobs, others) = (
+                counts.get::<_, i64>(0) as u64,
+                counts.get::<_, i64>(1) as u64,
+                counts.get::<_, i64>(2) as u64,
+            );
+            Purged {
+                jobs,
+                audit: of_jobs + others,
+                more: jobs >= u64::from(batch) || others >= u64::from(batch),
+            }
+        }
+        None => Purged::default(),
     };
     let mut answers = Vec::with_capacity(batch.len());
     for op in batch {
@@ -336,7 +350,7 @@ async fn apply(
                 let ours = existing.id == job.id;
                 OpAnswer::Inserted(Box::new(existing), ours)
             }
-            Op::Purge(..) => OpAnswer::Purged(purged),
+            Op::Purge { .. } => OpAnswer::Purged(purged),
             _ => OpAnswer::Done,
         });
     }

@@ -19,7 +19,7 @@ use super::ops::Op;
 use writer::{checkpointer, writer_loop};
 
 use super::{
-    decode_event, unscoped_key, JobStore, ListFilter, RawJob, Result, SandboxJob, Store,
+    decode_event, unscoped_key, JobStore, ListFilter, Purged, RawJob, Result, SandboxJob, Store,
     StoreError, StoreFuture, Sync,
 };
 
@@ -242,8 +242,12 @@ impl JobStore for SqliteStore {
         self.write(|tx| Op::Audit(entries, tx))
     }
 
-    fn purge(&self, before_us: i64) -> StoreFuture<u64> {
-        self.write(|tx| Op::Purge(before_us, tx))
+    fn purge(&self, before_us: i64, batch: u32) -> StoreFuture<Purged> {
+        self.write(|tx| Op::Purge {
+            before: before_us,
+            batch,
+            tx,
+        })
     }
 
     fn shutdown(&self) {

@@ -50,7 +50,7 @@ async fn insert_is_idempotent_by_key_and_survives_reopen() {
     assert_eq!(got.result.unwrap().output, "hi");
     assert!(store.get("j2").await.unwrap().is_none());
     assert!(store.load_active().await.unwrap().is_empty());
-    assert_eq!(store.purge(11).await.unwrap(), 1);
+    assert_eq!(store.purge(11, 10).await.unwrap().jobs, 1);
     assert!(store.get("j1").await.unwrap().is_none());
 }
 

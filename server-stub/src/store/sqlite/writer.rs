@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{row_to_raw, JOB_COLUMNS};
 use crate::store::ops::{answer_all, Op, OpAnswer, MAX_BATCH};
-use crate::store::{audit, scoped_key, StoreError};
+use crate::store::{audit, scoped_key, Purged, StoreError};
 
 /// Copies the WAL back into the database every 200 ms without blocking the writer (PASSIVE),
 /// and truncates the WAL file once it has grown past 64 MiB and is fully copied. Ends when the
@@ -167,19 +167,41 @@ fn apply(c: &rusqlite::Transaction<'_>, op: &Op) -> rusqlite::Result<OpAnswer> {
             insert_events(c, events)?;
             Ok(OpAnswer::Done)
         }
-        Op::Purge(before, _) => {
-            let n = c
+        Op::Purge { before, batch, .. } => {
+            // The oldest jobs first (jobs_finished), each with its events (ON DELETE CASCADE)
+            // and its audit entries (audit_job).
+            let ids: Vec<String> = c
                 .prepare_cached(
-                    "DELETE FROM jobs WHERE finished_at_us > 0 AND finished_at_us < ?1",
+                    "SELECT id FROM jobs WHERE finished_at_us > 0 AND finished_at_us < ?1
+                       ORDER BY finished_at_us LIMIT ?2",
                 )?
-                .execute([before])?;
-            // Entries of jobs still kept (queued, running, or finished recently) stay with them.
-            c.prepare_cached(
-                "DELETE FROM audit WHERE at_us < ?1
-                   AND (job_id = '' OR job_id NOT IN (SELECT id FROM jobs))",
-            )?
-            .execute([before])?;
-            Ok(OpAnswer::Purged(n as u64))
+                .query_map(params![before, batch], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut audit = 0;
+            for id in &ids {
+                audit += c
+                    .prepare_cached("DELETE FROM audit WHERE job_id = ?1 AND at_us < ?2")?
+                    .execute(params![id, before])?;
+                c.prepare_cached("DELETE FROM jobs WHERE id = ?1")?
+                    .execute([id])?;
+            }
+            // Once the jobs are done: entries of no job, or of a job gone otherwise. Entries of
+            // jobs kept (queued, running, or finished recently) stay with them.
+            let mut others = 0;
+            if ids.len() < *batch as usize {
+                others = c
+                    .prepare_cached(
+                        "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE at_us < ?1
+                           AND (job_id = '' OR job_id NOT IN (SELECT id FROM jobs))
+                           ORDER BY at_us LIMIT ?2)",
+                    )?
+                    .execute(params![before, batch])?;
+            }
+            Ok(OpAnswer::Purged(Purged {
+                jobs: ids.len() as u64,
+                audit: (audit + others) as u64,
+                more: ids.len() >= *batch as usize || others >= *batch as usize,
+            }))
         }
         Op::Audit(entries, _) => {
             for e in entries {
