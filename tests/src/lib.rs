@@ -208,12 +208,16 @@ impl Server {
     }
 }
 
-/// Connects a submitter client, retrying briefly while the server starts.
+/// Connects a submitter client, retrying briefly while the server starts. A call that gets no
+/// answer in 2 minutes fails (status "Timeout expired") instead of hanging
+/// the test run: a connection the server never served once hung a test for 15 minutes. The
+/// limit is on the answer's start, so Watch streams may run longer.
 pub async fn connect(url: &str) -> JobServiceClient<Channel> {
     let until = Instant::now() + Duration::from_secs(20);
     loop {
         match Channel::from_shared(url.to_owned())
             .unwrap()
+            .timeout(Duration::from_secs(120))
             .connect()
             .await
         {

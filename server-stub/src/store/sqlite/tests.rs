@@ -79,3 +79,27 @@ async fn events_are_deduplicated_by_seq_and_listed_in_order() {
     assert_eq!(active.len(), 1);
     assert_eq!(active[0].1, 3);
 }
+
+/// A group whose first statement reads (here a submission with a key) waits for another
+/// connection's write (the checkpointer's TRUNCATE blocks writers the same way) instead of
+/// failing with "database is locked" once its read snapshot went stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_reads_first_waits_for_another_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("es.db");
+    let store = SqliteStore::open(&path, Sync::Normal).unwrap();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .execute_batch(
+            "BEGIN IMMEDIATE; INSERT INTO audit (at_us, sandbox_id, job_id, actor, action, detail)
+               VALUES (1, '', '', 'test', 'hold', '{}');",
+        )
+        .unwrap();
+    // Queued now: the writer starts on it while the other connection holds the write lock.
+    let insert = store.insert(job("j1", "k1"), vec![]);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    other.execute_batch("COMMIT").unwrap();
+    let (stored, created) = insert.await.unwrap();
+    assert!(created && stored.id == "j1");
+    assert_eq!(store.audit_trail(None, None, 0, 10).await.unwrap().len(), 2);
+}

@@ -74,7 +74,11 @@ pub(super) fn writer_loop(mut conn: Connection, rx: std::sync::mpsc::Receiver<Op
 }
 
 fn apply_batch(conn: &mut Connection, batch: &mut [Op]) -> rusqlite::Result<Vec<OpAnswer>> {
-    let tx = conn.transaction()?;
+    // The write lock from the start (IMMEDIATE), waited for with the busy timeout. A deferred
+    // transaction that read first (a submission's key, a purge's batch) and then had to wait
+    // to write, behind the checkpointer's TRUNCATE or any other writer, failed at once with
+    // "database is locked": its snapshot was stale by then, and the whole group with it.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut answers = Vec::with_capacity(batch.len());
     for op in batch.iter() {
         answers.push(apply(&tx, op)?);
